@@ -1,0 +1,64 @@
+"""voiceapi: the async-first Python SDK for the Kling AI Custom Voice API."""
+
+from ._auth import APIKeyCredentials, JWTCredentials
+from ._client import AsyncVoiceClient
+from ._errors import (
+    AccountError,
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    AuthenticationError,
+    ClientClosedError,
+    EventLoopError,
+    InvalidRequestError,
+    PermissionDeniedError,
+    PolicyError,
+    RateLimitError,
+    ServerError,
+    TaskFailedError,
+    UnexpectedResponseError,
+    ValidationError,
+    VoiceAPIError,
+    WaitTimeoutError,
+    WebhookVerificationError,
+)
+from ._middlewares import Handler, Middleware, Request, Response
+from ._models import BalanceDeduction, BatchResult, TaskStatus, Voice, VoiceTask
+from ._retry import RetryPolicy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APIConnectionError",
+    "APIError",
+    "APIKeyCredentials",
+    "APITimeoutError",
+    "AccountError",
+    "AsyncVoiceClient",
+    "AuthenticationError",
+    "BalanceDeduction",
+    "BatchResult",
+    "ClientClosedError",
+    "EventLoopError",
+    "Handler",
+    "InvalidRequestError",
+    "JWTCredentials",
+    "Middleware",
+    "PermissionDeniedError",
+    "PolicyError",
+    "RateLimitError",
+    "Request",
+    "Response",
+    "RetryPolicy",
+    "ServerError",
+    "TaskFailedError",
+    "TaskStatus",
+    "UnexpectedResponseError",
+    "ValidationError",
+    "Voice",
+    "VoiceAPIError",
+    "VoiceTask",
+    "WaitTimeoutError",
+    "WebhookVerificationError",
+    "__version__",
+]

@@ -1,0 +1,106 @@
+"""Credentials: AK/SK signed into a cached HS256 JWT, or a static API key.
+
+Neither class ever shows its secret in ``repr``/``str``; tokens are built per attempt by the auth
+middleware, so a retried request after a 1004 carries a freshly signed token.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import jwt
+
+from ._constants import JWT_NBF_SKEW_SECONDS, JWT_REFRESH_MARGIN_SECONDS, JWT_TTL_SECONDS
+
+
+class Credentials(Protocol):
+    """What the transport needs from a credential."""
+
+    def authorization(self) -> str:
+        """The full ``Authorization`` header value."""
+
+    def invalidate(self, header_value: str) -> bool:
+        """The server said the token expired (1004); return True when a new one can be made."""
+
+
+class APIKeyCredentials:
+    """A static API key, sent as-is (kling-api.md §2.1)."""
+
+    __slots__ = ("_header",)
+
+    def __init__(self, api_key: str) -> None:
+        self._header = f"Bearer {api_key}"
+
+    def authorization(self) -> str:
+        return self._header
+
+    def invalidate(self, header_value: str) -> bool:
+        return False  # a static key cannot be refreshed
+
+    def __repr__(self) -> str:
+        return "APIKeyCredentials(api_key=***)"
+
+
+class JWTCredentials:
+    """AK/SK → HS256 JWT (``iss``=AK, ``exp``=now+ttl, ``nbf``=now−5), cached and re-signed
+    ``refresh_margin`` seconds before it expires.
+
+    Thread-safe: the sync facade and many threads may share one client.
+    """
+
+    __slots__ = ("_access_key", "_clock", "_expires", "_header", "_lock", "_margin", "_secret_key",
+                 "_ttl")
+
+    def __init__(
+        self,
+        access_key: str,
+        secret_key: str,
+        *,
+        ttl: int = JWT_TTL_SECONDS,
+        refresh_margin: int = JWT_REFRESH_MARGIN_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._access_key = access_key
+        self._secret_key = secret_key
+        self._ttl = ttl
+        self._margin = min(refresh_margin, ttl // 2)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._header: str | None = None
+        self._expires = 0.0
+
+    @property
+    def access_key(self) -> str:
+        return self._access_key
+
+    def sign(self, now: float | None = None) -> str:
+        """A new token; only ``iss``, ``exp`` and ``nbf`` like the official samples."""
+        now_i = int(self._clock() if now is None else now)
+        payload = {"iss": self._access_key, "exp": now_i + self._ttl,
+                   "nbf": now_i - JWT_NBF_SKEW_SECONDS}
+        return jwt.encode(payload, self._secret_key, algorithm="HS256",
+                          headers={"alg": "HS256", "typ": "JWT"})
+
+    def authorization(self) -> str:
+        now = self._clock()
+        header = self._header
+        if header is not None and now < self._expires - self._margin:
+            return header
+        with self._lock:
+            if self._header is None or now >= self._expires - self._margin:
+                self._header = f"Bearer {self.sign(now)}"
+                self._expires = int(now) + self._ttl
+            return self._header
+
+    def invalidate(self, header_value: str) -> bool:
+        with self._lock:
+            # Only drop the token that failed: concurrent 1004s must not each re-sign.
+            if self._header == header_value:
+                self._header = None
+        return True
+
+    def __repr__(self) -> str:
+        return f"JWTCredentials(access_key={self._access_key!r}, secret_key=***)"

@@ -1,0 +1,80 @@
+"""AsyncVoiceClient: configuration, one transport, and the resources."""
+
+from __future__ import annotations
+
+import ssl as _ssl
+from collections.abc import Sequence
+from types import TracebackType
+
+import aiohttp
+
+from . import _constants as C
+from ._config import ClientConfig, make_config
+from ._custom_voices import AsyncCustomVoices
+from ._middlewares import Middleware
+from ._preset_voices import AsyncPresetVoices
+from ._retry import RetryPolicy
+from ._transport import Transport
+
+
+class AsyncVoiceClient:
+    """The asyncio client for the Kling Custom Voice API.
+
+    Credentials: ``access_key`` + ``secret_key`` (signed into a JWT) or ``api_key``; each falls
+    back to ``KLING_ACCESS_KEY``/``KLING_SECRET_KEY``/``KLING_API_KEY``. The constructor does no
+    I/O: the HTTP session is created on first use, on the running loop, and closed by
+    ``async with`` or :meth:`aclose`. A ``session`` you pass in is used and never closed by us.
+    """
+
+    def __init__(
+        self,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float = C.DEFAULT_TIMEOUT,
+        max_retries: int = C.DEFAULT_MAX_RETRIES,
+        retry_budget: float = C.DEFAULT_RETRY_BUDGET,
+        retry_policy: RetryPolicy | None = None,
+        max_requests_per_second: float | None = None,
+        max_in_flight: int | None = None,
+        middlewares: Sequence[Middleware] = (),
+        session: aiohttp.ClientSession | None = None,
+        ssl: _ssl.SSLContext | bool | None = None,
+        proxy: str | None = None,
+    ) -> None:
+        self._config: ClientConfig = make_config(
+            access_key, secret_key, api_key=api_key, base_url=base_url, timeout=timeout,
+            max_retries=max_retries, retry_budget=retry_budget,
+            max_requests_per_second=max_requests_per_second, max_in_flight=max_in_flight,
+            ssl=ssl, proxy=proxy)
+        self._transport = Transport(self._config, session=session, middlewares=middlewares,
+                                    retry_policy=retry_policy)
+        self.custom_voices = AsyncCustomVoices(self._transport)
+        self.preset_voices = AsyncPresetVoices(self._transport)
+
+    @property
+    def base_url(self) -> str:
+        return self._config.base_url
+
+    @property
+    def closed(self) -> bool:
+        return self._transport.closed
+
+    async def aclose(self) -> None:
+        """Close the HTTP session (safe to call twice). The client is unusable afterwards."""
+        await self._transport.aclose()
+
+    async def __aenter__(self) -> AsyncVoiceClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return (f"AsyncVoiceClient(base_url={self._config.base_url!r}, "
+                f"credentials={self._config.credentials!r})")

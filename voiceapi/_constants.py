@@ -1,0 +1,66 @@
+"""Every default the SDK uses, on one screen.
+
+Values are documented where they come from ``kling-api.md``; the rest are our choices and say why.
+"""
+
+from __future__ import annotations
+
+# --- where and who -------------------------------------------------------------------------
+DEFAULT_BASE_URL = "https://api-singapore.klingai.com"
+ENV_ACCESS_KEY = "KLING_ACCESS_KEY"
+ENV_SECRET_KEY = "KLING_SECRET_KEY"
+ENV_API_KEY = "KLING_API_KEY"
+ENV_BASE_URL = "KLING_BASE_URL"
+ENV_LOG = "VOICEAPI_LOG"
+LOGGER_NAME = "voiceapi"
+
+# --- API paths (legacy design standard, kling-api.md §0) -----------------------------------
+PATH_CUSTOM_VOICES = "/v1/general/custom-voices"
+PATH_PRESET_VOICES = "/v1/general/presets-voices"
+PATH_DELETE_VOICES = "/v1/general/delete-voices"
+
+# --- JWT (kling-api.md §2.2) ----------------------------------------------------------------
+JWT_TTL_SECONDS = 1800  # the docs' example lifetime
+JWT_NBF_SKEW_SECONDS = 5  # the docs' example clock-skew allowance
+# Re-sign this long before `exp`, so a token never expires while a slow request is in flight.
+JWT_REFRESH_MARGIN_SECONDS = 300
+
+# --- time budgets ---------------------------------------------------------------------------
+DEFAULT_TIMEOUT = 60.0  # seconds, per attempt (connect + send + read)
+DEFAULT_MAX_RETRIES = 3  # retries after the first attempt
+# A whole logical call (all attempts and backoff) never takes longer than this.
+DEFAULT_RETRY_BUDGET = 180.0
+RETRY_INITIAL_DELAY = 0.5
+RETRY_MAX_DELAY = 20.0
+# Kling asks for a first delay of at least 1 s after 1303 (kling-api.md §7.1).
+RATE_LIMIT_MIN_DELAY = 1.0
+# A server may ask for any Retry-After; we never sleep longer than this for one retry.
+RETRY_AFTER_MAX = 60.0
+
+# --- waiting for a task -----------------------------------------------------------------------
+DEFAULT_WAIT_TIMEOUT = 300.0
+DEFAULT_POLL_INTERVAL = 1.0
+POLL_BACKOFF_FACTOR = 1.5
+POLL_INTERVAL_MAX = 10.0
+
+# --- pagination (kling-api.md §4.3) -------------------------------------------------------------
+PAGE_MIN = 1
+PAGE_MAX = 1000
+DEFAULT_PAGE_SIZE = 30  # the API's own default
+DEFAULT_ITER_PAGE_SIZE = 100
+# Safety bound for iter_all: 1000 pages of 1000 tasks is far beyond any real account.
+MAX_PAGES = 1000
+
+# --- validation (kling-api.md §4.1) -------------------------------------------------------------
+VOICE_NAME_MAX_CHARS = 20
+MEDIA_EXTENSIONS = (".mp3", ".wav", ".mp4", ".mov")
+MAX_ID_CHARS = 128
+MAX_URL_CHARS = 2048
+
+# --- batch uploads ----------------------------------------------------------------------------
+BATCH_INITIAL_SLOTS = 2  # a learned cap starts small and grows while creates are accepted
+BATCH_MAX_SLOTS = 100
+BATCH_POLL_INTERVAL = 1.0
+BATCH_LIST_PAGE_SIZE = 1000
+
+USER_AGENT = "voiceapi-python/0.1.0"

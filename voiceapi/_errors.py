@@ -1,0 +1,167 @@
+"""The error hierarchy. Every error the SDK raises on purpose derives from VoiceAPIError.
+
+``str()`` of an API error always carries the business code, the server's message and the
+request id, because that triple is what Kling support asks for.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._models import VoiceTask
+
+
+class VoiceAPIError(Exception):
+    """Base of every error the SDK raises on purpose."""
+
+
+class ValidationError(VoiceAPIError, ValueError):
+    """Bad input caught before any request was sent."""
+
+
+class ClientClosedError(VoiceAPIError, RuntimeError):
+    """The client was used after ``aclose()``/``close()``."""
+
+
+class APIError(VoiceAPIError):
+    """The server answered with a non-zero business code (or an error HTTP status)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int | None = None,
+        http_status: int | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.http_status = http_status
+        self.request_id = request_id
+
+    def __str__(self) -> str:
+        parts = [f"code={self.code}" if self.code is not None else None,
+                 f"http={self.http_status}" if self.http_status is not None else None,
+                 f"request_id={self.request_id}" if self.request_id else None]
+        suffix = ", ".join(p for p in parts if p)
+        return f"{self.message} ({suffix})" if suffix else self.message
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(message={self.message!r}, code={self.code!r}, "
+                f"http_status={self.http_status!r}, request_id={self.request_id!r})")
+
+
+class AuthenticationError(APIError):
+    """1000–1004: the credential is missing, wrong, not yet valid or expired."""
+
+
+class PermissionDeniedError(APIError):
+    """1103: the account may not use this API or resource."""
+
+
+class AccountError(APIError):
+    """1100–1102: account status, arrears, or resource pack used up."""
+
+
+class InvalidRequestError(APIError):
+    """1200–1203: bad parameters, wrong method, unknown resource (incl. task not found)."""
+
+
+class PolicyError(APIError):
+    """1300, 1301, 1304: blocked by platform, content-safety or IP-whitelist policy."""
+
+
+class RateLimitError(APIError):
+    """1302 (rate) and 1303 (too many tasks in progress). Safe to retry after ``retry_after``."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+
+class ServerError(APIError):
+    """5000–5002, and non-JSON 5xx answers from proxies in front of the API."""
+
+
+class APIConnectionError(VoiceAPIError):
+    """The request did not get an answer: DNS failure, refused, reset, broken body."""
+
+    def __init__(self, message: str, *, maybe_sent: bool = True) -> None:
+        super().__init__(message)
+        # False only when we know nothing reached the server (connect refused / DNS):
+        # then even a create may be resent without looking it up first.
+        self.maybe_sent = maybe_sent
+
+
+class APITimeoutError(APIConnectionError):
+    """No complete answer within the per-attempt timeout."""
+
+
+class UnexpectedResponseError(VoiceAPIError):
+    """A 2xx answer that is not a valid envelope, or data of an unexpected shape."""
+
+    def __init__(
+        self, message: str, *, http_status: int | None = None, request_id: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+        self.request_id = request_id
+
+
+class TaskFailedError(VoiceAPIError):
+    """A voice task ended in ``failed``; ``.task`` is the final task."""
+
+    def __init__(self, task: VoiceTask) -> None:
+        msg = task.task_status_msg or "no reason given"
+        super().__init__(f"voice task {task.task_id} failed: {msg}")
+        self.task = task
+
+
+class WaitTimeoutError(VoiceAPIError, TimeoutError):
+    """``wait()`` ran out of time; ``.task`` is the last task seen (None if none was seen)."""
+
+    def __init__(self, task_id: str, timeout: float, task: VoiceTask | None) -> None:
+        status = task.task_status.value if task is not None else "unknown"
+        super().__init__(f"voice task {task_id} not finished after {timeout:g}s (last status: {status})")
+        self.task_id = task_id
+        self.timeout = timeout
+        self.task = task
+
+
+class WebhookVerificationError(VoiceAPIError):
+    """A callback failed signature or timestamp verification, or is not a task record."""
+
+
+# Business code -> error class (kling-api.md §6.1).
+_CODE_CLASSES: dict[int, type[APIError]] = {
+    **dict.fromkeys(range(1000, 1005), AuthenticationError),
+    **dict.fromkeys((1100, 1101, 1102), AccountError),
+    1103: PermissionDeniedError,
+    **dict.fromkeys(range(1200, 1204), InvalidRequestError),
+    **dict.fromkeys((1300, 1301, 1304), PolicyError),
+    **dict.fromkeys((1302, 1303), RateLimitError),
+    **dict.fromkeys((5000, 5001, 5002), ServerError),
+}
+
+
+def error_class_for(code: int | None, http_status: int) -> type[APIError]:
+    """Pick the error class: the business code wins, the HTTP status decides for unknown codes."""
+    if code is not None and code in _CODE_CLASSES:
+        return _CODE_CLASSES[code]
+    if http_status == 401:
+        return AuthenticationError
+    if http_status == 403:
+        return PermissionDeniedError
+    if http_status == 429:
+        return RateLimitError
+    if http_status >= 500:
+        return ServerError
+    if 400 <= http_status < 500:
+        return InvalidRequestError
+    return APIError
+
+
+class EventLoopError(VoiceAPIError, RuntimeError):
+    """A client's session was used from an event loop other than the one that created it."""

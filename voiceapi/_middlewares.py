@@ -1,0 +1,139 @@
+"""The SDK's own middleware chain around the one place that sends a request.
+
+A middleware is ``async def mw(request, call_next) -> Response``. The chain, outermost first:
+retry → auth → user middlewares → rate limit → logging → send. Auth sits inside retry so each
+attempt carries a current token; the rate limiter sits inside retry so every attempt waits for a
+slot, and the per-attempt timeout starts only in ``send``, after that wait.
+
+We do not use aiohttp's native client middlewares: aioresponses patches
+``ClientSession._request`` and would bypass them, leaving retry and limits untested.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from ._auth import Credentials
+from ._constants import LOGGER_NAME
+from ._errors import APIError, UnexpectedResponseError, VoiceAPIError
+
+logger = logging.getLogger(LOGGER_NAME)
+
+
+@attrs.define(slots=True)
+class Request:
+    """One logical API call; ``attempt`` counts from 1 and is set by the retry middleware."""
+
+    method: str
+    path: str
+    params: dict[str, str] | None = None
+    json: dict[str, Any] | None = None
+    headers: dict[str, str] = attrs.field(factory=dict, repr=False)  # holds Authorization
+    #: False for creates: an ambiguous failure must be reconciled before resending.
+    idempotent: bool = True
+    #: For non-idempotent calls: find out whether the call landed; a Response if it did.
+    reconcile: Callable[[], Awaitable[Response | None]] | None = attrs.field(
+        default=None, repr=False)
+    attempt: int = 1
+
+
+@attrs.define(slots=True)
+class Response:
+    status: int
+    headers: Mapping[str, str] = attrs.field(repr=False)
+    data: Any = attrs.field(repr=False)
+    request_id: str | None = None
+    elapsed: float = 0.0
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+Middleware = Callable[[Request, Handler], Awaitable[Response]]
+
+
+def build_chain(middlewares: Sequence[Middleware], send: Handler) -> Handler:
+    """Fold the middlewares (outermost first) around ``send``."""
+    handler = send
+    for mw in reversed(middlewares):
+        handler = _bind(mw, handler)
+    return handler
+
+
+def _bind(mw: Middleware, call_next: Handler) -> Handler:
+    async def handler(request: Request) -> Response:
+        return await mw(request, call_next)
+
+    return handler
+
+
+class AuthMiddleware:
+    """Sets ``Authorization`` on every attempt (a retried call after 1004 gets a new token)."""
+
+    def __init__(self, credentials: Credentials) -> None:
+        self._credentials = credentials
+
+    async def __call__(self, request: Request, call_next: Handler) -> Response:
+        request.headers["Authorization"] = self._credentials.authorization()
+        return await call_next(request)
+
+    def __repr__(self) -> str:
+        return "AuthMiddleware()"
+
+
+class RateLimitMiddleware:
+    """Optional client-side limits: requests per second (evenly paced) and requests in flight."""
+
+    def __init__(self, *, per_second: float | None, max_in_flight: int | None) -> None:
+        self._interval = 1.0 / per_second if per_second else 0.0
+        self._next_slot = 0.0
+        self._semaphore = asyncio.Semaphore(max_in_flight) if max_in_flight else None
+
+    async def _pace(self) -> None:
+        if not self._interval:
+            return
+        now = time.monotonic()
+        slot = max(now, self._next_slot)
+        self._next_slot = slot + self._interval
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+    async def __call__(self, request: Request, call_next: Handler) -> Response:
+        if self._semaphore is None:
+            await self._pace()
+            return await call_next(request)
+        async with self._semaphore:
+            await self._pace()
+            return await call_next(request)
+
+
+async def logging_middleware(request: Request, call_next: Handler) -> Response:
+    """One line per attempt: method, path, status, code, request_id, attempt, time.
+
+    Never logs headers or bodies: they may carry the token or user data.
+    """
+    if not logger.isEnabledFor(logging.INFO):
+        return await call_next(request)
+    start = time.monotonic()
+    try:
+        response = await call_next(request)
+    except VoiceAPIError as exc:
+        ms = (time.monotonic() - start) * 1000
+        if isinstance(exc, APIError):
+            status, code, rid = exc.http_status, exc.code, exc.request_id
+        elif isinstance(exc, UnexpectedResponseError):
+            status, code, rid = exc.http_status, None, exc.request_id
+        else:
+            status, code, rid = None, None, None
+        logger.info("%s %s -> %s code=%s request_id=%s attempt=%d %.0fms error=%s",
+                    request.method, request.path, status, code, rid, request.attempt, ms,
+                    type(exc).__name__)
+        raise
+    logger.info("%s %s -> %s code=0 request_id=%s attempt=%d %.0fms", request.method,
+                 request.path, response.status, response.request_id, request.attempt,
+                 (time.monotonic() - start) * 1000)
+    return response

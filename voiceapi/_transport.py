@@ -1,0 +1,220 @@
+"""The transport: one aiohttp session per client, the middleware chain, and envelope decoding.
+
+``send`` is the single place that calls ``session.request``; everything else is a middleware.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import aiohttp
+
+from ._config import ClientConfig
+from ._constants import ENV_LOG, LOGGER_NAME
+from ._errors import (
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    ClientClosedError,
+    EventLoopError,
+    RateLimitError,
+    UnexpectedResponseError,
+    error_class_for,
+)
+from ._middlewares import (
+    AuthMiddleware,
+    Middleware,
+    RateLimitMiddleware,
+    Request,
+    Response,
+    build_chain,
+    logging_middleware,
+)
+from ._retry import RetryMiddleware, RetryPolicy, parse_retry_after
+
+_JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+
+
+def decode_envelope(
+    status: int, headers: Mapping[str, str], body: bytes, *, retry_after_max: float = 60.0
+) -> tuple[Any, str | None]:
+    """Turn one HTTP answer into ``(data, request_id)`` or raise the matching typed error.
+
+    Every malformed answer (non-JSON, truncated, wrong types, no code) becomes a VoiceAPIError.
+    """
+    envelope: Any
+    try:
+        envelope = json.loads(body) if body else None
+    except (ValueError, RecursionError):
+        envelope = None
+    code = envelope.get("code") if isinstance(envelope, dict) else None
+    if not isinstance(code, int) or isinstance(code, bool):
+        if 200 <= status < 300:
+            raise UnexpectedResponseError(
+                f"HTTP {status} answer is not a Kling JSON envelope "
+                f"(content-type {headers.get('Content-Type', 'unknown')!r}, {len(body)} bytes)",
+                http_status=status)
+        cls = error_class_for(None, status)
+        raise cls(f"HTTP {status} without a Kling JSON envelope (likely from a proxy)",
+                  http_status=status)
+    assert isinstance(envelope, dict)
+    rid = envelope.get("request_id")
+    request_id = rid if isinstance(rid, str) else None
+    if code == 0 and 200 <= status < 300:
+        return envelope.get("data"), request_id
+    msg = envelope.get("message")
+    message = msg if isinstance(msg, str) and msg else f"Kling error {code}"
+    if code == 0:
+        code_or_none = None
+        message = f"HTTP {status} with code 0"
+    else:
+        code_or_none = code
+    cls = error_class_for(code_or_none, status)
+    if cls is RateLimitError:
+        raise RateLimitError(message, code=code_or_none, http_status=status,
+                             request_id=request_id,
+                             retry_after=parse_retry_after(headers, maximum=retry_after_max))
+    raise cls(message, code=code_or_none, http_status=status, request_id=request_id)
+
+
+def _setup_logging_from_env() -> None:
+    level = os.environ.get(ENV_LOG, "").strip().lower()
+    if level not in ("debug", "info"):
+        return
+    logger = logging.getLogger(LOGGER_NAME)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if level == "debug" else logging.INFO)
+
+
+class Transport:
+    """Owns (or borrows) the aiohttp session and runs every request through the chain."""
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        middlewares: Sequence[Middleware] = (),
+        retry_policy: RetryPolicy | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        _setup_logging_from_env()
+        self.config = config
+        self.retry_policy = retry_policy or RetryPolicy()
+        self._session = session
+        self._owns_session = session is None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._timeout = aiohttp.ClientTimeout(total=config.timeout)
+        self._base_url = config.base_url
+        chain: list[Middleware] = [
+            RetryMiddleware(max_retries=config.max_retries, budget=config.retry_budget,
+                            policy=self.retry_policy, credentials=config.credentials,
+                            sleep=sleep),
+            AuthMiddleware(config.credentials),
+            *middlewares,
+        ]
+        if config.max_requests_per_second or config.max_in_flight:
+            chain.append(RateLimitMiddleware(per_second=config.max_requests_per_second,
+                                             max_in_flight=config.max_in_flight))
+        chain.append(logging_middleware)
+        self._handler = build_chain(chain, self._send)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise ClientClosedError("this client is closed; create a new one")
+        loop = asyncio.get_running_loop()
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self.config.max_in_flight or 100,
+                ssl=True if self.config.ssl is None else self.config.ssl)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=self._timeout,
+                headers={"User-Agent": self.config.user_agent})
+            self._loop = loop
+        elif self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise EventLoopError(
+                "this client's HTTP session belongs to another event loop; create one client "
+                "per event loop (or use VoiceClient from threads)")
+        return self._session
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        json_body: dict[str, Any] | None = None,
+        idempotent: bool = True,
+        reconcile: Callable[[], Awaitable[Response | None]] | None = None,
+    ) -> Response:
+        if self._closed:
+            raise ClientClosedError("this client is closed; create a new one")
+        headers = dict(_JSON_HEADERS)
+        req = Request(method=method, path=path, params=params, json=json_body, headers=headers,
+                      idempotent=idempotent, reconcile=reconcile)
+        return await self._handler(req)
+
+    async def _send(self, request: Request) -> Response:
+        session = self._get_session()
+        data = (json.dumps(request.json, separators=(",", ":"), ensure_ascii=False).encode()
+                if request.json is not None else None)
+        start = time.monotonic()
+        try:
+            async with session.request(
+                request.method, self._base_url + request.path, params=request.params,
+                data=data, headers=request.headers, timeout=self._timeout,
+                proxy=self.config.proxy,
+            ) as resp:
+                body = await resp.read()
+                status, headers = resp.status, resp.headers
+        except (asyncio.TimeoutError, TimeoutError):
+            raise APITimeoutError(
+                f"{request.method} {request.path}: no answer within {self.config.timeout:g}s"
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise APIConnectionError(
+                f"{request.method} {request.path}: cannot connect: {exc.os_error}",
+                maybe_sent=False) from None
+        except aiohttp.ClientError as exc:
+            raise APIConnectionError(
+                f"{request.method} {request.path}: connection failed: {type(exc).__name__}: {exc}"
+            ) from None
+        data_out, request_id = decode_envelope(
+            status, headers, body, retry_after_max=self.retry_policy.retry_after_max)
+        return Response(status=status, headers=headers, data=data_out, request_id=request_id,
+                        elapsed=time.monotonic() - start)
+
+    async def aclose(self) -> None:
+        """Close the session we own (safe to call twice); a borrowed session stays open."""
+        if self._closed:
+            return
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None and self._owns_session and not session.closed:
+            await session.close()
+
+    def detach_after_fork(self) -> None:
+        """In a fork child the parent's session and loop are unusable: forget them, quietly."""
+        session, self._session, self._loop = self._session, None, None
+        if session is not None and self._owns_session:
+            # Its sockets belong to the parent: detach without closing so nothing is sent.
+            session.detach()
+
+
+__all__ = ["APIError", "Transport", "decode_envelope"]

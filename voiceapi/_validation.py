@@ -1,0 +1,99 @@
+"""Client-side validation: bad input is a ValidationError before any request is sent."""
+
+from __future__ import annotations
+
+import urllib.parse
+from typing import Any
+
+from . import _constants as C
+from ._errors import ValidationError
+
+
+def _has_control_chars(value: str) -> bool:
+    return any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 for ch in value)
+
+
+def voice_name(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValidationError(f"voice_name must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValidationError("voice_name must not be empty")
+    if len(value) > C.VOICE_NAME_MAX_CHARS:  # code points, so 20 CJK characters are fine
+        raise ValidationError(
+            f"voice_name is {len(value)} characters; at most {C.VOICE_NAME_MAX_CHARS} allowed")
+    if _has_control_chars(value):
+        raise ValidationError("voice_name must not contain control characters")
+    return value
+
+
+def voice_url(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValidationError(f"voice_url must be a string, got {type(value).__name__}")
+    if len(value) > C.MAX_URL_CHARS or _has_control_chars(value) or " " in value.strip():
+        raise ValidationError("voice_url is not a valid URL (too long, spaces or control "
+                              "characters)")
+    parsed = urllib.parse.urlsplit(value.strip())
+    if parsed.scheme.lower() not in ("http", "https") or not parsed.netloc:
+        raise ValidationError("voice_url must be an http(s) URL")
+    path = urllib.parse.unquote(parsed.path).lower()
+    if not path.endswith(C.MEDIA_EXTENSIONS):
+        raise ValidationError(
+            "voice_url must point to a " + "/".join(e[1:] for e in C.MEDIA_EXTENSIONS) + " file")
+    return value.strip()
+
+
+def identifier(value: Any, what: str) -> str:
+    """An id that goes into a path or body: a non-empty printable string of sane length."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise ValidationError(f"{what} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValidationError(f"{what} must not be empty")
+    if len(value) > C.MAX_ID_CHARS:
+        raise ValidationError(f"{what} is longer than {C.MAX_ID_CHARS} characters")
+    if _has_control_chars(value):
+        raise ValidationError(f"{what} must not contain control characters")
+    return value
+
+
+def optional_identifier(value: Any, what: str) -> str | None:
+    # The official example sends "" for absent fields; we send nothing instead.
+    if value is None or value == "":
+        return None
+    return identifier(value, what)
+
+
+def video_id(value: Any) -> str | None:
+    vid = optional_identifier(value, "video_id")
+    if vid is not None and not vid.isdigit():
+        raise ValidationError("video_id must be a Kling video id (digits only)")
+    return vid
+
+
+def callback_url(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValidationError(f"callback_url must be a string, got {type(value).__name__}")
+    parsed = urllib.parse.urlsplit(value)
+    if parsed.scheme.lower() not in ("http", "https") or not parsed.netloc \
+            or _has_control_chars(value) or len(value) > C.MAX_URL_CHARS:
+        raise ValidationError("callback_url must be an http(s) URL")
+    return value
+
+
+def page(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(f"{what} must be an integer, got {type(value).__name__}")
+    if not C.PAGE_MIN <= value <= C.PAGE_MAX:
+        raise ValidationError(f"{what} must be between {C.PAGE_MIN} and {C.PAGE_MAX}, got {value}")
+    return value
+
+
+def path_segment(value: str) -> str:
+    """Percent-encode an id for use as one path segment: ``../x`` never changes the path."""
+    # "." and ".." would be normalised away by URL handling (and %2E is decoded back to ".").
+    if value.strip() in (".", ".."):
+        raise ValidationError(f"{value!r} is not a valid id")
+    return urllib.parse.quote(value, safe="")
