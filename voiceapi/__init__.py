@@ -25,6 +25,7 @@ from ._errors import (
 from ._middlewares import Handler, Middleware, Request, Response
 from ._models import BalanceDeduction, BatchResult, TaskStatus, Voice, VoiceTask
 from ._retry import RetryPolicy
+from ._sync import VoiceClient
 
 __version__ = "0.1.0"
 
@@ -57,6 +58,7 @@ __all__ = [
     "ValidationError",
     "Voice",
     "VoiceAPIError",
+    "VoiceClient",
     "VoiceTask",
     "WaitTimeoutError",
     "WebhookVerificationError",

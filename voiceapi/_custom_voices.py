@@ -98,6 +98,11 @@ class AsyncCustomVoices:
         """
         body = build_create_body(voice_name=voice_name, voice_url=voice_url, video_id=video_id,
                                  callback_url=callback_url, external_task_id=external_task_id)
+        return await self._submit(body)
+
+    async def _submit(self, body: dict[str, str], *, retry_rate_limits: bool = True) -> VoiceTask:
+        """Send a validated create body. The batch scheduler passes ``retry_rate_limits=False``
+        to handle 1302/1303 itself (it learns the account's cap from them)."""
         ext = body["external_task_id"]
 
         async def reconcile() -> Response | None:
@@ -109,7 +114,8 @@ class AsyncCustomVoices:
                 raise
 
         response = await self._transport.request(
-            "POST", PATH_CUSTOM_VOICES, json_body=body, idempotent=False, reconcile=reconcile)
+            "POST", PATH_CUSTOM_VOICES, json_body=body, idempotent=False, reconcile=reconcile,
+            retry_rate_limits=retry_rate_limits)
         data = response.data
         if not isinstance(data, Mapping):
             raise UnexpectedResponseError("create answered without a task object",

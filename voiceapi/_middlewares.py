@@ -40,6 +40,8 @@ class Request:
     #: For non-idempotent calls: find out whether the call landed; a Response if it did.
     reconcile: Callable[[], Awaitable[Response | None]] | None = attrs.field(
         default=None, repr=False)
+    #: False when the caller handles 1302/1303 itself (the batch scheduler learns from them).
+    retry_rate_limits: bool = True
     attempt: int = 1
 
 

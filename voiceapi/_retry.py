@@ -25,6 +25,7 @@ from ._errors import (
     AuthenticationError,
     RateLimitError,
     ServerError,
+    UnexpectedResponseError,
 )
 
 if TYPE_CHECKING:
@@ -77,6 +78,9 @@ def classify(exc: BaseException, policy: RetryPolicy = RetryPolicy()) -> Decisio
         return NO_RETRY
     if isinstance(exc, APIConnectionError):  # includes APITimeoutError
         return Decision(retry=True, ambiguous=exc.maybe_sent)
+    if isinstance(exc, UnexpectedResponseError):
+        # A 2xx we could not read (truncated by a proxy, garbage): the call probably landed.
+        return Decision(retry=True, ambiguous=True)
     return NO_RETRY
 
 
@@ -161,6 +165,8 @@ class RetryMiddleware:
         def should_retry(exc: BaseException) -> bool:
             decision = classify(exc, policy)
             if not decision.retry:
+                return False
+            if isinstance(exc, RateLimitError) and not request.retry_rate_limits:
                 return False
             if decision.reauth:
                 if state.reauthed:

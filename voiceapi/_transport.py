@@ -162,12 +162,14 @@ class Transport:
         json_body: dict[str, Any] | None = None,
         idempotent: bool = True,
         reconcile: Callable[[], Awaitable[Response | None]] | None = None,
+        retry_rate_limits: bool = True,
     ) -> Response:
         if self._closed:
             raise ClientClosedError("this client is closed; create a new one")
         headers = dict(_JSON_HEADERS)
         req = Request(method=method, path=path, params=params, json=json_body, headers=headers,
-                      idempotent=idempotent, reconcile=reconcile)
+                      idempotent=idempotent, reconcile=reconcile,
+                      retry_rate_limits=retry_rate_limits)
         return await self._handler(req)
 
     async def _send(self, request: Request) -> Response:

@@ -1,0 +1,115 @@
+"""The engine of the sync facade: one long-lived event loop on one daemon thread per client.
+
+A sync call submits the async coroutine to that loop and blocks on the result: the cost of a
+thread hop, not of starting a loop, and the aiohttp session keeps its connection pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator
+from typing import Any, TypeVar
+
+from ._errors import ClientClosedError
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """Owns a private event loop running on a daemon thread, started on first use."""
+
+    def __init__(self, name: str = "voiceapi-sync") -> None:
+        self._name = name
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._closed:
+                raise ClientClosedError("this client is closed; create a new one")
+            if self._loop is None or self._pid != os.getpid():
+                self._pid = os.getpid()  # a fork child gets a fresh loop of its own
+                loop = asyncio.new_event_loop()
+                started = threading.Event()
+
+                def run() -> None:
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(started.set)
+                    loop.run_forever()
+
+                thread = threading.Thread(target=run, name=self._name, daemon=True)
+                thread.start()
+                started.wait()
+                self._loop, self._thread = loop, thread
+            return self._loop
+
+    def in_loop_thread(self) -> bool:
+        thread = self._thread
+        return thread is not None and thread.ident == threading.get_ident()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the private loop and block until it is done."""
+        try:
+            loop = self._ensure_loop()
+            if self.in_loop_thread():
+                raise RuntimeError(
+                    "a VoiceClient method was called from the client's own event-loop thread "
+                    "(e.g. from a middleware); that would deadlock. Use AsyncVoiceClient there.")
+        except BaseException:
+            coro.close()  # never leave a "coroutine was never awaited" behind
+            raise
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            # Ctrl-C: cancel the work on the loop, then let the interrupt through promptly.
+            future.cancel()
+            raise
+
+    def iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
+        """A plain iterator over an async one; breaking out early closes the async generator."""
+        finished = False
+        try:
+            for _ in iter(int, 1):  # ends via StopAsyncIteration; the async side is bounded
+                try:
+                    item = self.run(_anext(agen))
+                except StopAsyncIteration:
+                    finished = True
+                    return
+                yield item
+        finally:
+            if not finished and isinstance(agen, AsyncGenerator) and not self._closed \
+                    and not self.in_loop_thread():
+                self.run(agen.aclose())
+
+    def stop(self) -> None:
+        """Stop the loop and join its thread (after the client closed its session on it)."""
+        with self._lock:
+            self._closed = True
+            loop, thread = self._loop, self._thread
+            self._loop = self._thread = None
+        if loop is None or thread is None:
+            return
+        if self._pid == os.getpid():
+            loop.call_soon_threadsafe(loop.stop)
+            if thread is not threading.current_thread():
+                thread.join(10)
+            if not thread.is_alive():
+                loop.close()
+
+    def forget_after_fork(self) -> None:
+        with self._lock:
+            self._loop = self._thread = None
+
+
+async def _anext(agen: AsyncIterator[T]) -> T:
+    return await agen.__anext__()
