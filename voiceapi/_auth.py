@@ -6,14 +6,29 @@ middleware, so a retried request after a 1004 carries a freshly signed token.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
 from typing import Protocol
 
-import jwt
+from jwt.algorithms import HMACAlgorithm
+from jwt.api_jws import PyJWS
 
 from ._constants import JWT_NBF_SKEW_SECONDS, JWT_REFRESH_MARGIN_SECONDS, JWT_TTL_SECONDS
+
+
+class _VendorKeyHMAC(HMACAlgorithm):
+    """HS256 without PyJWT's short-key warning: Kling issues the secret key, so its length is
+    not the user's to choose, and a warning per signature would only be noise (or an error
+    under ``-W error``)."""
+
+    def check_key_length(self, key: bytes) -> str | None:
+        return None
+
+
+_JWS = PyJWS(algorithms=[])
+_JWS.register_algorithm("HS256", _VendorKeyHMAC(HMACAlgorithm.SHA256))
 
 
 class Credentials(Protocol):
@@ -81,8 +96,9 @@ class JWTCredentials:
         now_i = int(self._clock() if now is None else now)
         payload = {"iss": self._access_key, "exp": now_i + self._ttl,
                    "nbf": now_i - JWT_NBF_SKEW_SECONDS}
-        return jwt.encode(payload, self._secret_key, algorithm="HS256",
-                          headers={"alg": "HS256", "typ": "JWT"})
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        return _JWS.encode(body, self._secret_key, algorithm="HS256",
+                           headers={"alg": "HS256", "typ": "JWT"})
 
     def authorization(self) -> str:
         now = self._clock()

@@ -1,0 +1,83 @@
+"""Shared fixtures.
+
+aioresponses compatibility shim
+-------------------------------
+aioresponses 0.7.9 builds ``ClientResponse`` objects itself and does not pass the
+``stream_writer`` argument that aiohttp 3.14 made required (pnuckowski/aioresponses#289, open).
+Rather than pin aiohttp below 3.14 (which carries a security fix), we hand aioresponses a
+``ClientResponse`` subclass whose ``stream_writer`` defaults to a stand-in reporting zero bytes
+written — the only thing aiohttp reads from it for an already-sent request. Delete this shim
+once aioresponses ships a fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aioresponses.core
+import pytest
+from aiohttp import ClientResponse
+
+import voiceapi
+from voiceapi.testing import KlingEmulator
+
+
+class _SentStreamWriter:
+    output_size = 0
+
+
+class _CompatClientResponse(ClientResponse):
+    def __init__(self, method: str, url: Any, *, stream_writer: Any = None, **kw: Any) -> None:
+        super().__init__(method, url, stream_writer=stream_writer or _SentStreamWriter(), **kw)
+
+
+aioresponses.core.ClientResponse = _CompatClientResponse  # type: ignore[misc]
+
+#: Backoff small enough for tests; the policy logic is unchanged.
+FAST_RETRY = voiceapi.RetryPolicy(initial_delay=0.001, max_delay=0.01, rate_limit_min_delay=0.01,
+                                  retry_after_max=0.05)
+BASE = "https://kling.test"
+
+
+@pytest.fixture
+def mocked() -> Iterator[aioresponses.aioresponses]:
+    with aioresponses.aioresponses() as m:
+        yield m
+
+
+@pytest.fixture
+async def mock_client() -> AsyncIterator[voiceapi.AsyncVoiceClient]:
+    async with voiceapi.AsyncVoiceClient("ak", "sk-secret-value", base_url=BASE,
+                                         retry_policy=FAST_RETRY) as client:
+        yield client
+
+
+@pytest.fixture
+async def emu() -> AsyncIterator[KlingEmulator]:
+    async with KlingEmulator(concurrency=5, task_seconds=0.1) as e:
+        yield e
+
+
+@pytest.fixture
+async def client(emu: KlingEmulator) -> AsyncIterator[voiceapi.AsyncVoiceClient]:
+    async with voiceapi.AsyncVoiceClient(emu.access_key, emu.secret_key, base_url=emu.base_url,
+                                         retry_policy=FAST_RETRY, timeout=5) as c:
+        yield c
+
+
+def envelope(data: Any = None, code: int = 0, message: str = "SUCCEED",
+             request_id: str = "rid-1") -> dict[str, Any]:
+    out: dict[str, Any] = {"code": code, "message": message, "request_id": request_id}
+    if data is not None:
+        out["data"] = data
+    return out
+
+
+def task_json(task_id: str = "930801301486305328", status: str = "submitted",
+              **extra: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"task_id": task_id, "task_status": status, "task_status_msg": "",
+                           "task_info": {"external_task_id": "ext-1"},
+                           "created_at": 1790605869865, "updated_at": 1790605869865}
+    out.update(extra)
+    return out
