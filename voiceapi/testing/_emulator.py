@@ -75,7 +75,7 @@ class _Fault:
 
 
 class RecordedRequest:
-    """What the emulator saw and answered; for assertions in tests and benchmarks."""
+    """What the emulator saw and answered (``status`` 0 while still being answered)."""
 
     __slots__ = ("code", "external_task_id", "method", "path", "route", "status")
 
@@ -530,8 +530,11 @@ class KlingEmulator:
         if request.method == "GET" and raw_path.startswith("/trial/"):
             return web.Response(body=make_wav(6.0), content_type="audio/wav")
         route, ext = "unknown", None
+        record = RecordedRequest(request.method, raw_path, route, 0, None, None)
+        self.requests.append(record)  # on arrival, so in-flight requests are counted too
         try:
             route, ident = self._route_of(request.method, raw_path)
+            record.route = route
             self._authenticate(request)
             self._check_qps()
             fault = self._take_fault(route)
@@ -540,9 +543,8 @@ class KlingEmulator:
             response = self._error_response(err)
         except Exception as exc:  # never a traceback page: an envelope, like the real server
             response = self._error_response(_ApiError(5000, f"emulator error: {type(exc).__name__}"))
-        code = self._code_of(response)
-        self.requests.append(RecordedRequest(request.method, raw_path, route,
-                                             response.status, code, ext))
+        record.status, record.code, record.external_task_id = (
+            response.status, self._code_of(response), ext)
         return response
 
     @staticmethod

@@ -1,0 +1,289 @@
+"""The emulator's own conformance to kling-api.md, checked with raw aiohttp (no SDK code)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+from aiohttp import web
+
+from voiceapi.testing import KlingEmulator, sign_webhook
+
+CV = "/v1/general/custom-voices"
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def call(http: aiohttp.ClientSession, emu: KlingEmulator, method: str, path: str, *,
+               token: str | None = None, **kw: Any) -> tuple[int, dict[str, Any]]:
+    headers = kw.pop("headers", {})
+    headers.setdefault("Authorization", f"Bearer {token or emu.api_key}")
+    async with http.request(method, emu.base_url + path, headers=headers, **kw) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+def _jwt(emu: KlingEmulator, **claims: Any) -> str:
+    now = int(time.time())
+    payload = {"iss": emu.access_key, "exp": now + 1800, "nbf": now - 5, **claims}
+    return jwt.encode(payload, emu.secret_key, algorithm="HS256")
+
+
+async def test_success_envelope_and_create_shape(emu: KlingEmulator,
+                                                  http: aiohttp.ClientSession) -> None:
+    status, body = await call(http, emu, "POST", CV, json={
+        "voice_name": "Custom Voice", "voice_url": emu.sample_url(11.3), "video_id": "",
+        "callback_url": "", "external_task_id": "my-voice-001"})
+    assert status == 200
+    assert body["code"] == 0 and body["message"] == "SUCCEED"
+    uuid.UUID(body["request_id"])
+    data = body["data"]
+    assert set(data) == {"task_id", "task_info", "task_status", "created_at", "updated_at"}
+    assert data["task_id"].isdigit() and len(data["task_id"]) == 18
+    assert data["task_info"] == {"external_task_id": "my-voice-001"}
+    assert data["task_status"] == "submitted"
+    assert abs(data["created_at"] - time.time() * 1000) < 60_000  # milliseconds
+
+
+async def test_task_lifecycle_and_lookup_by_either_id(emu: KlingEmulator,
+                                                       http: aiohttp.ClientSession) -> None:
+    _, created = await call(http, emu, "POST", CV, json={
+        "voice_name": "v", "voice_url": emu.sample_url(10), "external_task_id": "ext-7"})
+    task_id = created["data"]["task_id"]
+    _, first = await call(http, emu, "GET", f"{CV}/{task_id}")
+    assert first["data"]["task_status"] == "submitted"
+    assert first["data"]["task_result"] == {"voices": []}
+    emu.advance(emu.processing_after)
+    _, mid = await call(http, emu, "GET", f"{CV}/ext-7")
+    assert mid["data"]["task_status"] == "processing" and mid["data"]["task_id"] == task_id
+    emu.advance(emu.task_seconds)
+    _, done = await call(http, emu, "GET", f"{CV}/x?external_task_id=ext-7")
+    data = done["data"]
+    assert data["task_status"] == "succeed" and data["task_status_msg"] == ""
+    (voice,) = data["task_result"]["voices"]
+    assert set(voice) == {"voice_id", "voice_name", "trial_url", "owned_by"}
+    assert voice["owned_by"] == emu.account_id and voice["voice_name"] == "v"
+    assert data["final_unit_deduction"] == "0.05"
+    assert data["updated_at"] > data["created_at"]
+
+
+async def test_unknown_task_is_400_1201(emu: KlingEmulator, http: aiohttp.ClientSession) -> None:
+    status, body = await call(http, emu, "GET", f"{CV}/nope")
+    assert status == 400 and body["code"] == 1201
+    assert body["message"] == "Task not found by id/external id: nope"
+    assert "data" not in body
+
+
+@pytest.mark.parametrize(("headers", "code"), [
+    ({"Authorization": ""}, 1001),
+    ({"Authorization": "Basic abc"}, 1002),
+    ({"Authorization": "Bearer garbage"}, 1002),
+])
+async def test_auth_failures(emu: KlingEmulator, http: aiohttp.ClientSession,
+                             headers: dict[str, str], code: int) -> None:
+    status, body = await call(http, emu, "GET", CV, headers=headers)
+    assert (status, body["code"]) == (401, code) and "data" not in body
+
+
+async def test_jwt_time_claims(emu: KlingEmulator, http: aiohttp.ClientSession) -> None:
+    now = int(time.time())
+    assert (await call(http, emu, "GET", CV, token=_jwt(emu)))[0] == 200
+    assert (await call(http, emu, "GET", CV, token=_jwt(emu, nbf=now + 600)))[1]["code"] == 1003
+    assert (await call(http, emu, "GET", CV, token=_jwt(emu, exp=now - 10)))[1]["code"] == 1004
+    wrong = jwt.encode({"iss": emu.access_key, "exp": now + 60}, "x" * 32, algorithm="HS256")
+    assert (await call(http, emu, "GET", CV, token=wrong))[1]["code"] == 1002
+    stranger = _jwt(emu, iss="someone-else")
+    assert (await call(http, emu, "GET", CV, token=stranger))[1]["code"] == 1002
+
+
+async def test_strict_auth_collapses_to_1002(http: aiohttp.ClientSession) -> None:
+    async with KlingEmulator(strict_auth=True) as emu:
+        for headers in ({"Authorization": ""}, {"Authorization": "Bearer " + _jwt(
+                emu, exp=int(time.time()) - 10)}):
+            assert (await call(http, emu, "GET", CV, headers=headers))[1]["code"] == 1002
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    ({"voice_url": "https://x/a.mp3"}, "voice_name"),
+    ({"voice_name": "x" * 21, "voice_url": "https://x/a.mp3"}, "voice_name"),
+    ({"voice_name": "a"}, "voice_url"),
+    ({"voice_name": "a", "voice_url": "", "video_id": ""}, "voice_url"),
+    ({"voice_name": "a", "voice_url": "https://x/a.mp3", "video_id": "123"}, "exclusive"),
+    ({"voice_name": "a", "voice_url": "https://x/a.ogg"}, "voice_url"),
+    ({"voice_name": "a", "voice_url": 5}, "voice_url"),
+    ({"voice_name": "a", "video_id": "12ab"}, "video_id"),
+])
+async def test_create_validation_is_400_1201_naming_the_field(
+        emu: KlingEmulator, http: aiohttp.ClientSession, body: dict[str, Any], needle: str
+) -> None:
+    status, answer = await call(http, emu, "POST", CV, json=body)
+    assert (status, answer["code"]) == (400, 1201)
+    assert needle in answer["message"]
+    assert emu.task_count == 0
+
+
+async def test_duplicate_external_id_is_rejected(emu: KlingEmulator,
+                                                 http: aiohttp.ClientSession) -> None:
+    body = {"voice_name": "a", "voice_url": emu.sample_url(), "external_task_id": "same"}
+    assert (await call(http, emu, "POST", CV, json=body))[0] == 200
+    status, answer = await call(http, emu, "POST", CV, json=body)
+    assert (status, answer["code"]) == (400, 1201) and emu.task_count == 1
+
+
+@pytest.mark.parametrize(("kw", "code"), [
+    ({"data": b"{not json", "headers": {"Content-Type": "application/json"}}, 1200),
+    ({"json": [1, 2]}, 1200),
+    ({"data": b'{"voice_name":"a"}', "headers": {"Content-Type": "text/plain"}}, 1200),
+    ({"json": {"voice_name": "a", "voice_url": "https://x/" + "a" * 100_000 + ".mp3"}}, 1200),
+])
+async def test_malformed_requests_get_envelopes(emu: KlingEmulator, http: aiohttp.ClientSession,
+                                                kw: dict[str, Any], code: int) -> None:
+    status, body = await call(http, emu, "POST", CV, **kw)
+    assert (status, body["code"]) == (400, code)
+
+
+@pytest.mark.parametrize(("method", "path", "code"), [
+    ("DELETE", CV, 1202), ("PUT", "/v1/general/delete-voices", 1202),
+    ("POST", "/v1/general/presets-voices", 1202), ("GET", "/v1/general/nothing", 1203),
+    ("GET", "/", 1203),
+])
+async def test_wrong_method_and_unknown_path(emu: KlingEmulator, http: aiohttp.ClientSession,
+                                             method: str, path: str, code: int) -> None:
+    status, body = await call(http, emu, method, path)
+    assert (status, body["code"]) == (404, code)
+
+
+async def test_list_is_newest_first_and_paged(emu: KlingEmulator,
+                                              http: aiohttp.ClientSession) -> None:
+    emu.concurrency = 100
+    for i in range(5):
+        await call(http, emu, "POST", CV, json={"voice_name": f"v{i}",
+                                                "voice_url": emu.sample_url()})
+    _, page1 = await call(http, emu, "GET", CV, params={"pageNum": "1", "pageSize": "2"})
+    _, page3 = await call(http, emu, "GET", CV, params={"pageNum": "3", "pageSize": "2"})
+    _, page4 = await call(http, emu, "GET", CV, params={"pageNum": "4", "pageSize": "2"})
+    names = [t["task_result"] and emu._tasks[t["task_id"]].voice_name for t in page1["data"]]
+    assert names == ["v4", "v3"]
+    assert len(page3["data"]) == 1 and page4["data"] == []
+    _, default = await call(http, emu, "GET", CV)
+    assert len(default["data"]) == 5
+    for bad in ({"pageSize": "0"}, {"pageSize": "1001"}, {"pageNum": "x"}, {"pageNum": "0"}):
+        status, body = await call(http, emu, "GET", CV, params=bad)
+        assert (status, body["code"]) == (400, 1201)
+
+
+async def test_presets_shape(emu: KlingEmulator, http: aiohttp.ClientSession) -> None:
+    _, body = await call(http, emu, "GET", "/v1/general/presets-voices",
+                         params={"pageSize": "1000"})
+    assert len(body["data"]) == 48
+    first = body["data"][0]
+    assert "task_info" not in first and "final_unit_deduction" not in first
+    (voice,) = first["task_result"]["voices"]
+    assert voice["owned_by"] == "kling" and len(voice["voice_name"]) <= 20
+
+
+async def test_delete_rules(emu: KlingEmulator, http: aiohttp.ClientSession) -> None:
+    _, created = await call(http, emu, "POST", CV, json={"voice_name": "v",
+                                                         "voice_url": emu.sample_url()})
+    emu.advance(1)
+    _, got = await call(http, emu, "GET", f"{CV}/{created['data']['task_id']}")
+    voice_id = got["data"]["task_result"]["voices"][0]["voice_id"]
+    status, body = await call(http, emu, "POST", "/v1/general/delete-voices",
+                              json={"voice_id": voice_id})
+    assert status == 200 and body["data"]["task_status"] == "succeed"
+    _, again = await call(http, emu, "POST", "/v1/general/delete-voices",
+                          json={"voice_id": voice_id})
+    assert again["code"] == 1201 and "already" in again["message"]
+    _, preset = await call(http, emu, "POST", "/v1/general/delete-voices",
+                           json={"voice_id": emu.preset_ids()[0]})
+    assert preset["code"] == 1201
+    _, after = await call(http, emu, "GET", f"{CV}/{created['data']['task_id']}")
+    assert after["data"]["task_result"]["voices"] == []
+
+
+async def test_concurrency_limit_is_429_1303(http: aiohttp.ClientSession) -> None:
+    async with KlingEmulator(concurrency=2, task_seconds=60) as emu:
+        for i in range(2):
+            assert (await call(http, emu, "POST", CV, json={
+                "voice_name": f"v{i}", "voice_url": emu.sample_url()}))[0] == 200
+        status, body = await call(http, emu, "POST", CV, json={
+            "voice_name": "v3", "voice_url": emu.sample_url()})
+        assert (status, body) == (429, {"code": 1303, "request_id": body["request_id"],
+                                        "message": "parallel task over resource pack limit"})
+        emu.advance(61)  # both finish: their slots free at once
+        assert (await call(http, emu, "POST", CV, json={
+            "voice_name": "v3", "voice_url": emu.sample_url()}))[0] == 200
+        assert emu.peak_in_progress == 2
+
+
+@pytest.mark.parametrize(("url", "needle"), [
+    ("voice-3s.wav", "between 5s and 30s"), ("voice-31s.wav", "between 5s and 30s"),
+])
+async def test_media_problems_become_failed_tasks(emu: KlingEmulator,
+                                                  http: aiohttp.ClientSession, url: str,
+                                                  needle: str) -> None:
+    _, created = await call(http, emu, "POST", CV, json={
+        "voice_name": "v", "voice_url": f"{emu.base_url}/samples/{url}"})
+    emu.advance(1)
+    _, got = await call(http, emu, "GET", f"{CV}/{created['data']['task_id']}")
+    assert got["data"]["task_status"] == "failed" and needle in got["data"]["task_status_msg"]
+    assert got["data"]["task_result"]["voices"] == []
+
+
+async def test_samples_are_real_wav_files(emu: KlingEmulator,
+                                          http: aiohttp.ClientSession) -> None:
+    import io
+    import wave
+    async with http.get(emu.sample_url(7.5)) as resp:
+        data = await resp.read()
+    with wave.open(io.BytesIO(data)) as w:
+        assert w.getnframes() / w.getframerate() == pytest.approx(7.5)
+
+
+def test_webhook_signature_matches_the_official_vector() -> None:
+    body = (b'{"id":"1234567890","status":"succeeded","message":"","create_time":1781080778802,'
+            b'"update_time":1781080794151}')
+    got = sign_webhook("whsec_dGVzdHNlY3JldHRlc3RzZWNyZXR0ZXN0c2VjcmV0MTI=", "9876543210",
+                       1781080794, body)
+    assert got == "v1,UsKlJP00XoQyOn410NM9xv34sP+Gl0jnOO9Lcpr7NJ4="
+
+
+async def test_callbacks_fire_on_each_change(http: aiohttp.ClientSession) -> None:
+    received: list[tuple[dict[str, Any], dict[str, str]]] = []
+    done = asyncio.Event()
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append((await request.json(), dict(request.headers)))
+        if len(received) == 2:
+            done.set()
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with KlingEmulator(task_seconds=0.1, webhook_secret="whsec_" + "QUJD" * 8) as emu:
+            await call(http, emu, "POST", CV, json={
+                "voice_name": "v", "voice_url": emu.sample_url(),
+                "callback_url": f"http://127.0.0.1:{port}/hook"})
+            await asyncio.wait_for(done.wait(), 10)
+    finally:
+        await runner.cleanup()
+    statuses = [r["task_status"] for r, _ in received]
+    assert statuses == ["processing", "succeed"]
+    record, headers = received[1]
+    assert record["task_result"]["voices"][0]["voice_name"] == "v"
+    assert headers["webhook-signature"].startswith("v1,")
