@@ -18,6 +18,7 @@ from typing import Any
 import aioresponses.core
 import pytest
 from aiohttp import ClientResponse
+from aiohttp.abc import AbstractStreamWriter
 
 import voiceapi
 from voiceapi.testing import KlingEmulator
@@ -28,11 +29,13 @@ class _SentStreamWriter:
 
 
 class _CompatClientResponse(ClientResponse):
-    def __init__(self, method: str, url: Any, *, stream_writer: Any = None, **kw: Any) -> None:
-        super().__init__(method, url, stream_writer=stream_writer or _SentStreamWriter(), **kw)
+    def __init__(self, method: str, url: Any, *, stream_writer: AbstractStreamWriter | None = None,
+                 **kw: Any) -> None:
+        writer = stream_writer if stream_writer is not None else _SentStreamWriter()
+        super().__init__(method, url, stream_writer=writer, **kw)  # type: ignore[arg-type]
 
 
-aioresponses.core.ClientResponse = _CompatClientResponse  # type: ignore[misc]
+aioresponses.core.ClientResponse = _CompatClientResponse  # type: ignore[attr-defined]
 
 #: Backoff small enough for tests; the policy logic is unchanged.
 FAST_RETRY = voiceapi.RetryPolicy(initial_delay=0.001, max_delay=0.01, rate_limit_min_delay=0.01,

@@ -149,6 +149,7 @@ async def test_slow_answer_times_out_then_retry_succeeds(emu: KlingEmulator) -> 
 
 
 async def _create(emu: KlingEmulator, **kw: Any) -> voiceapi.VoiceTask:
+    client: voiceapi.AsyncVoiceClient
     async with make_client("async", emu) as client:
         return await client.custom_voices.create(voice_name="x", voice_url=emu.sample_url(),
                                                  **kw)

@@ -68,7 +68,8 @@ async def test_rate_limit_is_retried_with_retry_after(mocked: aioresponses,
 ])
 async def test_client_errors_are_never_retried(mocked: aioresponses,
                                                mock_client: voiceapi.AsyncVoiceClient,
-                                               status: int, code: int, cls: type) -> None:
+                                               status: int, code: int,
+                                               cls: type[voiceapi.APIError]) -> None:
     mocked.get(ONE, status=status, payload=envelope(code=code, message="nope"))
     with pytest.raises(cls) as info:
         await mock_client.custom_voices.get("930801301486305328")
@@ -184,7 +185,7 @@ async def test_create_sends_no_nulls_and_validates_first(
 async def test_delete_without_data_is_success(mocked: aioresponses,
                                               mock_client: voiceapi.AsyncVoiceClient) -> None:
     mocked.post(DELETE, payload={"code": 0, "message": "SUCCEED", "request_id": "r"})
-    assert await mock_client.custom_voices.delete("930801338081615883") is None
+    await mock_client.custom_voices.delete("930801338081615883")
     assert _posted(mocked, DELETE) == [{"voice_id": "930801338081615883"}]
 
 

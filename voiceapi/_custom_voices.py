@@ -148,7 +148,9 @@ class AsyncCustomVoices:
         response = await self._transport.request("GET", PATH_CUSTOM_VOICES, params=params)
         return parse_task_list(response.data, request_id=response.request_id)
 
-    async def iter_all(self, *, page_size: int = DEFAULT_ITER_PAGE_SIZE) -> AsyncIterator[VoiceTask]:
+    async def iter_all(
+        self, *, page_size: int = DEFAULT_ITER_PAGE_SIZE
+    ) -> AsyncIterator[VoiceTask]:
         """Every task, page after page, until a short or empty page; each task once."""
         V.page(page_size, "page_size")
         seen: set[str] = set()

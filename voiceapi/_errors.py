@@ -124,7 +124,8 @@ class WaitTimeoutError(VoiceAPIError, TimeoutError):
 
     def __init__(self, task_id: str, timeout: float, task: VoiceTask | None) -> None:
         status = task.task_status.value if task is not None else "unknown"
-        super().__init__(f"voice task {task_id} not finished after {timeout:g}s (last status: {status})")
+        super().__init__(
+            f"voice task {task_id} not finished after {timeout:g}s (last status: {status})")
         self.task_id = task_id
         self.timeout = timeout
         self.task = task

@@ -5,6 +5,7 @@ AsyncVoiceClient; each call runs the async code on the client's private loop thr
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import ssl as _ssl
 import weakref
@@ -102,10 +103,8 @@ class VoiceClient:
 @atexit.register
 def _close_open_clients() -> None:
     for client in list(_open_clients):
-        try:
+        with contextlib.suppress(Exception):  # interpreter exit: best effort, never noisy
             client.close()
-        except Exception:  # interpreter exit: best effort, never noisy
-            pass
 
 
 def _after_fork_in_child() -> None:

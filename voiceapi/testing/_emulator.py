@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import hashlib
 import heapq
 import hmac
@@ -28,6 +29,7 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
+import attrs
 import jwt
 from aiohttp import web
 
@@ -88,14 +90,21 @@ class RecordedRequest:
         return f"<{self.method} {self.path} -> {self.status}/{self.code}>"
 
 
+@attrs.define(slots=True)
 class _Task:
-    __slots__ = ("callback_url", "created", "deleted", "done_at", "external_task_id",
-                 "fail_msg", "notified", "processing_at", "seq", "task_id", "video_id",
-                 "voice_id", "voice_name", "voice_url")
-
-    def __init__(self, **kw: Any) -> None:
-        for k, v in kw.items():
-            setattr(self, k, v)
+    task_id: str
+    voice_id: str
+    voice_name: str
+    voice_url: str | None
+    video_id: str | None
+    callback_url: str | None
+    external_task_id: str | None
+    created: float
+    processing_at: float
+    done_at: float
+    fail_msg: str
+    deleted: bool = False
+    notified: str = ""
 
     def status(self, now: float) -> str:
         if now >= self.done_at:
@@ -255,10 +264,8 @@ class KlingEmulator:
     async def stop(self) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
-            except asyncio.CancelledError:
-                pass
             self._ticker = None
         if self._cb_session is not None:
             await self._cb_session.close()
@@ -542,7 +549,8 @@ class KlingEmulator:
         except _ApiError as err:
             response = self._error_response(err)
         except Exception as exc:  # never a traceback page: an envelope, like the real server
-            response = self._error_response(_ApiError(5000, f"emulator error: {type(exc).__name__}"))
+            response = self._error_response(
+                _ApiError(5000, f"emulator error: {type(exc).__name__}"))
         record.status, record.code, record.external_task_id = (
             response.status, self._code_of(response), ext)
         return response
@@ -725,11 +733,10 @@ class KlingEmulator:
                 raise _ApiError(1303)
             task = _Task(task_id=self._new_id(), voice_id=self._new_id(), voice_name=name,
                          voice_url=voice_url, video_id=video_id, callback_url=callback_url,
-                         external_task_id=ext, created=now, seq=len(self._order),
+                         external_task_id=ext, created=now,
                          processing_at=now + self.processing_after,
                          done_at=now + self.task_seconds,
-                         fail_msg=self._media_failure(voice_url, video_id), deleted=False,
-                         notified="")
+                         fail_msg=self._media_failure(voice_url, video_id))
             self._tasks[task.task_id] = task
             self._order.append(task.task_id)
             self._voices[task.voice_id] = task.task_id
@@ -798,7 +805,8 @@ class KlingEmulator:
                 if status in ("succeed", "failed"):
                     self._callback_pending.discard(task_id)
         for task, record in due:
-            await self._deliver(task.callback_url, record)
+            if task.callback_url:
+                await self._deliver(task.callback_url, record)
 
     async def _deliver(self, url: str, record: dict[str, Any]) -> None:
         if self._cb_session is None:
