@@ -107,8 +107,14 @@ class LoopThread:
                 loop.close()
 
     def forget_after_fork(self) -> None:
-        with self._lock:
-            self._loop = self._thread = None
+        """The parent's loop thread does not exist in a fork child; start afresh on next use.
+        The old loop is kept alive untouched: closing it could disturb the parent's sockets."""
+        from ._transport import FORK_ORPHANS
+
+        self._lock = threading.Lock()  # it may have been held by another thread at fork time
+        if self._loop is not None:
+            FORK_ORPHANS.append(self._loop)
+        self._loop = self._thread = None
 
 
 async def _anext(agen: AsyncIterator[T]) -> T:

@@ -38,6 +38,9 @@ from ._middlewares import (
 )
 from ._retry import RetryMiddleware, RetryPolicy, parse_retry_after
 
+#: Objects inherited from the parent across fork; kept alive, never closed (see below).
+FORK_ORPHANS: list[object] = []
+
 _JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 
 
@@ -212,11 +215,14 @@ class Transport:
             await session.close()
 
     def detach_after_fork(self) -> None:
-        """In a fork child the parent's session and loop are unusable: forget them, quietly."""
-        session, self._session, self._loop = self._session, None, None
-        if session is not None and self._owns_session:
-            # Its sockets belong to the parent: detach without closing so nothing is sent.
-            session.detach()
+        """In a fork child the parent's session is unusable: forget it without touching it.
+
+        Closing it (or letting it be collected) would unregister the parent's sockets from the
+        epoll instance that parent and child share after fork, and hang the parent.
+        """
+        if self._session is not None:
+            FORK_ORPHANS.append(self._session)
+        self._session, self._loop = None, None
 
 
 __all__ = ["APIError", "Transport", "decode_envelope"]
