@@ -394,11 +394,13 @@ class _Batch:
                 self.start_submissions()
                 now = time.monotonic()
                 next_poll = self.last_poll + self.poll_interval()
-                if self.tracked and self.wait and now >= next_poll:
+                # Without `wait`, tasks are still followed while items wait for their slots.
+                polling = bool(self.tracked) and (self.wait or bool(self.pending))
+                if polling and now >= next_poll:
                     await self.poll()
                     self.progress()
                     continue
-                wakeups = [next_poll - now if self.tracked and self.wait else 1.0]
+                wakeups = [next_poll - now if polling else 1.0]
                 if self.pending and self.not_before > now:
                     wakeups.append(self.not_before - now)
                 if self.deadline is not None:
