@@ -1,6 +1,7 @@
 """voiceapi: the async-first Python SDK for the Kling AI Custom Voice API."""
 
 from ._auth import APIKeyCredentials, JWTCredentials
+from ._batch import BatchItem, BatchProgress
 from ._client import AsyncVoiceClient
 from ._errors import (
     AccountError,
@@ -26,6 +27,7 @@ from ._middlewares import Handler, Middleware, Request, Response
 from ._models import BalanceDeduction, BatchResult, TaskStatus, Voice, VoiceTask
 from ._retry import RetryPolicy
 from ._sync import VoiceClient
+from ._webhooks import CallbackReceiver, CallbackServer, parse_callback, verify_signature
 
 __version__ = "0.1.0"
 
@@ -38,7 +40,11 @@ __all__ = [
     "AsyncVoiceClient",
     "AuthenticationError",
     "BalanceDeduction",
+    "BatchItem",
+    "BatchProgress",
     "BatchResult",
+    "CallbackReceiver",
+    "CallbackServer",
     "ClientClosedError",
     "EventLoopError",
     "Handler",
@@ -63,4 +69,6 @@ __all__ = [
     "WaitTimeoutError",
     "WebhookVerificationError",
     "__version__",
+    "parse_callback",
+    "verify_signature",
 ]

@@ -79,6 +79,21 @@ class BatchProgress:
 ProgressCallback = Callable[[BatchProgress], None]
 
 
+class _CallbackSource(Protocol):
+    @property
+    def url(self) -> str: ...
+
+    def subscribe(self, listener: Callable[[VoiceTask], None]) -> Callable[[], None]: ...
+
+
+def _with_callback(item: Mapping[str, Any] | BatchItem, url: str) -> Mapping[str, Any] | BatchItem:
+    if isinstance(item, BatchItem):
+        return item if item.callback_url else attrs.evolve(item, callback_url=url)
+    if isinstance(item, Mapping) and not item.get("callback_url"):
+        return {**item, "callback_url": url}
+    return item
+
+
 class _Resource(Protocol):
     async def _submit(self, body: dict[str, str], *, retry_rate_limits: bool = True
                       ) -> VoiceTask: ...
@@ -171,7 +186,8 @@ class _Batch:
     def __init__(self, resource: _Resource, entries: list[_Entry], *, limit: SlotLimit,
                  wait: bool, item_timeout: float | None, timeout: float | None,
                  poll_interval: float | None, on_progress: ProgressCallback | None,
-                 journal: Journal | None, rate_limit_delay: float) -> None:
+                 journal: Journal | None, rate_limit_delay: float,
+                 callbacks: bool = False) -> None:
         self.resource = resource
         self.entries = entries
         self.limit = limit
@@ -189,6 +205,7 @@ class _Batch:
         self.wake = asyncio.Event()
         self.durations: deque[float] = deque(maxlen=50)
         self.last_poll = 0.0
+        self.callbacks = callbacks
 
     # --- bookkeeping ------------------------------------------------------------------------
 
@@ -259,9 +276,18 @@ class _Batch:
         if self.fixed_poll is not None:
             return self.fixed_poll
         if not self.durations:
-            return 0.25
-        typical = sorted(self.durations)[len(self.durations) // 2]
-        return min(max(typical / 8, 0.01), C.BATCH_POLL_INTERVAL)
+            interval = 0.25
+        else:
+            typical = sorted(self.durations)[len(self.durations) // 2]
+            interval = min(max(typical / 8, 0.01), C.BATCH_POLL_INTERVAL)
+        # With callbacks, polling is only the safety net for a lost callback.
+        return interval * 5 if self.callbacks else interval
+
+    def on_callback(self, task: VoiceTask) -> None:
+        """A callback says a task changed: check now (callbacks are hints, the API is truth)."""
+        if task.task_id in self.tracked:
+            self.last_poll = 0.0
+            self.wake.set()
 
     # --- submitting -------------------------------------------------------------------------
 
@@ -469,10 +495,13 @@ async def run_batch(
     poll_interval: float | None = None,
     on_progress: ProgressCallback | None = None,
     journal: str | None = None,
+    callbacks: _CallbackSource | None = None,
     rate_limit_delay: float = C.RATE_LIMIT_MIN_DELAY,
 ) -> list[BatchResult]:
     if max_in_flight is not None and max_in_flight < 1:
         raise ValidationError("max_in_flight must be >= 1")
+    if callbacks is not None:
+        items = [_with_callback(item, callbacks.url) for item in items]
     entries = prepare(items)
     jrnl = Journal(journal) if journal else None
     transport = getattr(resource, "_transport", None)
@@ -481,11 +510,15 @@ async def run_batch(
         rate_limit_delay = policy.rate_limit_min_delay
     batch = _Batch(resource, entries, limit=SlotLimit(max_in_flight), wait=wait,
                    item_timeout=item_timeout, timeout=timeout, poll_interval=poll_interval,
-                   on_progress=on_progress, journal=jrnl, rate_limit_delay=rate_limit_delay)
+                   on_progress=on_progress, journal=jrnl, rate_limit_delay=rate_limit_delay,
+                   callbacks=callbacks is not None)
+    unsubscribe = callbacks.subscribe(batch.on_callback) if callbacks is not None else None
     try:
         await _reattach(batch, jrnl)
         await batch.run()
     finally:
+        if unsubscribe is not None:
+            unsubscribe()
         if jrnl is not None:
             jrnl.close()
     return [BatchResult(input=e.input, task=e.task, error=e.error) for e in entries]

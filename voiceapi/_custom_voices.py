@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from ._batch import BatchItem, ProgressCallback
     from ._middlewares import Response
     from ._transport import Transport
+    from ._webhooks import CallbackServer
 
 NOT_FOUND_CODES = frozenset({1201, 1203})
 
@@ -217,14 +218,17 @@ class AsyncCustomVoices:
         poll_interval: float | None = None,
         on_progress: ProgressCallback | None = None,
         journal: str | None = None,
+        callbacks: CallbackServer | None = None,
     ) -> builtins.list[BatchResult]:
         """Create many voices while keeping at most N tasks in progress (N learned from 1303s
         unless ``max_in_flight`` is given). One result per item, in input order; one bad item
-        never stops the batch. See :mod:`voiceapi` README, "Batch uploads".
+        never stops the batch. With ``callbacks`` (a running CallbackServer), items without a
+        ``callback_url`` get its URL and each callback triggers an immediate status check, so
+        the safety-net polling can be rare. See the README, "Batch uploads".
         """
         from ._batch import run_batch
 
         return await run_batch(
             self, items, max_in_flight=max_in_flight, wait=wait, item_timeout=item_timeout,
             timeout=timeout, poll_interval=poll_interval, on_progress=on_progress,
-            journal=journal)
+            journal=journal, callbacks=callbacks)

@@ -19,6 +19,7 @@ from ._constants import DEFAULT_ITER_PAGE_SIZE, DEFAULT_PAGE_SIZE, DEFAULT_POLL_
 from ._models import BatchResult, VoiceTask
 if TYPE_CHECKING:
     from ._batch import BatchItem, ProgressCallback
+    from ._webhooks import CallbackServer
 from ._custom_voices import AsyncCustomVoices
 from ._constants import DEFAULT_ITER_PAGE_SIZE, DEFAULT_PAGE_SIZE
 from ._models import Voice
@@ -66,12 +67,14 @@ class CustomVoices:
         """
         return self._runner.run(self._resource.wait(task_id, timeout=timeout, poll_interval=poll_interval))
 
-    def create_many(self, items: Iterable[Mapping[str, Any] | BatchItem], *, max_in_flight: int | None=None, wait: bool=True, item_timeout: float | None=None, timeout: float | None=None, poll_interval: float | None=None, on_progress: ProgressCallback | None=None, journal: str | None=None) -> builtins.list[BatchResult]:
+    def create_many(self, items: Iterable[Mapping[str, Any] | BatchItem], *, max_in_flight: int | None=None, wait: bool=True, item_timeout: float | None=None, timeout: float | None=None, poll_interval: float | None=None, on_progress: ProgressCallback | None=None, journal: str | None=None, callbacks: CallbackServer | None=None) -> builtins.list[BatchResult]:
         """Create many voices while keeping at most N tasks in progress (N learned from 1303s
         unless ``max_in_flight`` is given). One result per item, in input order; one bad item
-        never stops the batch. See :mod:`voiceapi` README, "Batch uploads".
+        never stops the batch. With ``callbacks`` (a running CallbackServer), items without a
+        ``callback_url`` get its URL and each callback triggers an immediate status check, so
+        the safety-net polling can be rare. See the README, "Batch uploads".
         """
-        return self._runner.run(self._resource.create_many(items, max_in_flight=max_in_flight, wait=wait, item_timeout=item_timeout, timeout=timeout, poll_interval=poll_interval, on_progress=on_progress, journal=journal))
+        return self._runner.run(self._resource.create_many(items, max_in_flight=max_in_flight, wait=wait, item_timeout=item_timeout, timeout=timeout, poll_interval=poll_interval, on_progress=on_progress, journal=journal, callbacks=callbacks))
 
 
 class PresetVoices:

@@ -1,0 +1,239 @@
+"""Callbacks from Kling (``callback_url``): verify, parse, de-duplicate, hand over.
+
+Kling POSTs the task record (without the envelope) on status changes; when a Webhook Secret is
+set in the console it signs it with Standard Webhooks headers (kling-api.md §8.4). Callbacks are
+hints: they may repeat, arrive out of order, or be forged if unsigned, so the receiver can
+confirm each one with ``get()`` before your code acts on it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import hashlib
+import hmac
+import inspect
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import Any
+
+from aiohttp import web
+
+from ._errors import UnexpectedResponseError, VoiceAPIError, WebhookVerificationError
+from ._models import VoiceTask, parse_task
+
+DEFAULT_TOLERANCE = 300  # seconds either side, as the Standard Webhooks spec recommends
+MAX_CALLBACK_BYTES = 1024 * 1024
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    value = headers.get(name)
+    if value is not None:
+        return value
+    lowered = name.lower()
+    for key, val in headers.items():
+        if key.lower() == lowered:
+            return val
+    return None
+
+
+def _secret_bytes(secret: str) -> bytes:
+    try:
+        return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        raise WebhookVerificationError(
+            "the webhook secret is not a valid whsec_ (base64) value") from None
+
+
+def verify_signature(body: bytes, headers: Mapping[str, str], webhook_secret: str, *,
+                     tolerance: float = DEFAULT_TOLERANCE, now: float | None = None) -> None:
+    """Check Standard Webhooks headers; raises WebhookVerificationError when they do not match.
+
+    Any one of several space-separated ``v1,`` signatures may match (key rotation). The
+    comparison is constant-time; no message ever contains the secret or a signature.
+    """
+    wid = _header(headers, "webhook-id")
+    ts = _header(headers, "webhook-timestamp")
+    sigs = _header(headers, "webhook-signature")
+    if not wid or not ts or not sigs:
+        raise WebhookVerificationError("missing webhook-id, webhook-timestamp or "
+                                       "webhook-signature header")
+    try:
+        stamp = int(ts)
+    except ValueError:
+        raise WebhookVerificationError("webhook-timestamp is not an integer") from None
+    current = time.time() if now is None else now
+    if abs(current - stamp) > tolerance:
+        raise WebhookVerificationError("webhook-timestamp is outside the allowed window")
+    key = _secret_bytes(webhook_secret)
+    expected = base64.b64encode(hmac.new(key, f"{wid}.{stamp}.".encode() + body,
+                                         hashlib.sha256).digest())
+    for candidate in sigs.split():
+        version, _, value = candidate.partition(",")
+        if version == "v1" and hmac.compare_digest(value.encode(), expected):
+            return
+    raise WebhookVerificationError("no webhook signature matched")
+
+
+def _from_new_standard(record: Mapping[str, Any]) -> dict[str, Any]:
+    """Map the new-standard shape (``id``/``status``/``outputs``) onto the legacy record."""
+    outputs = record.get("outputs") or []
+    if not isinstance(outputs, list):
+        raise WebhookVerificationError("callback outputs is not an array")
+    voices = [{"voice_id": o.get("id"), "voice_name": o.get("name") or "",
+               "trial_url": o.get("url") or "", "owned_by": o.get("owned_by") or ""}
+              for o in outputs if isinstance(o, Mapping) and o.get("type") == "voice"]
+    out: dict[str, Any] = {"task_id": record.get("id"), "task_status": record.get("status"),
+                           "task_status_msg": record.get("message") or "",
+                           "task_result": {"voices": voices}}
+    for src, dst in (("create_time", "created_at"), ("update_time", "updated_at")):
+        if record.get(src) is not None:
+            out[dst] = record[src]
+    if record.get("external_id"):
+        out["task_info"] = {"external_task_id": record["external_id"]}
+    return out
+
+
+def parse_callback(body: bytes, headers: Mapping[str, str], *,
+                   webhook_secret: str | None = None,
+                   tolerance: float = DEFAULT_TOLERANCE, now: float | None = None) -> VoiceTask:
+    """Verify (when a secret is given) and parse one callback body into a VoiceTask.
+
+    Accepts the legacy task record (``task_id``) and tolerates the new-standard shape (``id``);
+    a body with both, or neither, is rejected.
+    """
+    if webhook_secret is not None:
+        verify_signature(body, headers, webhook_secret, tolerance=tolerance, now=now)
+    if len(body) > MAX_CALLBACK_BYTES:
+        raise WebhookVerificationError("callback body is too large")
+    try:
+        record = json.loads(body)
+    except (ValueError, RecursionError):
+        raise WebhookVerificationError("callback body is not JSON") from None
+    if not isinstance(record, dict):
+        raise WebhookVerificationError("callback body is not a JSON object")
+    legacy, modern = "task_id" in record, "id" in record
+    if legacy == modern:
+        raise WebhookVerificationError("callback body must have exactly one of task_id or id")
+    try:
+        return parse_task(record if legacy else _from_new_standard(record))
+    except UnexpectedResponseError as exc:
+        raise WebhookVerificationError(f"callback is not a task record: {exc}") from None
+
+
+Listener = Callable[[VoiceTask], Awaitable[None] | None]
+
+
+class CallbackReceiver:
+    """An aiohttp request handler: verify, parse, drop repeats (by ``webhook-id``), notify.
+
+    ``app.router.add_post("/kling", receiver.handle)``. With ``confirm=client``, each update
+    is re-read with ``client.custom_voices.get()`` and listeners get the API's answer.
+    """
+
+    def __init__(self, *listeners: Listener, webhook_secret: str | None = None,
+                 confirm: Any | None = None, remember: int = 10_000) -> None:
+        self._listeners = list(listeners)
+        self._secret = webhook_secret
+        self._confirm = confirm
+        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._remember = remember
+        self.received = 0
+        self.rejected = 0
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Add a listener; returns a function that removes it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def _is_repeat(self, headers: Mapping[str, str]) -> bool:
+        wid = _header(headers, "webhook-id")
+        if not wid:
+            return False
+        if wid in self._seen:
+            return True
+        self._seen[wid] = None
+        if len(self._seen) > self._remember:
+            self._seen.popitem(last=False)
+        return False
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            task = parse_callback(body, request.headers, webhook_secret=self._secret)
+        except WebhookVerificationError as exc:
+            self.rejected += 1
+            return web.json_response({"error": str(exc)}, status=400)
+        self.received += 1
+        if self._is_repeat(request.headers):
+            return web.json_response({"ok": True, "duplicate": True})
+        if self._confirm is not None:
+            try:
+                task = await self._confirm.custom_voices.get(task.task_id)
+            except VoiceAPIError:
+                return web.json_response({"ok": False}, status=503)  # Kling may retry
+        await self.dispatch(task)
+        return web.json_response({"ok": True})
+
+    async def dispatch(self, task: VoiceTask) -> None:
+        for listener in list(self._listeners):
+            result = listener(task)
+            if inspect.isawaitable(result):
+                await result
+
+
+class CallbackServer:
+    """A tiny standalone receiver (its own aiohttp server) for scripts and ``create_many``.
+
+    ``async with CallbackServer(port=8080, public_url="https://me.example/kling") as cb:``
+    then pass ``callback_url=cb.url`` (or ``callbacks=cb`` to ``create_many``).
+    """
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, path: str = "/kling-callback",
+                 public_url: str | None = None, webhook_secret: str | None = None,
+                 confirm: Any | None = None) -> None:
+        self.receiver = CallbackReceiver(webhook_secret=webhook_secret, confirm=confirm)
+        self._host, self._port, self._path = host, port, path
+        self._public_url = public_url
+        self._runner: web.AppRunner | None = None
+        self._bound_port: int | None = None
+
+    @property
+    def url(self) -> str:
+        """The URL to give Kling as ``callback_url``."""
+        if self._public_url:
+            return self._public_url
+        if self._bound_port is None:
+            raise RuntimeError("the callback server is not running")
+        return f"http://{self._host}:{self._bound_port}{self._path}"
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        return self.receiver.subscribe(listener)
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=MAX_CALLBACK_BYTES)
+        app.router.add_post(self._path, self.receiver.handle)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port)
+        await site.start()
+        self._bound_port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> CallbackServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+
+__all__ = ["CallbackReceiver", "CallbackServer", "parse_callback", "verify_signature"]
