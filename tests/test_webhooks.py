@@ -11,7 +11,7 @@ import pytest
 
 import voiceapi
 from tests.conftest import FAST_RETRY
-from voiceapi.testing import KlingEmulator, sign_webhook
+from voiceapi.testing import KlingEmulator
 
 SECRET = "whsec_dGVzdHNlY3JldHRlc3RzZWNyZXR0ZXN0c2VjcmV0MTI="
 VECTOR_BODY = (b'{"id":"1234567890","status":"succeeded","message":"","create_time":'
