@@ -6,29 +6,37 @@ middleware, so a retried request after a 1004 carries a freshly signed token.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
-
-from jwt.algorithms import HMACAlgorithm
-from jwt.api_jws import PyJWS
+from typing import TYPE_CHECKING, Protocol
 
 from ._constants import JWT_NBF_SKEW_SECONDS, JWT_REFRESH_MARGIN_SECONDS, JWT_TTL_SECONDS
 
-
-class _VendorKeyHMAC(HMACAlgorithm):
-    """HS256 without PyJWT's short-key warning: Kling issues the secret key, so its length is
-    not the user's to choose, and a warning per signature would only be noise (or an error
-    under ``-W error``)."""
-
-    def check_key_length(self, key: bytes) -> str | None:
-        return None
+if TYPE_CHECKING:
+    from jwt.api_jws import PyJWS
 
 
-_JWS = PyJWS(algorithms=[])
-_JWS.register_algorithm("HS256", _VendorKeyHMAC(HMACAlgorithm.SHA256))
+@functools.cache
+def _jws() -> PyJWS:
+    """PyJWT's signer, built on first use (PyJWT pulls in http.client & co: keep imports light).
+
+    HS256 is registered without PyJWT's short-key warning: Kling issues the secret key, so its
+    length is not the user's to choose, and a warning per signature would only be noise (or an
+    error under ``-W error``).
+    """
+    from jwt.algorithms import HMACAlgorithm
+    from jwt.api_jws import PyJWS
+
+    class VendorKeyHMAC(HMACAlgorithm):
+        def check_key_length(self, key: bytes) -> str | None:
+            return None
+
+    jws = PyJWS(algorithms=[])
+    jws.register_algorithm("HS256", VendorKeyHMAC(HMACAlgorithm.SHA256))
+    return jws
 
 
 class Credentials(Protocol):
@@ -97,7 +105,7 @@ class JWTCredentials:
         payload = {"iss": self._access_key, "exp": now_i + self._ttl,
                    "nbf": now_i - JWT_NBF_SKEW_SECONDS}
         body = json.dumps(payload, separators=(",", ":")).encode()
-        return _JWS.encode(body, self._secret_key, algorithm="HS256",
+        return _jws().encode(body, self._secret_key, algorithm="HS256",
                            headers={"alg": "HS256", "typ": "JWT"})
 
     def authorization(self) -> str:

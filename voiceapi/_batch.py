@@ -25,6 +25,7 @@ from typing import IO, Any, Protocol
 import attrs
 
 from . import _constants as C
+from ._aio import within
 from ._custom_voices import build_create_body, is_not_found
 from ._errors import (
     APIConnectionError,
@@ -364,19 +365,24 @@ class _Batch:
         self.last_poll = time.monotonic()
         if not self.tracked:
             return
+        # Our tasks are the account's newest: the first page(s), newest first, hold them all.
         size = min(C.BATCH_LIST_PAGE_SIZE, max(30, 2 * len(self.tracked) + 20))
-        try:
-            page = await self.resource.list(page_num=1, page_size=size)
-        except VoiceAPIError:
-            return  # transient; the next poll tries again
         seen: set[str] = set()
-        for task in page:
-            entry = self.tracked.get(task.task_id)
-            if entry is not None:
-                seen.add(task.task_id)
-                entry.missed = 0
-                self.observe(entry, task)
-        full = len(page) >= size
+        full = False
+        for page_num in range(1, C.BATCH_MAX_POLL_PAGES + 1):
+            try:
+                page = await self.resource.list(page_num=page_num, page_size=size)
+            except VoiceAPIError:
+                return  # transient; the next poll tries again
+            for task in page:
+                entry = self.tracked.get(task.task_id)
+                if entry is not None:
+                    seen.add(task.task_id)
+                    entry.missed = 0
+                    self.observe(entry, task)
+            full = len(page) >= size
+            if not full or self.tracked.keys() <= seen:
+                break
         asks = 0
         for tid, entry in list(self.tracked.items()):
             if tid in seen:
@@ -433,7 +439,7 @@ class _Batch:
                     wakeups.append(self.deadline - now)
                 self.wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), timeout=max(0.0, min(wakeups)))
+                    await within(self.wake.wait(), max(0.0, min(wakeups)))
                 self.progress()
         finally:
             for task in list(self.submitting):

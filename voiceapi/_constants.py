@@ -62,5 +62,6 @@ BATCH_INITIAL_SLOTS = 2  # a learned cap starts small and grows while creates ar
 BATCH_MAX_SLOTS = 100
 BATCH_POLL_INTERVAL = 1.0
 BATCH_LIST_PAGE_SIZE = 1000
+BATCH_MAX_POLL_PAGES = 20  # one poll reads at most this many list pages
 
 USER_AGENT = "voiceapi-python/0.1.0"

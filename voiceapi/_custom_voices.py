@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import _validation as V
+from ._aio import within
 from ._constants import (
     DEFAULT_ITER_PAGE_SIZE,
     DEFAULT_PAGE_SIZE,
@@ -194,7 +195,7 @@ class AsyncCustomVoices:
             if remaining <= 0:
                 raise WaitTimeoutError(ref, timeout, last)
             try:
-                last = await asyncio.wait_for(self.get(ref), timeout=remaining)
+                last = await within(self.get(ref), remaining)
             except (asyncio.TimeoutError, TimeoutError):
                 raise WaitTimeoutError(ref, timeout, last) from None
             if last.task_status is TaskStatus.SUCCEED:

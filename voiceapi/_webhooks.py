@@ -18,12 +18,13 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any
-
-from aiohttp import web
+from typing import TYPE_CHECKING, Any
 
 from ._errors import UnexpectedResponseError, VoiceAPIError, WebhookVerificationError
 from ._models import VoiceTask, parse_task
+
+if TYPE_CHECKING:  # aiohttp.web is only needed by receivers; keep `import voiceapi` light
+    from aiohttp import web
 
 DEFAULT_TOLERANCE = 300  # seconds either side, as the Standard Webhooks spec recommends
 MAX_CALLBACK_BYTES = 1024 * 1024
@@ -161,6 +162,8 @@ class CallbackReceiver:
         return False
 
     async def handle(self, request: web.Request) -> web.Response:
+        from aiohttp import web
+
         body = await request.read()
         try:
             task = parse_callback(body, request.headers, webhook_secret=self._secret)
@@ -214,6 +217,8 @@ class CallbackServer:
         return self.receiver.subscribe(listener)
 
     async def start(self) -> None:
+        from aiohttp import web
+
         app = web.Application(client_max_size=MAX_CALLBACK_BYTES)
         app.router.add_post(self._path, self.receiver.handle)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
