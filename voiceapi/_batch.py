@@ -348,7 +348,8 @@ class _Batch:
 
     def start_submissions(self) -> None:
         now = time.monotonic()
-        while self.pending and now >= self.not_before and self.in_flight < self.limit.value:
+        while (self.pending and now >= self.not_before and self.in_flight < self.limit.value
+               and len(self.submitting) < C.BATCH_MAX_CONCURRENT_SUBMITS):
             entry = self.pending.popleft()
             task = asyncio.ensure_future(self.submit(entry))
             self.submitting.add(task)

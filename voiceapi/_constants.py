@@ -63,5 +63,7 @@ BATCH_MAX_SLOTS = 100
 BATCH_POLL_INTERVAL = 1.0
 BATCH_LIST_PAGE_SIZE = 1000
 BATCH_MAX_POLL_PAGES = 20  # one poll reads at most this many list pages
+# Creates being sent at once: slots may be thousands, open requests should not be.
+BATCH_MAX_CONCURRENT_SUBMITS = 32
 
 USER_AGENT = "voiceapi-python/0.1.0"

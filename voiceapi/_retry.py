@@ -26,6 +26,7 @@ from ._errors import (
     RateLimitError,
     ServerError,
     UnexpectedResponseError,
+    VoiceAPIError,
 )
 
 if TYPE_CHECKING:
@@ -159,6 +160,17 @@ class RetryMiddleware:
         self._sleep = sleep
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
+        # Fast path: most calls succeed first time, and building a tenacity loop per call
+        # costs more CPU than the rest of the SDK's work on a request.
+        request.attempt = 1
+        try:
+            return await call_next(request)
+        except VoiceAPIError as exc:
+            return await self._retry(request, call_next, exc)
+
+    async def _retry(self, request: Request, call_next: Handler,
+                     first_error: VoiceAPIError) -> Response:
+        """Attempts 2..n under tenacity; attempt 1 (already made) is replayed as its error."""
         state = _CallState()
         policy, max_retries, budget = self._policy, self._max_retries, self._budget
 
@@ -196,6 +208,8 @@ class RetryMiddleware:
         async for attempt in retrying:
             with attempt:
                 request.attempt = attempt.retry_state.attempt_number
+                if request.attempt == 1:
+                    raise first_error
                 if state.needs_reconcile and request.reconcile is not None:
                     found = await request.reconcile()
                     state.needs_reconcile = False
