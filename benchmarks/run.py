@@ -176,7 +176,8 @@ async def _batch_sdk(base: str, items: int, task_s: float) -> tuple[float, int, 
     async with voiceapi.AsyncVoiceClient(api_key=API_KEY, base_url=base,
                                          middlewares=[counter]) as client:
         start = time.perf_counter()
-        results = await client.custom_voices.create_many(_items(items, f"s{time.time_ns() % 100000}-"))
+        tag = f"s{time.time_ns() % 100000}-"
+        results = await client.custom_voices.create_many(_items(items, tag))
         wall = time.perf_counter() - start
     return wall, counter.n, sum(r.ok for r in results)
 

@@ -169,9 +169,10 @@ class Transport:
     ) -> Response:
         if self._closed:
             raise ClientClosedError("this client is closed; create a new one")
-        headers = dict(_JSON_HEADERS)
-        req = Request(method=method, path=path, params=params, json=json_body, headers=headers,
-                      idempotent=idempotent, reconcile=reconcile,
+        # No local alias of the headers: they will hold the token, and frame locals show up in
+        # some tracebacks.
+        req = Request(method=method, path=path, params=params, json=json_body,
+                      headers=dict(_JSON_HEADERS), idempotent=idempotent, reconcile=reconcile,
                       retry_rate_limits=retry_rate_limits)
         return await self._handler(req)
 
