@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import traceback
 from typing import Any
 
+import aiohttp
 import pytest
 from aioresponses import aioresponses
 from hypothesis import HealthCheck, given, settings
@@ -55,10 +57,8 @@ def test_decoder_only_raises_sdk_errors(status: int, body: bytes, headers: dict[
     except voiceapi.VoiceAPIError:
         return
     for parse in (parse_task, parse_task_list, parse_voices):
-        try:
+        with contextlib.suppress(voiceapi.VoiceAPIError):
             parse(data)
-        except voiceapi.VoiceAPIError:
-            pass
 
 
 @settings(max_examples=1500, deadline=None)
@@ -92,10 +92,8 @@ def test_transport_only_raises_sdk_errors(status: int, payload: Any, content_typ
             async with voiceapi.AsyncVoiceClient(api_key="k", base_url=BASE, max_retries=1,
                                                  retry_policy=FAST_RETRY) as client:
                 for call in (client.custom_voices.get("1"), client.custom_voices.list()):
-                    try:
+                    with contextlib.suppress(voiceapi.VoiceAPIError):
                         await call
-                    except voiceapi.VoiceAPIError:
-                        pass
 
     asyncio.run(scenario())
 
@@ -119,8 +117,10 @@ async def test_secrets_never_appear_anywhere(mocked: aioresponses,
     mocked.get(ONE, status=500, payload=envelope(code=5000, message="boom"))
     mocked.get(ONE, status=400, payload=envelope(code=1201, message="nope"))
     texts: list[str] = []
-    for kwargs in ({"access_key": "ak", "secret_key": SECRET}, {"api_key": API_KEY}):
-        client = voiceapi.AsyncVoiceClient(base_url=BASE, retry_policy=FAST_RETRY, **kwargs)
+    for client in (voiceapi.AsyncVoiceClient("ak", SECRET, base_url=BASE,
+                                             retry_policy=FAST_RETRY),
+                   voiceapi.AsyncVoiceClient(api_key=API_KEY, base_url=BASE,
+                                             retry_policy=FAST_RETRY)):
         token = client._config.credentials.authorization()
         texts += [repr(client), str(client), repr(client._config),
                   repr(client._config.credentials), repr(client._transport._handler)]
@@ -179,7 +179,8 @@ async def test_unusable_ids_are_rejected_before_sending(client: voiceapi.AsyncVo
 async def test_tls_verification_is_on_by_default() -> None:
     async with voiceapi.AsyncVoiceClient(api_key="k") as client:
         session = client._transport._get_session()
-        assert session.connector is not None and session.connector._ssl is True
+        connector = session.connector
+        assert isinstance(connector, aiohttp.TCPConnector) and connector._ssl is True
 
 
 async def test_task_json_helper_shape_is_accepted() -> None:

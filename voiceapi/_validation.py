@@ -9,7 +9,6 @@ from typing import Any
 from . import _constants as C
 from ._errors import ValidationError
 
-
 _CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
