@@ -245,49 +245,47 @@ async def _collect(it: AsyncIterator[T], label: str, emit: Callable[[T], None] |
     return out
 
 
+def _paging_options(fn: Callable[..., None]) -> Callable[..., None]:
+    fn = click.option("--all", "fetch_all", is_flag=True,
+                      help="Every page (JSON lines with --json).")(fn)
+    fn = click.option("--page-size", default=30, show_default=True)(fn)
+    return click.option("--page", "page_num", default=1, show_default=True)(fn)
+
+
+def _listing(settings: Settings, resource: str, label: str, page_num: int, page_size: int,
+             fetch_all: bool, row: Callable[[Any], list[Any]], headers: Sequence[str]) -> None:
+    """One page (a JSON array) or every page (JSON lines as they arrive), else a table."""
+    if fetch_all:
+        emit = (lambda x: click.echo(_dump(x))) if settings.json else None
+        items: list[Any] = _run(lambda: _with_client(settings, lambda c: _collect(
+            getattr(c, resource).iter_all(page_size=max(page_size, 100)), label, emit)))
+        if settings.json:
+            return
+    else:
+        items = _run(lambda: _with_client(settings, lambda c: getattr(c, resource).list(
+            page_num=page_num, page_size=page_size)))
+        if settings.json:
+            click.echo(_dump(items))
+            return
+    click.echo(_table([row(x) for x in items], headers))
+
+
 @cli.command("list")
-@click.option("--page", "page_num", default=1, show_default=True)
-@click.option("--page-size", default=30, show_default=True)
-@click.option("--all", "fetch_all", is_flag=True, help="Every page (JSON lines with --json).")
+@_paging_options
 @pass_settings
 def list_(settings: Settings, page_num: int, page_size: int, fetch_all: bool) -> None:
     """List your voice-creation tasks and their voices."""
-    if fetch_all:
-        emit = (lambda t: click.echo(_dump(t))) if settings.json else None
-        tasks = _run(lambda: _with_client(settings, lambda c: _collect(
-            c.custom_voices.iter_all(page_size=max(page_size, 100)), "tasks", emit)))
-        if settings.json:
-            return
-    else:
-        tasks = _run(lambda: _with_client(settings, lambda c: c.custom_voices.list(
-            page_num=page_num, page_size=page_size)))
-        if settings.json:
-            click.echo(_dump(tasks))
-            return
-    click.echo(_table([_task_row(t) for t in tasks], TASK_HEADERS))
+    _listing(settings, "custom_voices", "tasks", page_num, page_size, fetch_all, _task_row,
+             TASK_HEADERS)
 
 
 @cli.command()
-@click.option("--page", "page_num", default=1, show_default=True)
-@click.option("--page-size", default=30, show_default=True)
-@click.option("--all", "fetch_all", is_flag=True, help="Every page (JSON lines with --json).")
+@_paging_options
 @pass_settings
 def presets(settings: Settings, page_num: int, page_size: int, fetch_all: bool) -> None:
     """List Kling's preset voices."""
-    if fetch_all:
-        emit = (lambda v: click.echo(_dump(v))) if settings.json else None
-        voices = _run(lambda: _with_client(settings, lambda c: _collect(
-            c.preset_voices.iter_all(page_size=max(page_size, 100)), "voices", emit)))
-        if settings.json:
-            return
-    else:
-        voices = _run(lambda: _with_client(settings, lambda c: c.preset_voices.list(
-            page_num=page_num, page_size=page_size)))
-        if settings.json:
-            click.echo(_dump(voices))
-            return
-    click.echo(_table([_voice_row(v) for v in voices],
-                      ("voice_id", "voice_name", "owned_by", "trial_url")))
+    _listing(settings, "preset_voices", "voices", page_num, page_size, fetch_all, _voice_row,
+             ("voice_id", "voice_name", "owned_by", "trial_url"))
 
 
 @cli.command()

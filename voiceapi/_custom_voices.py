@@ -145,8 +145,7 @@ class AsyncCustomVoices:
         self, *, page_num: int = 1, page_size: int = DEFAULT_PAGE_SIZE
     ) -> builtins.list[VoiceTask]:
         """One page of your voice-creation tasks (each holds its voice once it succeeded)."""
-        params = {"pageNum": str(V.page(page_num, "page_num")),
-                  "pageSize": str(V.page(page_size, "page_size"))}
+        params = V.page_params(page_num, page_size)
         response = await self._transport.request("GET", PATH_CUSTOM_VOICES, params=params)
         return parse_task_list(response.data, request_id=response.request_id)
 

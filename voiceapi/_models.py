@@ -8,7 +8,7 @@ UnexpectedResponseError here, so callers never see KeyError or TypeError from a 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -187,6 +187,11 @@ def _flatten_task(raw: Any) -> dict[str, Any]:
     return flat
 
 
+# Looked up once: every task in every page goes through it.
+_structure_task: Callable[[Any, type[VoiceTask]], VoiceTask] = \
+    converter.get_structure_hook(VoiceTask)
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, cattrs.BaseValidationError):
         subs = [_describe(e) for e in exc.exceptions]
@@ -197,7 +202,7 @@ def _describe(exc: BaseException) -> str:
 def parse_task(raw: Any, *, request_id: str | None = None) -> VoiceTask:
     """Build a VoiceTask from one task object of the API; any misfit is UnexpectedResponseError."""
     try:
-        return converter.structure(_flatten_task(raw), VoiceTask)
+        return _structure_task(_flatten_task(raw), VoiceTask)
     except (cattrs.BaseValidationError, TypeError, ValueError, KeyError,
             OverflowError, OSError, AttributeError) as exc:
         raise UnexpectedResponseError(

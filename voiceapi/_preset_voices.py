@@ -24,8 +24,7 @@ class AsyncPresetVoices:
         self, *, page_num: int = 1, page_size: int = DEFAULT_PAGE_SIZE
     ) -> builtins.list[Voice]:
         """One page of preset voices."""
-        params = {"pageNum": str(V.page(page_num, "page_num")),
-                  "pageSize": str(V.page(page_size, "page_size"))}
+        params = V.page_params(page_num, page_size)
         response = await self._transport.request("GET", PATH_PRESET_VOICES, params=params)
         return parse_voices(response.data, request_id=response.request_id)
 
@@ -34,8 +33,8 @@ class AsyncPresetVoices:
         V.page(page_size, "page_size")
         seen: set[str] = set()
         for page_num in range(1, MAX_PAGES + 1):
-            params = {"pageNum": str(page_num), "pageSize": str(page_size)}
-            response = await self._transport.request("GET", PATH_PRESET_VOICES, params=params)
+            response = await self._transport.request(
+                "GET", PATH_PRESET_VOICES, params=V.page_params(page_num, page_size))
             data = response.data
             voices = parse_voices(data, request_id=response.request_id)
             for voice in voices:

@@ -156,7 +156,7 @@ class Transport:
                 "per event loop (or use VoiceClient from threads)")
         return self._session
 
-    async def request(
+    def request(
         self,
         method: str,
         path: str,
@@ -166,7 +166,8 @@ class Transport:
         idempotent: bool = True,
         reconcile: Callable[[], Awaitable[Response | None]] | None = None,
         retry_rate_limits: bool = True,
-    ) -> Response:
+    ) -> Awaitable[Response]:
+        """Start one logical call through the chain (await the result)."""
         if self._closed:
             raise ClientClosedError("this client is closed; create a new one")
         # No local alias of the headers: they will hold the token, and frame locals show up in
@@ -174,7 +175,7 @@ class Transport:
         req = Request(method=method, path=path, params=params, json=json_body,
                       headers=dict(_JSON_HEADERS), idempotent=idempotent, reconcile=reconcile,
                       retry_rate_limits=retry_rate_limits)
-        return await self._handler(req)
+        return self._handler(req)
 
     async def _send(self, request: Request) -> Response:
         session = self._get_session()

@@ -94,6 +94,12 @@ def page(value: Any, what: str) -> int:
     return value
 
 
+def page_params(page_num: Any, page_size: Any) -> dict[str, str]:
+    """The list endpoints' query (camelCase on the wire)."""
+    return {"pageNum": str(page(page_num, "page_num")),
+            "pageSize": str(page(page_size, "page_size"))}
+
+
 def path_segment(value: str) -> str:
     """Percent-encode an id for use as one path segment: ``../x`` never changes the path."""
     # "." and ".." would be normalised away by URL handling (and %2E is decoded back to ".").
