@@ -41,6 +41,7 @@ from ._errors import (
 from ._models import BatchResult, TaskStatus, VoiceTask
 
 _CREATE_FIELDS = ("voice_name", "voice_url", "video_id", "callback_url", "external_task_id")
+PROGRESS_INTERVAL = 0.05
 _MAX_SUBMIT_TRIES = 4  # per item, for outcomes that stay unknown after the SDK's own retries
 
 
@@ -206,6 +207,7 @@ class _Batch:
         self.wake = asyncio.Event()
         self.durations: deque[float] = deque(maxlen=50)
         self.last_poll = 0.0
+        self.last_progress = 0.0
         self.callbacks = callbacks
 
     # --- bookkeeping ------------------------------------------------------------------------
@@ -214,9 +216,14 @@ class _Batch:
     def in_flight(self) -> int:
         return len(self.tracked) + len(self.submitting)
 
-    def progress(self) -> None:
+    def progress(self, *, force: bool = False) -> None:
+        """Report counts; at most every PROGRESS_INTERVAL s (counting is O(items))."""
         if self.on_progress is None:
             return
+        now = time.monotonic()
+        if not force and now - self.last_progress < PROGRESS_INTERVAL:
+            return
+        self.last_progress = now
         counts = {s: 0 for s in TaskStatus}
         succeeded = failed = 0
         for e in self.entries:
@@ -420,7 +427,7 @@ class _Batch:
 
     async def run(self) -> None:
         self.pending.extend(e for e in self.entries if not e.done and e.task is None)
-        self.progress()
+        self.progress(force=True)
         try:
             while self.pending or self.submitting or (self.wait and self.tracked):
                 self.expire()
@@ -449,7 +456,7 @@ class _Batch:
                 await asyncio.gather(*self.submitting, return_exceptions=True)
         for entry in list(self.tracked.values()):  # wait=False: report the last state seen
             self.finish(entry)
-        self.progress()
+        self.progress(force=True)
 
 
 def _as_dict(item: Mapping[str, Any] | BatchItem) -> dict[str, Any]:
