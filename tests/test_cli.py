@@ -143,3 +143,15 @@ def test_demo_runs_end_to_end_without_credentials() -> None:
     assert "embedded Kling emulator" in out.stdout and "== Done" in out.stdout
     assert "failed  Demo voice 4" in out.stdout and "deleted" in out.stdout
     assert out.stderr == ""
+
+
+def test_demo_against_a_server_with_credentials(temu: KlingEmulator) -> None:
+    result = run(temu, "demo", "--sample-url", temu.sample_url(9),
+                 "--sample-url", temu.sample_url(14))
+    assert result.exit_code == 0, result.output
+    assert f"Using the Kling API at {temu.base_url}" in result.stdout
+    assert temu.task_count == 2  # only the samples it was given
+    deleted = [t for t in temu.tasks() if not t["task_result"]["voices"]]
+    assert len(deleted) == 1  # it deletes one voice, and only one it created
+    summary = run(temu, "--json", "demo")
+    assert json.loads(summary.stdout.strip().splitlines()[-1])["tasks_listed"] == 2
