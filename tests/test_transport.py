@@ -306,3 +306,11 @@ async def test_wrong_event_loop_is_a_clear_error(mocked: aioresponses) -> None:
     with pytest.raises(voiceapi.EventLoopError, match="another event loop"):
         await asyncio.to_thread(other_loop)
     await client.aclose()
+
+
+async def test_oversized_answer_is_refused_unread(mocked: aioresponses) -> None:
+    mocked.get(ONE, body=b"{}", headers={"Content-Length": str(200 * 1024 * 1024)},
+               repeat=True)
+    async with voiceapi.AsyncVoiceClient(api_key="k", base_url=BASE, max_retries=0) as client:
+        with pytest.raises(voiceapi.UnexpectedResponseError, match="too large"):
+            await client.custom_voices.get("930801301486305328")

@@ -66,4 +66,8 @@ BATCH_MAX_POLL_PAGES = 20  # one poll reads at most this many list pages
 # Creates being sent at once: slots may be thousands, open requests should not be.
 BATCH_MAX_CONCURRENT_SUBMITS = 32
 
+# An answer larger than this (by Content-Length) is refused unread: a list page of 1000 tasks
+# is under 1 MB, so anything near this is a misbehaving proxy, not Kling.
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+
 USER_AGENT = "voiceapi-python/0.1.0"

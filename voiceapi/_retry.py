@@ -163,13 +163,14 @@ class RetryMiddleware:
         # Fast path: most calls succeed first time, and building a tenacity loop per call
         # costs more CPU than the rest of the SDK's work on a request.
         request.attempt = 1
+        started = time.monotonic()
         try:
             return await call_next(request)
         except VoiceAPIError as exc:
-            return await self._retry(request, call_next, exc)
+            return await self._retry(request, call_next, exc, started)
 
     async def _retry(self, request: Request, call_next: Handler,
-                     first_error: VoiceAPIError) -> Response:
+                     first_error: VoiceAPIError, started: float) -> Response:
         """Attempts 2..n under tenacity; attempt 1 (already made) is replayed as its error."""
         state = _CallState()
         policy, max_retries, budget = self._policy, self._max_retries, self._budget
@@ -200,7 +201,8 @@ class RetryMiddleware:
             retries_used = rs.attempt_number - (1 if state.reauthed else 0)
             if retries_used > max_retries:
                 return True
-            return (rs.seconds_since_start or 0.0) + (rs.upcoming_sleep or 0.0) > budget
+            # The budget covers the whole call, the first attempt included.
+            return time.monotonic() - started + (rs.upcoming_sleep or 0.0) > budget
 
         retrying = AsyncRetrying(
             retry=retry_if_exception(should_retry), wait=wait, stop=stop, reraise=True,

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 
 from ._config import ClientConfig
-from ._constants import ENV_LOG, LOGGER_NAME
+from ._constants import ENV_LOG, LOGGER_NAME, MAX_RESPONSE_BYTES
 from ._errors import (
     APIConnectionError,
     APIError,
@@ -188,8 +188,12 @@ class Transport:
                 data=data, headers=request.headers, timeout=self._timeout,
                 proxy=self.config.proxy,
             ) as resp:
-                body = await resp.read()
                 status, headers = resp.status, resp.headers
+                if (resp.content_length or 0) > MAX_RESPONSE_BYTES:
+                    raise UnexpectedResponseError(
+                        f"HTTP {status} answer of {resp.content_length} bytes is too large",
+                        http_status=status)
+                body = await resp.read()
         except (asyncio.TimeoutError, TimeoutError):
             raise APITimeoutError(
                 f"{request.method} {request.path}: no answer within {self.config.timeout:g}s"
