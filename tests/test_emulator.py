@@ -287,3 +287,45 @@ async def test_callbacks_fire_on_each_change(http: aiohttp.ClientSession) -> Non
     record, headers = received[1]
     assert record["task_result"]["voices"][0]["voice_name"] == "v"
     assert headers["webhook-signature"].startswith("v1,")
+
+
+async def test_emulator_options(http: aiohttp.ClientSession) -> None:
+    async with KlingEmulator(unique_voice_names=True, max_page_size=500, qps=3,
+                             deleted_voices="mark", reject_both_sources=False) as emu:
+        body = {"voice_name": "same", "voice_url": emu.sample_url(), "video_id": "123"}
+        assert (await call(http, emu, "POST", CV, json=body))[0] == 200  # both allowed
+        status, answer = await call(http, emu, "POST", CV, json=body)
+        assert (status, answer["code"]) == (400, 1201) and "voice_name" in answer["message"]
+        status, answer = await call(http, emu, "GET", CV, params={"pageSize": "501"})
+        assert answer["code"] in (1201, 1302)
+        codes = [(await call(http, emu, "GET", CV))[1]["code"] for _ in range(4)]
+        assert 1302 in codes  # more than 3 requests within a second
+    async with KlingEmulator(deleted_voices="mark") as emu:
+        _, created = await call(http, emu, "POST", CV, json={"voice_name": "v",
+                                                             "voice_url": emu.sample_url()})
+        emu.advance(1)
+        task_id = created["data"]["task_id"]
+        _, got = await call(http, emu, "GET", f"{CV}/{task_id}")
+        voice_id = got["data"]["task_result"]["voices"][0]["voice_id"]
+        await call(http, emu, "POST", "/v1/general/delete-voices", json={"voice_id": voice_id})
+        _, after = await call(http, emu, "GET", f"{CV}/{task_id}")
+        assert after["data"]["task_result"]["voices"][0]["status"] == "deleted"
+
+
+@pytest.mark.parametrize("route", ["create", "get", "list", "presets", "delete", "*"])
+async def test_faults_can_target_every_route(emu: KlingEmulator, http: aiohttp.ClientSession,
+                                             route: str) -> None:
+    emu.inject(route, 5001)
+    path, method, kw = {
+        "create": (CV, "POST", {"json": {"voice_name": "v", "voice_url": emu.sample_url()}}),
+        "get": (f"{CV}/1", "GET", {}), "list": (CV, "GET", {}),
+        "presets": ("/v1/general/presets-voices", "GET", {}),
+        "delete": ("/v1/general/delete-voices", "POST", {"json": {"voice_id": "1"}}),
+        "*": (CV, "GET", {}),
+    }[route]
+    status, body = await call(http, emu, method, path, **kw)
+    assert (status, body["code"]) == (503, 5001)
+    with pytest.raises(ValueError):
+        emu.inject("nowhere", 5000)
+    with pytest.raises(ValueError):
+        emu.inject("get", "explode")

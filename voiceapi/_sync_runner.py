@@ -48,7 +48,8 @@ class LoopThread:
 
                 thread = threading.Thread(target=run, name=self._name, daemon=True)
                 thread.start()
-                started.wait()
+                if not started.wait(30):
+                    raise RuntimeError("the client's event-loop thread did not start")
                 self._loop, self._thread = loop, thread
             return self._loop
 
