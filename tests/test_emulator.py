@@ -316,6 +316,7 @@ async def test_emulator_options(http: aiohttp.ClientSession) -> None:
 async def test_faults_can_target_every_route(emu: KlingEmulator, http: aiohttp.ClientSession,
                                              route: str) -> None:
     emu.inject(route, 5001)
+    kw: dict[str, Any]
     path, method, kw = {
         "create": (CV, "POST", {"json": {"voice_name": "v", "voice_url": emu.sample_url()}}),
         "get": (f"{CV}/1", "GET", {}), "list": (CV, "GET", {}),
