@@ -316,14 +316,14 @@ async def test_emulator_options(http: aiohttp.ClientSession) -> None:
 async def test_faults_can_target_every_route(emu: KlingEmulator, http: aiohttp.ClientSession,
                                              route: str) -> None:
     emu.inject(route, 5001)
-    kw: dict[str, Any]
-    path, method, kw = {
+    table: dict[str, tuple[str, str, dict[str, Any]]] = {
         "create": (CV, "POST", {"json": {"voice_name": "v", "voice_url": emu.sample_url()}}),
         "get": (f"{CV}/1", "GET", {}), "list": (CV, "GET", {}),
         "presets": ("/v1/general/presets-voices", "GET", {}),
         "delete": ("/v1/general/delete-voices", "POST", {"json": {"voice_id": "1"}}),
         "*": (CV, "GET", {}),
-    }[route]
+    }
+    path, method, kw = table[route]
     status, body = await call(http, emu, method, path, **kw)
     assert (status, body["code"]) == (503, 5001)
     with pytest.raises(ValueError):
