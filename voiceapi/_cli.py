@@ -26,7 +26,7 @@ import click
 
 from ._batch import BatchProgress, prepare
 from ._client import AsyncVoiceClient
-from ._errors import APIError, ValidationError, VoiceAPIError
+from ._errors import APIError, TaskFailedError, ValidationError, VoiceAPIError
 from ._models import BatchResult, Voice, VoiceTask
 
 T = TypeVar("T")
@@ -362,7 +362,10 @@ def _progress_line(p: BatchProgress, started: float) -> str:
 
 def _result_row(index: int, r: BatchResult) -> list[Any]:
     t = r.task
-    status = "succeed" if r.ok else (t.task_status.value if t and r.error is None else "error")
+    if r.ok or (t is not None and (r.error is None or isinstance(r.error, TaskFailedError))):
+        status = t.task_status.value if t is not None else ""
+    else:
+        status = "error"
     return [index, r.input.get("voice_name", ""), status, t.task_id if t else "",
             t.voice_id if t and t.voice_id else "", str(r.error) if r.error else ""]
 
