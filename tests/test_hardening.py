@@ -186,3 +186,31 @@ async def test_tls_verification_is_on_by_default() -> None:
 async def test_task_json_helper_shape_is_accepted() -> None:
     # The conftest fixture mirrors the documented example; it must stay parseable.
     assert parse_task(task_json()).task_status is voiceapi.TaskStatus.SUBMITTED
+
+
+async def test_streamed_answers_are_capped_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiohttp import web
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()  # chunked: no Content-Length to refuse up front
+        await resp.prepare(request)
+        for _ in range(64):
+            await resp.write(b"x" * 1024)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/v1/general/presets-voices", endless)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    monkeypatch.setattr("voiceapi._constants.MAX_RESPONSE_BYTES", 16 * 1024)
+    try:
+        async with voiceapi.AsyncVoiceClient(
+                api_key="k", base_url=f"http://127.0.0.1:{runner.addresses[0][1]}",
+                max_retries=0) as client:
+            with pytest.raises(voiceapi.UnexpectedResponseError, match="larger than"):
+                await client.preset_voices.list()
+    finally:
+        await runner.cleanup()

@@ -15,8 +15,9 @@ from typing import Any
 
 import aiohttp
 
+from . import _constants
 from ._config import ClientConfig
-from ._constants import ENV_LOG, LOGGER_NAME, MAX_RESPONSE_BYTES
+from ._constants import ENV_LOG, LOGGER_NAME
 from ._errors import (
     APIConnectionError,
     APIError,
@@ -84,6 +85,27 @@ def decode_envelope(
                              request_id=request_id,
                              retry_after=parse_retry_after(headers, maximum=retry_after_max))
     raise cls(message, code=code_or_none, http_status=status, request_id=request_id)
+
+
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
+    """The whole body, unless it is larger than MAX_RESPONSE_BYTES (a broken or hostile
+    proxy, not Kling): refused by Content-Length before reading, or while streaming."""
+    limit = _constants.MAX_RESPONSE_BYTES
+    if resp.content_length is not None:
+        if resp.content_length > limit:
+            raise UnexpectedResponseError(
+                f"HTTP {resp.status} answer of {resp.content_length} bytes is too large",
+                http_status=resp.status)
+        return await resp.read()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise UnexpectedResponseError(
+                f"HTTP {resp.status} answer is larger than {limit} bytes", http_status=resp.status)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _setup_logging_from_env() -> None:
@@ -189,11 +211,7 @@ class Transport:
                 proxy=self.config.proxy,
             ) as resp:
                 status, headers = resp.status, resp.headers
-                if (resp.content_length or 0) > MAX_RESPONSE_BYTES:
-                    raise UnexpectedResponseError(
-                        f"HTTP {status} answer of {resp.content_length} bytes is too large",
-                        http_status=status)
-                body = await resp.read()
+                body = await _read_capped(resp)
         except (asyncio.TimeoutError, TimeoutError):
             raise APITimeoutError(
                 f"{request.method} {request.path}: no answer within {self.config.timeout:g}s"
