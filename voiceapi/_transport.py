@@ -87,16 +87,10 @@ def decode_envelope(
     raise cls(message, code=code_or_none, http_status=status, request_id=request_id)
 
 
-async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
-    """The whole body, unless it is larger than MAX_RESPONSE_BYTES (a broken or hostile
-    proxy, not Kling): refused by Content-Length before reading, or while streaming."""
+async def _read_streamed(resp: aiohttp.ClientResponse) -> bytes:
+    """A body without Content-Length, refused once it passes MAX_RESPONSE_BYTES (answers
+    that large come from a broken or hostile proxy, never from Kling)."""
     limit = _constants.MAX_RESPONSE_BYTES
-    if resp.content_length is not None:
-        if resp.content_length > limit:
-            raise UnexpectedResponseError(
-                f"HTTP {resp.status} answer of {resp.content_length} bytes is too large",
-                http_status=resp.status)
-        return await resp.read()
     chunks: list[bytes] = []
     size = 0
     async for chunk in resp.content.iter_any():
@@ -211,7 +205,14 @@ class Transport:
                 proxy=self.config.proxy,
             ) as resp:
                 status, headers = resp.status, resp.headers
-                body = await _read_capped(resp)
+                size = resp.content_length
+                if size is None:
+                    body = await _read_streamed(resp)
+                elif size > _constants.MAX_RESPONSE_BYTES:
+                    raise UnexpectedResponseError(
+                        f"HTTP {status} answer of {size} bytes is too large", http_status=status)
+                else:
+                    body = await resp.read()
         except (asyncio.TimeoutError, TimeoutError):
             raise APITimeoutError(
                 f"{request.method} {request.path}: no answer within {self.config.timeout:g}s"
