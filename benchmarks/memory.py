@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
 import resource
 import sys
 
@@ -15,8 +16,13 @@ import voiceapi
 
 
 def rss_mb() -> float:
-    # ru_maxrss is the peak so far, in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Current resident set size (Linux /proc); elsewhere the peak so far."""
+    try:
+        with open("/proc/self/statm") as fh:
+            pages = int(fh.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 async def run(base: str, key: str, n: int) -> dict[str, float]:
@@ -27,14 +33,16 @@ async def run(base: str, key: str, n: int) -> dict[str, float]:
         gc.collect()
         before = rss_mb()
         tracked = 0
+        peak = before
 
         def progress(p: voiceapi.BatchProgress) -> None:
-            nonlocal tracked
+            nonlocal tracked, peak
             tracked = max(tracked, p.in_flight)
+            peak = max(peak, rss_mb())  # sampled every progress report (≤ 20 per second)
 
         results = await client.custom_voices.create_many(items, max_in_flight=n, wait=False,
                                                          on_progress=progress)
-        peak = rss_mb()
+        peak = max(peak, rss_mb())
     growth = peak - before
     return {"tasks": n, "submitted": sum(r.task is not None for r in results),
             "max_tracked": tracked, "baseline_mb": before, "peak_mb": peak,
