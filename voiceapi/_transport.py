@@ -54,7 +54,8 @@ def decode_envelope(
     """
     envelope: Any
     try:
-        envelope = json.loads(body) if body else None
+        # Kling answers in UTF-8; decoding first skips json's encoding sniffing.
+        envelope = json.loads(body.decode()) if body else None
     except (ValueError, RecursionError):
         envelope = None
     code = envelope.get("code") if isinstance(envelope, dict) else None

@@ -10,6 +10,7 @@ from . import _constants as C
 from ._errors import ValidationError
 
 _CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
+_PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_.~-]+")  # RFC 3986 unreserved: safe as-is
 
 
 def _has_control_chars(value: str) -> bool:
@@ -103,6 +104,8 @@ def page_params(page_num: Any, page_size: Any) -> dict[str, str]:
 def path_segment(value: str) -> str:
     """Percent-encode an id for use as one path segment: ``../x`` never changes the path."""
     # "." and ".." would be normalised away by URL handling (and %2E is decoded back to ".").
+    if _PLAIN_SEGMENT.fullmatch(value) and value not in (".", ".."):
+        return value  # the common case (digit ids): nothing to encode
     if value.strip() in (".", ".."):
         raise ValidationError(f"{value!r} is not a valid id")
     return urllib.parse.quote(value, safe="")
