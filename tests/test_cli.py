@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,3 +156,33 @@ def test_demo_against_a_server_with_credentials(temu: KlingEmulator) -> None:
     assert len(deleted) == 1  # it deletes one voice, and only one it created
     summary = run(temu, "--json", "demo")
     assert json.loads(summary.stdout.strip().splitlines()[-1])["tasks_listed"] == 2
+
+
+def test_batch_killed_midway_resumes_without_duplicates(tmp_path: Path) -> None:
+    with KlingEmulator(concurrency=3, task_seconds=0.2) as emu:
+        manifest = tmp_path / "voices.jsonl"
+        manifest.write_text("".join(json.dumps({"voice_name": f"k{i}",
+                                                "voice_url": emu.sample_url()}) + "\n"
+                                    for i in range(30)))
+        journal = tmp_path / "run.journal"
+        env = {**os.environ, "KLING_API_KEY": emu.api_key, "KLING_BASE_URL": emu.base_url}
+        proc = subprocess.Popen([sys.executable, "-m", "voiceapi", "batch", str(manifest),
+                                 "--journal", str(journal)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(600):  # wait (at most 30 s) until a third of the batch is journaled
+                if journal.exists() and len(journal.read_text().splitlines()) >= 20:
+                    break
+                time.sleep(0.05)
+        finally:
+            proc.kill()
+            proc.wait(30)
+        created_before = emu.task_count
+        assert 3 <= created_before < 30
+        again = subprocess.run([sys.executable, "-m", "voiceapi", "--json", "batch",
+                                str(manifest), "--journal", str(journal)], env=env,
+                               capture_output=True, text=True, timeout=120, check=False)
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout)["succeeded"] == 30
+        per_ext = [t["task_info"]["external_task_id"] for t in emu.tasks()]
+        assert len(per_ext) == 30 == len(set(per_ext))

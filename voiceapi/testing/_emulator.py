@@ -184,6 +184,7 @@ class KlingEmulator:
         callback_retries: int = 0,
         qps: float | None = None,
         max_body_bytes: int = 64 * 1024,
+        max_recorded_requests: int = 1_000_000,
         seed: int = 0,
     ) -> None:
         if deleted_voices not in ("drop", "mark"):
@@ -224,7 +225,9 @@ class KlingEmulator:
             collections.deque)
         self._qps_window: collections.deque[float] = collections.deque()
         self._samples: dict[str, bytes] = {}
-        self.requests: list[RecordedRequest] = []
+        # Newest last; bounded so a long-running mock-server does not grow without end.
+        self.requests: collections.deque[RecordedRequest] = collections.deque(
+            maxlen=max_recorded_requests)
         self.callbacks: list[dict[str, Any]] = []
         self.peak_in_progress = 0
         self._presets = [self._make_preset(i) for i in range(presets)]
