@@ -145,3 +145,14 @@ def test_short_vendor_secret_signs_without_warnings() -> None:
     header = JWTCredentials("ak", "short").authorization()
     token = header.removeprefix("Bearer ")
     assert jwt.get_unverified_header(token)["alg"] == "HS256"
+
+
+def test_server_time_corrects_the_token_clock() -> None:
+    clock = FakeClock()
+    creds = JWTCredentials("ak", SECRET, clock=clock)
+    first = creds.authorization()
+    assert creds.invalidate(first, server_time=clock.now + 3600)
+    assert _claims(creds.authorization())["nbf"] == int(clock.now + 3600) - 5
+    again = creds.authorization()
+    assert creds.invalidate(again, server_time=clock.now + 1)  # within the allowance: no skew
+    assert _claims(creds.authorization())["nbf"] == int(clock.now) - 5

@@ -215,6 +215,16 @@ async def test_bad_credentials(emu: KlingEmulator) -> None:
             await client.preset_voices.list()
 
 
+@pytest.mark.parametrize(("offset", "code"), [(-4000.0, 1004), (600.0, 1003)])
+async def test_a_skewed_clock_is_corrected_from_the_server_date(
+        emu: KlingEmulator, offset: float, code: int) -> None:
+    async with make_client("async", emu) as client:
+        client._config.credentials._clock = lambda: time.time() + offset
+        assert len(await client.preset_voices.list(page_size=1)) == 1
+        assert len(await client.preset_voices.list(page_size=1)) == 1  # the fix sticks
+    assert emu.count("presets", code=code) == 1 and emu.count("presets", code=0) == 2
+
+
 async def test_expired_token_is_resigned(emu: KlingEmulator) -> None:
     async with make_client("async", emu) as client:
         creds = client._config.credentials

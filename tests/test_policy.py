@@ -57,6 +57,7 @@ RETRY_TABLE = [
     (_api(voiceapi.ServerError, None, 504), True, True, False),
     (_api(voiceapi.ServerError, None, 500), False, False, False),
     (_api(voiceapi.AuthenticationError, 1004, 401), True, False, True),
+    (_api(voiceapi.AuthenticationError, 1003, 401), True, False, True),
     (_api(voiceapi.AuthenticationError, 1002, 401), False, False, False),
     (_api(voiceapi.AccountError, 1102, 429), False, False, False),
     (_api(voiceapi.InvalidRequestError, 1201, 400), False, False, False),

@@ -45,8 +45,9 @@ class Credentials(Protocol):
     def authorization(self) -> str:
         """The full ``Authorization`` header value."""
 
-    def invalidate(self, header_value: str) -> bool:
-        """The server said the token expired (1004); return True when a new one can be made."""
+    def invalidate(self, header_value: str, server_time: float | None = None) -> bool:
+        """The server refused the token as expired or not yet valid (1004/1003); return True
+        when a new one can be made. ``server_time``: the server's clock, if it told us."""
 
 
 class APIKeyCredentials:
@@ -60,7 +61,7 @@ class APIKeyCredentials:
     def authorization(self) -> str:
         return self._header
 
-    def invalidate(self, header_value: str) -> bool:
+    def invalidate(self, header_value: str, server_time: float | None = None) -> bool:
         return False  # a static key cannot be refreshed
 
     def __repr__(self) -> str:
@@ -75,7 +76,7 @@ class JWTCredentials:
     """
 
     __slots__ = ("_access_key", "_clock", "_expires", "_header", "_lock", "_margin", "_secret_key",
-                 "_ttl")
+                 "_skew", "_ttl")
 
     def __init__(
         self,
@@ -94,6 +95,9 @@ class JWTCredentials:
         self._lock = threading.Lock()
         self._header: str | None = None
         self._expires = 0.0
+        # Seconds to add to our clock for the token's claims, learned when the server
+        # refuses a token on time grounds (our clock is off from Kling's).
+        self._skew = 0.0
 
     @property
     def access_key(self) -> str:
@@ -115,15 +119,19 @@ class JWTCredentials:
             return header
         with self._lock:
             if self._header is None or now >= self._expires - self._margin:
-                self._header = f"Bearer {self.sign(now)}"
+                self._header = f"Bearer {self.sign(now + self._skew)}"
                 self._expires = int(now) + self._ttl
             return self._header
 
-    def invalidate(self, header_value: str) -> bool:
+    def invalidate(self, header_value: str, server_time: float | None = None) -> bool:
         with self._lock:
             # Only drop the token that failed: concurrent 1004s must not each re-sign.
             if self._header == header_value:
                 self._header = None
+                if server_time is not None:
+                    skew = server_time - self._clock()
+                    # The Date header has 1 s resolution; below the nbf allowance, ignore it.
+                    self._skew = skew if abs(skew) > JWT_NBF_SKEW_SECONDS else 0.0
         return True
 
     def __repr__(self) -> str:

@@ -54,7 +54,15 @@ class APIError(VoiceAPIError):
 
 
 class AuthenticationError(APIError):
-    """1000–1004: the credential is missing, wrong, not yet valid or expired."""
+    """1000–1004: the credential is missing, wrong, not yet valid or expired.
+
+    ``server_time`` is the server's clock (from its ``Date`` header) when it answered, so a
+    token refused as not-yet-valid or expired can be re-signed on the server's time.
+    """
+
+    def __init__(self, message: str, *, server_time: float | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.server_time = server_time
 
 
 class PermissionDeniedError(APIError):

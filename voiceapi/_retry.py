@@ -2,7 +2,8 @@
 
 Policy (DESIGN.md): connection errors, timeouts, 1302/1303, 5000–5002 and proxy 502/503/504 are
 retried with exponential backoff and full jitter, honouring Retry-After. Other 4xx never are.
-A 1004 re-signs the JWT and retries once. A request that is not idempotent (a create) is resent
+A 1004 (or 1003) re-signs the JWT, on the server's clock from its Date header, and
+retries once. A request that is not idempotent (a create) is resent
 after an ambiguous failure only once its ``reconcile`` hook has confirmed it did not land.
 """
 
@@ -36,7 +37,8 @@ if TYPE_CHECKING:
 RETRYABLE_SERVER_CODES = frozenset({5000, 5001, 5002})
 RETRYABLE_PROXY_STATUSES = frozenset({502, 503, 504})
 RATE_LIMIT_CODES = frozenset({1302, 1303})
-TOKEN_EXPIRED_CODE = 1004
+# 1003 (not yet valid) and 1004 (expired): re-sign, on the server's clock when it told us.
+TOKEN_TIME_CODES = frozenset({1003, 1004})
 
 
 @attrs.frozen
@@ -70,7 +72,7 @@ def classify(exc: BaseException, policy: RetryPolicy = RetryPolicy()) -> Decisio
         floor = policy.rate_limit_min_delay if exc.code == 1303 else 0.0
         return Decision(retry=True, min_delay=floor)
     if isinstance(exc, AuthenticationError):
-        return Decision(retry=True, reauth=True) if exc.code == TOKEN_EXPIRED_CODE else NO_RETRY
+        return Decision(retry=True, reauth=True) if exc.code in TOKEN_TIME_CODES else NO_RETRY
     if isinstance(exc, ServerError):
         if exc.code in RETRYABLE_SERVER_CODES or (
             exc.code is None and exc.http_status in RETRYABLE_PROXY_STATUSES
@@ -185,7 +187,8 @@ class RetryMiddleware:
                 if state.reauthed:
                     return False
                 state.reauthed = self._credentials.invalidate(
-                    request.headers.get("Authorization", ""))
+                    request.headers.get("Authorization", ""),
+                    getattr(exc, "server_time", None))
                 return state.reauthed
             if decision.ambiguous and not request.idempotent:
                 if request.reconcile is None:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from ._errors import (
     APIConnectionError,
     APIError,
     APITimeoutError,
+    AuthenticationError,
     ClientClosedError,
     EventLoopError,
     RateLimitError,
@@ -81,6 +83,9 @@ def decode_envelope(
     else:
         code_or_none = code
     cls = error_class_for(code_or_none, status)
+    if cls is AuthenticationError:
+        raise AuthenticationError(message, code=code_or_none, http_status=status,
+                                  request_id=request_id, server_time=_server_time(headers))
     if cls is RateLimitError:
         raise RateLimitError(message, code=code_or_none, http_status=status,
                              request_id=request_id,
@@ -101,6 +106,17 @@ async def _read_streamed(resp: aiohttp.ClientResponse) -> bytes:
                 f"HTTP {resp.status} answer is larger than {limit} bytes", http_status=resp.status)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _server_time(headers: Mapping[str, str]) -> float | None:
+    raw = headers.get("Date")
+    if not raw:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return when.timestamp() if when.tzinfo is not None else None
 
 
 def _setup_logging_from_env() -> None:
