@@ -12,12 +12,13 @@ once aioresponses ships a fix.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aioresponses.core
 import pytest
-from aiohttp import ClientResponse
+from aiohttp import ClientResponse, web
 from aiohttp.abc import AbstractStreamWriter
 
 import voiceapi
@@ -67,6 +68,18 @@ async def client(emu: KlingEmulator) -> AsyncIterator[voiceapi.AsyncVoiceClient]
     async with voiceapi.AsyncVoiceClient(emu.access_key, emu.secret_key, base_url=emu.base_url,
                                          retry_policy=FAST_RETRY, timeout=5) as c:
         yield c
+
+
+@contextlib.asynccontextmanager
+async def serve(app: web.Application) -> AsyncIterator[str]:
+    """Run a small aiohttp app on a loopback port for the block; yields its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 def envelope(data: Any = None, code: int = 0, message: str = "SUCCEED",

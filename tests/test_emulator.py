@@ -13,6 +13,7 @@ import jwt
 import pytest
 from aiohttp import web
 
+from tests.conftest import serve
 from voiceapi.testing import KlingEmulator, sign_webhook
 
 CV = "/v1/general/custom-voices"
@@ -269,19 +270,12 @@ async def test_callbacks_fire_on_each_change(http: aiohttp.ClientSession) -> Non
 
     app = web.Application()
     app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
+    async with serve(app) as hook_base:
         async with KlingEmulator(task_seconds=0.1, webhook_secret="whsec_" + "QUJD" * 8) as emu:
             await call(http, emu, "POST", CV, json={
                 "voice_name": "v", "voice_url": emu.sample_url(),
-                "callback_url": f"http://127.0.0.1:{port}/hook"})
+                "callback_url": f"{hook_base}/hook"})
             await asyncio.wait_for(done.wait(), 10)
-    finally:
-        await runner.cleanup()
     statuses = [r["task_status"] for r, _ in received]
     assert statuses == ["processing", "succeed"]
     record, headers = received[1]

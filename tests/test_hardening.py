@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import voiceapi
-from tests.conftest import BASE, FAST_RETRY, envelope, task_json
+from tests.conftest import BASE, FAST_RETRY, envelope, serve, task_json
 from voiceapi._models import parse_task, parse_task_list, parse_voices
 from voiceapi._transport import decode_envelope
 from voiceapi.testing import KlingEmulator
@@ -201,16 +201,9 @@ async def test_streamed_answers_are_capped_too(monkeypatch: pytest.MonkeyPatch) 
 
     app = web.Application()
     app.router.add_get("/v1/general/presets-voices", endless)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
     monkeypatch.setattr("voiceapi._constants.MAX_RESPONSE_BYTES", 16 * 1024)
-    try:
-        async with voiceapi.AsyncVoiceClient(
-                api_key="k", base_url=f"http://127.0.0.1:{runner.addresses[0][1]}",
-                max_retries=0) as client:
+    async with serve(app) as base:
+        async with voiceapi.AsyncVoiceClient(api_key="k", base_url=base,
+                                             max_retries=0) as client:
             with pytest.raises(voiceapi.UnexpectedResponseError, match="larger than"):
                 await client.preset_voices.list()
-    finally:
-        await runner.cleanup()
