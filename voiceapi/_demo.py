@@ -92,8 +92,13 @@ async def _scenario(client: AsyncVoiceClient, samples: list[str], cap: int | Non
         count += 1
         if count <= 10:
             voice = task.voice
-            say(f"  {task.task_id}  {task.task_status.value:<10} "
-                f"{voice.voice_name if voice else '-'}")
+            if voice is not None:
+                label = voice.voice_name
+            elif task.task_status.value == "succeed":
+                label = "(voice deleted)"
+            else:
+                label = task.task_status_msg or "-"
+            say(f"  {task.task_id}  {task.task_status.value:<10} {label}")
     say(f"  {count} task(s) in total")
     summary["tasks_listed"] = count
     if as_json:
