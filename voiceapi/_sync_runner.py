@@ -97,7 +97,7 @@ class LoopThread:
         """A plain iterator over an async one; breaking out early closes the async generator."""
         finished = False
         try:
-            for _ in iter(int, 1):  # ends via StopAsyncIteration; the async side is bounded
+            while True:  # ends with StopAsyncIteration; the async iterators are bounded
                 try:
                     item = self.run(_anext(agen))
                 except StopAsyncIteration:

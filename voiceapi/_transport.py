@@ -21,7 +21,6 @@ from ._config import ClientConfig
 from ._constants import ENV_LOG, LOGGER_NAME
 from ._errors import (
     APIConnectionError,
-    APIError,
     APITimeoutError,
     AuthenticationError,
     ClientClosedError,
@@ -267,4 +266,4 @@ class Transport:
         self._session, self._loop = None, None
 
 
-__all__ = ["APIError", "Transport", "decode_envelope"]
+__all__ = ["Transport", "decode_envelope"]

@@ -26,6 +26,8 @@ from ._models import VoiceTask, parse_task
 if TYPE_CHECKING:  # aiohttp.web is only needed by receivers; keep `import voiceapi` light
     from aiohttp import web
 
+    from ._client import AsyncVoiceClient
+
 DEFAULT_TOLERANCE = 300  # seconds either side, as the Standard Webhooks spec recommends
 MAX_CALLBACK_BYTES = 1024 * 1024
 
@@ -136,7 +138,7 @@ class CallbackReceiver:
     """
 
     def __init__(self, *listeners: Listener, webhook_secret: str | None = None,
-                 confirm: Any | None = None, remember: int = 10_000) -> None:
+                 confirm: AsyncVoiceClient | None = None, remember: int = 10_000) -> None:
         self._listeners = list(listeners)
         self._secret = webhook_secret
         self._confirm = confirm
@@ -197,7 +199,7 @@ class CallbackServer:
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, path: str = "/kling-callback",
                  public_url: str | None = None, webhook_secret: str | None = None,
-                 confirm: Any | None = None) -> None:
+                 confirm: AsyncVoiceClient | None = None) -> None:
         self.receiver = CallbackReceiver(webhook_secret=webhook_secret, confirm=confirm)
         self._host, self._port, self._path = host, port, path
         self._public_url = public_url

@@ -529,9 +529,9 @@ class KlingEmulator:
             raise _ApiError(1203, f"Requested resource does not exist: {path}")
         if method not in routes:
             raise _ApiError(1202, f"Invalid request method {method} for {path}")
-        ident = urllib.parse.unquote(path.rsplit("/", 1)[1]) if routes.get("GET") == "get" \
-            else None
-        return routes[method], ident
+        route = routes[method]
+        ident = urllib.parse.unquote(path.rsplit("/", 1)[1]) if route == "get" else None
+        return route, ident
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         raw_path = request.raw_path.split("?", 1)[0]
