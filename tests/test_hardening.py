@@ -18,8 +18,7 @@ from hypothesis import strategies as st
 
 import voiceapi
 from tests.conftest import BASE, FAST_RETRY, envelope, serve, task_json
-from voiceapi._models import parse_task, parse_task_list, parse_voices
-from voiceapi._transport import decode_envelope
+from voiceapi._decode import decode_envelope, parse_task, parse_task_list, parse_voices
 from voiceapi.testing import KlingEmulator
 
 JSON = st.recursive(

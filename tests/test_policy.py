@@ -7,8 +7,8 @@ import email.utils
 import pytest
 
 import voiceapi
-from voiceapi._errors import error_class_for
-from voiceapi._retry import RetryPolicy, backoff_delay, classify, next_delay, parse_retry_after
+from voiceapi._decode import error_class_for, parse_retry_after
+from voiceapi._retry import RetryPolicy, backoff_delay, classify, next_delay
 
 CODE_TABLE = [
     *[(c, 401, voiceapi.AuthenticationError) for c in range(1000, 1005)],

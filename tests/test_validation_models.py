@@ -9,7 +9,7 @@ import pytest
 
 import voiceapi
 from voiceapi._custom_voices import build_create_body
-from voiceapi._models import parse_task, parse_task_list, parse_voices
+from voiceapi._decode import parse_task, parse_task_list, parse_voices
 from voiceapi._validation import path_segment
 
 URL = "https://cdn.example.com/a/sample.mp3"
@@ -94,7 +94,7 @@ def test_task_is_flattened_and_typed() -> None:
     assert task.external_task_id == "my-voice-001"
     assert task.voice_id == "930801338081615883"
     assert task.voices == [voiceapi.Voice("930801338081615883", "Custom Voice",
-                                          "https://cdn/trial.wav", "42")]
+                                          "https://cdn/trial.wav", "42", "succeed")]
     assert task.created_at == datetime(2026, 9, 28, 14, 31, 9, 865000, tzinfo=timezone.utc)
     assert task.final_unit_deduction == "0.05"
     assert task.is_terminal

@@ -26,7 +26,8 @@ import attrs
 
 from . import _constants as C
 from ._aio import within
-from ._custom_voices import build_create_body, is_not_found
+from ._custom_voices import build_create_body
+from ._decode import is_not_found
 from ._errors import (
     APIConnectionError,
     InvalidRequestError,

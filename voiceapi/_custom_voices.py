@@ -22,6 +22,7 @@ from ._constants import (
     POLL_BACKOFF_FACTOR,
     POLL_INTERVAL_MAX,
 )
+from ._decode import is_not_found, parse_task, parse_task_list
 from ._errors import (
     InvalidRequestError,
     TaskFailedError,
@@ -29,16 +30,13 @@ from ._errors import (
     ValidationError,
     WaitTimeoutError,
 )
-from ._models import BatchResult, TaskStatus, VoiceTask, parse_task, parse_task_list
+from ._models import BatchResult, TaskStatus, VoiceTask
 
 if TYPE_CHECKING:
     from ._batch import BatchItem, ProgressCallback
     from ._middlewares import Response
     from ._transport import Transport
     from ._webhooks import CallbackServer
-
-NOT_FOUND_CODES = frozenset({1201, 1203})
-
 
 def new_external_task_id() -> str:
     """A fresh idempotency key, minted once per logical create (never per attempt)."""
@@ -69,11 +67,6 @@ def build_create_body(
 
 def _task_path(task_ref: str) -> str:
     return f"{PATH_CUSTOM_VOICES}/{V.path_segment(task_ref)}"
-
-
-def is_not_found(exc: BaseException) -> bool:
-    return isinstance(exc, InvalidRequestError) and (
-        exc.code in NOT_FOUND_CODES or (exc.code is None and exc.http_status == 404))
 
 
 class AsyncCustomVoices:

@@ -77,6 +77,18 @@ class InvalidRequestError(APIError):
     """1200–1203: bad parameters, wrong method, unknown resource (incl. task not found)."""
 
 
+class ConflictError(InvalidRequestError):
+    """A caller-supplied ``external_task_id`` is already used by another task of the account.
+
+    ``existing_task_id`` is that task's id when a lookup found it (None if it could not be read).
+    Only raised for an id *you* chose; the SDK's own ids are reconciled, never raised.
+    """
+
+    def __init__(self, message: str, *, existing_task_id: str | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.existing_task_id = existing_task_id
+
+
 class PolicyError(APIError):
     """1300, 1301, 1304: blocked by platform, content-safety or IP-whitelist policy."""
 
@@ -141,35 +153,6 @@ class WaitTimeoutError(VoiceAPIError, TimeoutError):
 
 class WebhookVerificationError(VoiceAPIError):
     """A callback failed signature or timestamp verification, or is not a task record."""
-
-
-# Business code -> error class (kling-api.md §6.1).
-_CODE_CLASSES: dict[int, type[APIError]] = {
-    **dict.fromkeys(range(1000, 1005), AuthenticationError),
-    **dict.fromkeys((1100, 1101, 1102), AccountError),
-    1103: PermissionDeniedError,
-    **dict.fromkeys(range(1200, 1204), InvalidRequestError),
-    **dict.fromkeys((1300, 1301, 1304), PolicyError),
-    **dict.fromkeys((1302, 1303), RateLimitError),
-    **dict.fromkeys((5000, 5001, 5002), ServerError),
-}
-
-
-def error_class_for(code: int | None, http_status: int) -> type[APIError]:
-    """Pick the error class: the business code wins, the HTTP status decides for unknown codes."""
-    if code is not None and code in _CODE_CLASSES:
-        return _CODE_CLASSES[code]
-    if http_status == 401:
-        return AuthenticationError
-    if http_status == 403:
-        return PermissionDeniedError
-    if http_status == 429:
-        return RateLimitError
-    if http_status >= 500:
-        return ServerError
-    if 400 <= http_status < 500:
-        return InvalidRequestError
-    return APIError
 
 
 class EventLoopError(VoiceAPIError, RuntimeError):

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 
 from . import _validation as V
 from ._constants import DEFAULT_ITER_PAGE_SIZE, DEFAULT_PAGE_SIZE, MAX_PAGES, PATH_PRESET_VOICES
-from ._models import Voice, parse_voices
+from ._decode import parse_voices
+from ._models import Voice
 
 if TYPE_CHECKING:
     from ._transport import Transport

@@ -10,11 +10,10 @@ after an ambiguous failure only once its ``reconcile`` hook has confirmed it did
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -85,40 +84,6 @@ def classify(exc: BaseException, policy: RetryPolicy = RetryPolicy()) -> Decisio
         # A 2xx we could not read (truncated by a proxy, garbage): the call probably landed.
         return Decision(retry=True, ambiguous=True)
     return NO_RETRY
-
-
-def parse_retry_after(
-    headers: Mapping[str, str], *, now: float | None = None, maximum: float = C.RETRY_AFTER_MAX
-) -> float | None:
-    """Seconds to wait from ``retry-after-ms``, or ``Retry-After`` as seconds or an HTTP-date.
-
-    Clamped to [0, maximum]; anything unparsable means "no advice" (None).
-    """
-    raw_ms = headers.get("retry-after-ms") or headers.get("Retry-After-Ms")
-    if raw_ms:
-        try:
-            value = float(raw_ms) / 1000.0
-        except ValueError:
-            value = math.nan
-        if math.isfinite(value):
-            return min(max(value, 0.0), maximum)
-    raw = headers.get("Retry-After") or headers.get("retry-after")
-    if not raw:
-        return None
-    raw = raw.strip()
-    try:
-        value = float(raw)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(raw)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when is None or when.tzinfo is None:
-            return None
-        value = when.timestamp() - (time.time() if now is None else now)
-    if not math.isfinite(value):
-        return None
-    return min(max(value, 0.0), maximum)
 
 
 def backoff_delay(

@@ -6,12 +6,11 @@
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -19,15 +18,13 @@ import aiohttp
 from . import _constants
 from ._config import ClientConfig
 from ._constants import ENV_LOG, LOGGER_NAME
+from ._decode import decode_envelope
 from ._errors import (
     APIConnectionError,
     APITimeoutError,
-    AuthenticationError,
     ClientClosedError,
     EventLoopError,
-    RateLimitError,
     UnexpectedResponseError,
-    error_class_for,
 )
 from ._middlewares import (
     AuthMiddleware,
@@ -38,58 +35,12 @@ from ._middlewares import (
     build_chain,
     logging_middleware,
 )
-from ._retry import RetryMiddleware, RetryPolicy, parse_retry_after
+from ._retry import RetryMiddleware, RetryPolicy
 
 #: Objects inherited from the parent across fork; kept alive, never closed (see below).
 FORK_ORPHANS: list[object] = []
 
 _JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
-
-
-def decode_envelope(
-    status: int, headers: Mapping[str, str], body: bytes, *, retry_after_max: float = 60.0
-) -> tuple[Any, str | None]:
-    """Turn one HTTP answer into ``(data, request_id)`` or raise the matching typed error.
-
-    Every malformed answer (non-JSON, truncated, wrong types, no code) becomes a VoiceAPIError.
-    """
-    envelope: Any
-    try:
-        # Kling answers in UTF-8; decoding first skips json's encoding sniffing.
-        envelope = json.loads(body.decode()) if body else None
-    except (ValueError, RecursionError):
-        envelope = None
-    code = envelope.get("code") if isinstance(envelope, dict) else None
-    if not isinstance(code, int) or isinstance(code, bool):
-        if 200 <= status < 300:
-            raise UnexpectedResponseError(
-                f"HTTP {status} answer is not a Kling JSON envelope "
-                f"(content-type {headers.get('Content-Type', 'unknown')!r}, {len(body)} bytes)",
-                http_status=status)
-        cls = error_class_for(None, status)
-        raise cls(f"HTTP {status} without a Kling JSON envelope (likely from a proxy)",
-                  http_status=status)
-    assert isinstance(envelope, dict)
-    rid = envelope.get("request_id")
-    request_id = rid if isinstance(rid, str) else None
-    if code == 0 and 200 <= status < 300:
-        return envelope.get("data"), request_id
-    msg = envelope.get("message")
-    message = msg if isinstance(msg, str) and msg else f"Kling error {code}"
-    if code == 0:
-        code_or_none = None
-        message = f"HTTP {status} with code 0"
-    else:
-        code_or_none = code
-    cls = error_class_for(code_or_none, status)
-    if cls is AuthenticationError:
-        raise AuthenticationError(message, code=code_or_none, http_status=status,
-                                  request_id=request_id, server_time=_server_time(headers))
-    if cls is RateLimitError:
-        raise RateLimitError(message, code=code_or_none, http_status=status,
-                             request_id=request_id,
-                             retry_after=parse_retry_after(headers, maximum=retry_after_max))
-    raise cls(message, code=code_or_none, http_status=status, request_id=request_id)
 
 
 async def _read_streamed(resp: aiohttp.ClientResponse) -> bytes:
@@ -105,17 +56,6 @@ async def _read_streamed(resp: aiohttp.ClientResponse) -> bytes:
                 f"HTTP {resp.status} answer is larger than {limit} bytes", http_status=resp.status)
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _server_time(headers: Mapping[str, str]) -> float | None:
-    raw = headers.get("Date")
-    if not raw:
-        return None
-    try:
-        when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError, IndexError):
-        return None
-    return when.timestamp() if when.tzinfo is not None else None
 
 
 def _setup_logging_from_env() -> None:

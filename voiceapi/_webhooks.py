@@ -20,8 +20,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from ._decode import parse_task
 from ._errors import UnexpectedResponseError, VoiceAPIError, WebhookVerificationError
-from ._models import VoiceTask, parse_task
+from ._models import VoiceTask
 
 if TYPE_CHECKING:  # aiohttp.web is only needed by receivers; keep `import voiceapi` light
     from aiohttp import web
@@ -87,7 +88,8 @@ def _from_new_standard(record: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(outputs, list):
         raise WebhookVerificationError("callback outputs is not an array")
     voices = [{"voice_id": o.get("id"), "voice_name": o.get("name") or "",
-               "trial_url": o.get("url") or "", "owned_by": o.get("owned_by") or ""}
+               "trial_url": o.get("url") or "", "owned_by": o.get("owned_by") or "",
+               "status": o.get("status")}
               for o in outputs if isinstance(o, Mapping) and o.get("type") == "voice"]
     out: dict[str, Any] = {"task_id": record.get("id"), "task_status": record.get("status"),
                            "task_status_msg": record.get("message") or "",

@@ -1,0 +1,133 @@
+"""The slot-coordinator seam: who may start a task now, what the cap is, what exists, who polls.
+
+The batch scheduler talks to Kling only through the resource, and to other workers only through
+this protocol. The default implementation keeps everything in this process; the optional
+``voiceapi.coordination.RedisCoordinator`` (extra ``voiceapi[redis]``) shares it between
+processes and hosts that use one Kling account. Every method that may need the network is a
+coroutine, so a networked implementation fits without changing the scheduler.
+
+Vocabulary:
+
+* a **key** is an item's ``external_task_id``: the one name every worker gives the same voice;
+* a **slot** is one task in progress at Kling, counted from "about to create" until the task is
+  seen ending (a timed-out or abandoned task still holds its slot: Kling still runs it);
+* the **journal** maps keys to the task Kling created for them, so nothing is created twice;
+* the **cap** is the number of slots: a fixed ceiling from the user, lowered by 1303 answers, or
+  learned from them.
+
+Layering: this module depends only on the models; the scheduler and the client depend on it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from typing import Protocol, runtime_checkable
+
+import attrs
+
+from ._models import VoiceTask
+
+
+class Grant(enum.Enum):
+    """The answer to "may I create the task for this key now?"."""
+
+    #: The slot is yours: create the task under this key, then report accepted/refused/release.
+    CREATE = "create"
+    #: Another worker holds or created this key: do not create; follow it through the journal.
+    FOLLOW = "follow"
+    #: No slot is free (or the account is backing off after a 1303): try again later.
+    WAIT = "wait"
+
+
+@attrs.frozen
+class JournalEntry:
+    """What the journal knows about a key: the task Kling created for it and its last status."""
+
+    task_id: str
+    status: str
+
+
+#: Finds the given task ids at Kling (list pages, per-task lookups as a fallback) and returns
+#: the ones it saw; the tracker supplies it, the coordinator decides who calls it.
+PollFunction = Callable[[Collection[str]], Awaitable[Mapping[str, VoiceTask]]]
+
+
+@runtime_checkable
+class Coordinator(Protocol):
+    """Slots, cap, journal, request rate and polling for one Kling account."""
+
+    # --- the journal ------------------------------------------------------------------------
+
+    async def known(self, keys: Sequence[str]) -> Mapping[str, JournalEntry]:
+        """The journal entries for those keys that have one (a rerun or another worker's)."""
+        ...
+
+    async def record(self, key: str, task_id: str, status: str) -> None:
+        """Journal a task's id and status without changing slots (e.g. on re-attach)."""
+        ...
+
+    # --- slots ------------------------------------------------------------------------------
+
+    async def acquire(self, key: str) -> Grant:
+        """Ask for a slot to create the task under ``key``. Never grants above the cap."""
+        ...
+
+    async def wait_for_slot(self, timeout: float) -> None:
+        """Return when a slot may have been freed (or after ``timeout`` seconds)."""
+        ...
+
+    async def accepted(self, key: str, task_id: str, status: str) -> None:
+        """The create under ``key`` was accepted: the slot stays held, the journal learns it,
+        and a learned cap may grow."""
+        ...
+
+    async def refused(self, key: str) -> float:
+        """The create under ``key`` was refused with 1303 (nothing created): free its slot and
+        lower the cap to the slots the account holds now. Returns how long to wait before the
+        next create when no slot of ours is likely to free sooner (≥ 1 s, with jitter)."""
+        ...
+
+    async def release(self, key: str) -> None:
+        """No task exists (or will exist) under ``key``: bad input, an error the server
+        answered, or a lookup that answered "not found". Frees the slot."""
+        ...
+
+    async def finished(self, key: str, task_id: str, status: str) -> None:
+        """The task under ``key`` was seen ending: free its slot and journal the final status."""
+        ...
+
+    @property
+    def cap(self) -> int:
+        """The working cap now (a snapshot, for progress reports)."""
+        ...
+
+    @property
+    def in_flight(self) -> int:
+        """Slots held now by this worker (a snapshot, for progress reports)."""
+        ...
+
+    # --- polling ----------------------------------------------------------------------------
+
+    async def observe(self, mine: Collection[str], poll: PollFunction
+                      ) -> Mapping[str, VoiceTask]:
+        """The latest state of this worker's tracked task ids.
+
+        The in-process coordinator simply calls ``poll(mine)``. A shared one lets one worker poll
+        for every worker's tasks and hands the others its observations.
+        """
+        ...
+
+    # --- plain client calls (AsyncVoiceClient(coordinator=...)) --------------------------------
+
+    async def before_request(self, *, create: bool) -> None:
+        """Wait for the account-wide request rate, and for creates also for any shared 1303
+        backoff."""
+        ...
+
+    async def rate_limited(self, code: int | None, retry_after: float | None) -> None:
+        """A request was answered 1302/1303: share the backoff with every worker."""
+        ...
+
+
+__all__ = ["Coordinator", "Grant", "JournalEntry", "PollFunction"]
