@@ -52,6 +52,11 @@ class JournalEntry:
 #: the ones it saw; the tracker supplies it, the coordinator decides who calls it.
 PollFunction = Callable[[Collection[str]], Awaitable[Mapping[str, VoiceTask]]]
 
+#: Looks one key up at Kling by external_task_id: the task, or None only when the server
+#: answered "not found" (any other failure raises). A shared coordinator uses it to resolve the
+#: slots of dead workers (finished → free, running → adopt and follow, not found → free).
+LookupFunction = Callable[[str], Awaitable[VoiceTask | None]]
+
 
 @runtime_checkable
 class Coordinator(Protocol):
@@ -109,12 +114,13 @@ class Coordinator(Protocol):
 
     # --- polling ----------------------------------------------------------------------------
 
-    async def observe(self, mine: Collection[str], poll: PollFunction
-                      ) -> Mapping[str, VoiceTask]:
+    async def observe(self, mine: Collection[str], poll: PollFunction,
+                      lookup: LookupFunction) -> Mapping[str, VoiceTask]:
         """The latest state of this worker's tracked task ids.
 
         The in-process coordinator simply calls ``poll(mine)``. A shared one lets one worker poll
-        for every worker's tasks and hands the others its observations.
+        for every worker's tasks (and for adopted orphans, resolved with ``lookup``) and hands
+        the others its observations.
         """
         ...
 
@@ -130,4 +136,4 @@ class Coordinator(Protocol):
         ...
 
 
-__all__ = ["Coordinator", "Grant", "JournalEntry", "PollFunction"]
+__all__ = ["Coordinator", "Grant", "JournalEntry", "LookupFunction", "PollFunction"]
