@@ -71,7 +71,8 @@ async def test_task_lifecycle_and_lookup_by_either_id(emu: KlingEmulator,
     data = done["data"]
     assert data["task_status"] == "succeed" and data["task_status_msg"] == ""
     (voice,) = data["task_result"]["voices"]
-    assert set(voice) == {"voice_id", "voice_name", "trial_url", "owned_by"}
+    assert set(voice) == {"voice_id", "voice_name", "trial_url", "owned_by", "status"}
+    assert voice["status"] == "succeed"
     assert voice["owned_by"] == emu.account_id and voice["voice_name"] == "v"
     assert data["final_unit_deduction"] == "0.05"
     assert data["updated_at"] > data["created_at"]
@@ -138,6 +139,7 @@ async def test_duplicate_external_id_is_rejected(emu: KlingEmulator,
     assert (await call(http, emu, "POST", CV, json=body))[0] == 200
     status, answer = await call(http, emu, "POST", CV, json=body)
     assert (status, answer["code"]) == (400, 1201) and emu.task_count == 1
+    assert answer["message"] == "External_task_id same already exists"
 
 
 @pytest.mark.parametrize(("kw", "code"), [
@@ -192,7 +194,12 @@ async def test_presets_shape(emu: KlingEmulator, http: aiohttp.ClientSession) ->
     assert voice["owned_by"] == "kling" and len(voice["voice_name"]) <= 20
 
 
-async def test_delete_rules(emu: KlingEmulator, http: aiohttp.ClientSession) -> None:
+async def test_delete_rules(http: aiohttp.ClientSession) -> None:
+    async with KlingEmulator(deleted_voices="drop") as emu:
+        await _check_delete_rules(emu, http)
+
+
+async def _check_delete_rules(emu: KlingEmulator, http: aiohttp.ClientSession) -> None:
     _, created = await call(http, emu, "POST", CV, json={"voice_name": "v",
                                                          "voice_url": emu.sample_url()})
     emu.advance(1)
@@ -324,3 +331,167 @@ async def test_faults_can_target_every_route(emu: KlingEmulator, http: aiohttp.C
         emu.inject("nowhere", 5000)
     with pytest.raises(ValueError):
         emu.inject("get", "explode")
+
+
+# --- readings of the API (kling-api.md §11.1) -----------------------------------------------
+
+async def _create(http: aiohttp.ClientSession, emu: KlingEmulator, name: str,
+                  ext: str | None = None) -> tuple[int, dict[str, Any]]:
+    body: dict[str, Any] = {"voice_name": name, "voice_url": emu.sample_url()}
+    if ext is not None:
+        body["external_task_id"] = ext
+    return await call(http, emu, "POST", CV, json=body)
+
+
+async def _deleted_voice_task(http: aiohttp.ClientSession, emu: KlingEmulator) -> dict[str, Any]:
+    """Create a voice, let it succeed, delete it; return the task as the single query shows."""
+    _, created = await _create(http, emu, "gone")
+    emu.advance(emu.task_seconds + 1)
+    task_id = created["data"]["task_id"]
+    _, got = await call(http, emu, "GET", f"{CV}/{task_id}")
+    voice_id = got["data"]["task_result"]["voices"][0]["voice_id"]
+    status, _ = await call(http, emu, "POST", "/v1/general/delete-voices",
+                           json={"voice_id": voice_id})
+    assert status == 200
+    _, after = await call(http, emu, "GET", f"{CV}/{task_id}")
+    _, listed = await call(http, emu, "GET", CV)
+    (in_list,) = [t for t in listed["data"] if t["task_id"] == task_id]
+    assert in_list["task_result"] == after["data"]["task_result"]  # list and get agree
+    return dict(after["data"])
+
+
+@pytest.mark.parametrize("size", [500, 1000])
+async def test_max_page_size_refuses_larger_pages(http: aiohttp.ClientSession,
+                                                  size: int) -> None:
+    async with KlingEmulator(max_page_size=size) as emu:
+        assert (await call(http, emu, "GET", CV, params={"pageSize": str(size)}))[0] == 200
+        status, body = await call(http, emu, "GET", CV, params={"pageSize": str(size + 1)})
+        assert (status, body["code"]) == (400, 1201)
+        assert body["message"] == f"pageSize must be between 1 and {size}"
+        assert emu.count("list", code=1201) == 1
+
+
+@pytest.mark.parametrize("order", ["newest", "oldest"])
+async def test_list_order_holds_across_pages(http: aiohttp.ClientSession, order: str) -> None:
+    async with KlingEmulator(list_order=order, concurrency=50) as emu:
+        for i in range(7):
+            assert (await _create(http, emu, f"v{i}"))[0] == 200
+        seen: list[str] = []
+        for page in range(1, 5):
+            _, body = await call(http, emu, "GET", CV,
+                                 params={"pageNum": str(page), "pageSize": "3"})
+            seen += [t["task_id"] for t in body["data"]]
+        created = [t["task_id"] for t in emu.tasks()]  # oldest first
+        assert seen == (created if order == "oldest" else created[::-1])
+
+
+async def test_deleted_voices_mark_keeps_the_voice_with_its_status(
+        http: aiohttp.ClientSession) -> None:
+    async with KlingEmulator() as emu:  # "mark" is the default
+        assert emu.deleted_voices == "mark"
+        data = await _deleted_voice_task(http, emu)
+    (voice,) = data["task_result"]["voices"]
+    assert voice["status"] == "deleted" and data["task_status"] == "succeed"
+
+
+async def test_deleted_voices_drop_removes_the_voice(http: aiohttp.ClientSession) -> None:
+    async with KlingEmulator(deleted_voices="drop") as emu:
+        data = await _deleted_voice_task(http, emu)
+    assert data["task_result"]["voices"] == [] and data["task_status"] == "succeed"
+
+
+async def test_voice_status_off_sends_voices_without_status(
+        http: aiohttp.ClientSession) -> None:
+    async with KlingEmulator(voice_status=False) as emu:
+        data = await _deleted_voice_task(http, emu)
+    (voice,) = data["task_result"]["voices"]  # still listed, but nothing says it is deleted
+    assert "status" not in voice and set(voice) == {"voice_id", "voice_name", "trial_url",
+                                                    "owned_by"}
+
+
+@pytest.mark.parametrize("numeric", [False, True])
+async def test_numeric_money(http: aiohttp.ClientSession, numeric: bool) -> None:
+    async with KlingEmulator(numeric_money=numeric) as emu:
+        _, created = await _create(http, emu, "v")
+        emu.advance(emu.task_seconds + 1)
+        _, got = await call(http, emu, "GET", f"{CV}/{created['data']['task_id']}")
+        _, listed = await call(http, emu, "GET", CV)
+    data = got["data"]
+    assert listed["data"][0]["final_unit_deduction"] == data["final_unit_deduction"]
+    if numeric:
+        assert data["final_unit_deduction"] == 0.05
+        assert data["final_balance_deduction"] == {"quota": 0, "list_price": 0}
+        assert isinstance(data["created_at"], str) and data["created_at"].isdigit()
+        assert int(data["updated_at"]) >= int(data["created_at"])
+    else:
+        assert data["final_unit_deduction"] == "0.05"
+        assert data["final_balance_deduction"] == {"quota": "0", "list_price": "0"}
+        assert isinstance(data["created_at"], int)
+
+
+async def test_repeated_external_id_refused_by_default(http: aiohttp.ClientSession) -> None:
+    async with KlingEmulator() as emu:
+        assert (await _create(http, emu, "a", "ext-1"))[0] == 200
+        status, body = await _create(http, emu, "b", "ext-1")
+        assert (status, body["code"], body["message"]) == (
+            400, 1201, "External_task_id ext-1 already exists")
+        assert "data" not in body
+        assert len(emu.tasks_by_external_id("ext-1")) == 1
+
+
+async def test_repeated_external_id_accepted_when_not_unique(
+        http: aiohttp.ClientSession) -> None:
+    async with KlingEmulator(unique_external_ids=False) as emu:
+        _, first = await _create(http, emu, "a", "ext-1")
+        _, second = await _create(http, emu, "b", "ext-1")
+        assert first["code"] == second["code"] == 0
+        assert first["data"]["task_id"] != second["data"]["task_id"]
+        assert len(emu.tasks_by_external_id("ext-1")) == 2
+        _, got = await call(http, emu, "GET", f"{CV}/ext-1")
+        assert got["data"]["task_id"] == first["data"]["task_id"]  # the first one is found
+
+
+async def test_not_found_message_is_the_real_one(http: aiohttp.ClientSession) -> None:
+    async with KlingEmulator(profile="strict-real") as emu:
+        status, body = await call(http, emu, "GET", f"{CV}/ext%2F9")
+    assert (status, body["code"]) == (400, 1201)
+    assert body["message"] == "Task not found by id/external id: ext/9"
+
+
+async def test_strict_real_profile_turns_on_every_real_reading(
+        http: aiohttp.ClientSession) -> None:
+    async with KlingEmulator(profile="strict-real") as emu:
+        assert (emu.strict_auth, emu.max_page_size, emu.deleted_voices, emu.voice_status,
+                emu.numeric_money, emu.unique_external_ids) == (True, 500, "mark", True,
+                                                               False, True)
+        assert (await call(http, emu, "GET", CV, headers={"Authorization": ""}))[1]["code"] \
+            == 1002
+        assert (await call(http, emu, "GET", CV, params={"pageSize": "501"}))[0] == 400
+        await _create(http, emu, "a", "ext-1")
+        assert (await _create(http, emu, "a", "ext-1"))[1]["message"] == \
+            "External_task_id ext-1 already exists"
+        data = await _deleted_voice_task(http, emu)
+        assert data["task_result"]["voices"][0]["status"] == "deleted"
+        assert data["final_unit_deduction"] == "0.05"
+
+
+async def test_explicit_options_win_over_the_profile() -> None:
+    emu = KlingEmulator(profile="strict-real", max_page_size=1000, strict_auth=False,
+                        list_order="oldest")
+    assert (emu.max_page_size, emu.strict_auth, emu.list_order) == (1000, False, "oldest")
+    assert emu.deleted_voices == "mark"
+
+
+@pytest.mark.parametrize(("kw", "name"), [
+    ({"max_page_size": 0}, "max_page_size"), ({"max_page_size": 1001}, "max_page_size"),
+    ({"max_page_size": "500"}, "max_page_size"), ({"max_page_size": True}, "max_page_size"),
+    ({"list_order": "random"}, "list_order"), ({"deleted_voices": "hide"}, "deleted_voices"),
+    ({"voice_status": "yes"}, "voice_status"), ({"numeric_money": 1}, "numeric_money"),
+    ({"unique_external_ids": "no"}, "unique_external_ids"), ({"strict_auth": 0}, "strict_auth"),
+    ({"profile": "real"}, "profile"), ({"concurrency": 0}, "concurrency"),
+    ({"task_seconds": -1}, "task_seconds"), ({"qps": "fast"}, "qps"),
+    ({"max_recorded_requests": -1}, "max_recorded_requests"),
+])
+def test_bad_option_values_name_the_option(kw: dict[str, Any], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        KlingEmulator(**kw)

@@ -33,6 +33,8 @@ import attrs
 import jwt
 from aiohttp import web
 
+from ._options import check_number, resolve_readings
+
 # The emulator's own view of Kling's error table (kling-api.md §6.1): code -> (HTTP, message).
 _ERRORS: dict[int, tuple[int, str]] = {
     1000: (401, "Authentication failed"),
@@ -175,20 +177,38 @@ class KlingEmulator:
         api_key: str | None = None,
         account_id: str = "100000000001",
         presets: int = 48,
-        strict_auth: bool = False,
+        profile: str | None = None,
+        strict_auth: bool | None = None,
         reject_both_sources: bool = True,
         unique_voice_names: bool = False,
-        max_page_size: int = 1000,
-        deleted_voices: str = "drop",
+        max_page_size: int | None = None,
+        list_order: str | None = None,
+        deleted_voices: str | None = None,
+        voice_status: bool | None = None,
+        numeric_money: bool | None = None,
+        unique_external_ids: bool | None = None,
         webhook_secret: str | None = None,
         callback_retries: int = 0,
         qps: float | None = None,
         max_body_bytes: int = 64 * 1024,
-        max_recorded_requests: int = 1_000_000,
+        max_recorded_requests: int = 100_000,
         seed: int = 0,
     ) -> None:
-        if deleted_voices not in ("drop", "mark"):
-            raise ValueError("deleted_voices must be 'drop' or 'mark'")
+        # Reading options left as None take the profile's value, else the built-in default.
+        readings = resolve_readings(profile, {
+            "strict_auth": strict_auth, "max_page_size": max_page_size,
+            "list_order": list_order, "deleted_voices": deleted_voices,
+            "voice_status": voice_status, "numeric_money": numeric_money,
+            "unique_external_ids": unique_external_ids})
+        check_number("concurrency", concurrency, minimum=1, integer=True)
+        check_number("task_seconds", task_seconds, minimum=0)
+        check_number("processing_after", processing_after, minimum=0, allow_none=True)
+        check_number("presets", presets, minimum=0, integer=True)
+        check_number("callback_retries", callback_retries, minimum=0, integer=True)
+        check_number("qps", qps, minimum=0, allow_none=True)
+        check_number("max_body_bytes", max_body_bytes, minimum=1, integer=True)
+        check_number("max_recorded_requests", max_recorded_requests, minimum=0, integer=True)
+        self.profile = profile
         self.concurrency = concurrency
         self.task_seconds = task_seconds
         self.processing_after = (task_seconds * 0.25 if processing_after is None
@@ -198,11 +218,15 @@ class KlingEmulator:
         self.secret_key = secret_key or secrets.token_urlsafe(24)
         self.api_key = api_key or "emu-" + secrets.token_urlsafe(24)
         self.account_id = account_id
-        self.strict_auth = strict_auth
+        self.strict_auth: bool = readings["strict_auth"]
+        self.max_page_size: int = readings["max_page_size"]
+        self.list_order: str = readings["list_order"]
+        self.deleted_voices: str = readings["deleted_voices"]
+        self.voice_status: bool = readings["voice_status"]
+        self.numeric_money: bool = readings["numeric_money"]
+        self.unique_external_ids: bool = readings["unique_external_ids"]
         self.reject_both_sources = reject_both_sources
         self.unique_voice_names = unique_voice_names
-        self.max_page_size = max_page_size
-        self.deleted_voices = deleted_voices
         self.webhook_secret = webhook_secret
         self.callback_retries = callback_retries
         self.qps = qps
@@ -217,6 +241,7 @@ class KlingEmulator:
         self._tasks: dict[str, _Task] = {}
         self._order: list[str] = []
         self._by_ext: dict[str, str] = {}
+        self._ext_counts: collections.Counter[str] = collections.Counter()
         self._voices: dict[str, str] = {}  # voice_id -> task_id
         self._names: set[str] = set()
         self._active: list[tuple[float, str]] = []  # heap of (done_at, task_id)
@@ -425,20 +450,28 @@ class KlingEmulator:
             voice = {"voice_id": t.voice_id, "voice_name": t.voice_name,
                      "trial_url": f"{self._trial_base()}/trial/{t.voice_id}.wav",
                      "owned_by": self.account_id}
-            if self.deleted_voices == "mark":
+            if self.voice_status:
                 voice["status"] = "deleted" if t.deleted else "succeed"
             voices.append(voice)
+        # numeric_money plays a server that sends money as numbers and times as digit strings.
+        stamp: Any = str if self.numeric_money else int
         out: dict[str, Any] = {
             "task_id": t.task_id, "task_status": status,
             "task_status_msg": t.fail_msg if status == "failed" else "",
             "task_info": ({"external_task_id": t.external_task_id}
                           if t.external_task_id else {}),
             "task_result": {"voices": voices},
-            "created_at": self._now_ms(t.created), "updated_at": self._now_ms(changed),
+            "created_at": stamp(self._now_ms(t.created)),
+            "updated_at": stamp(self._now_ms(changed)),
         }
         if status in ("succeed", "failed"):
-            out["final_unit_deduction"] = "0.05" if status == "succeed" else "0"
-            out["final_balance_deduction"] = {"quota": "0", "list_price": "0"}
+            units = "0.05" if status == "succeed" else "0"
+            if self.numeric_money:
+                out["final_unit_deduction"] = float(units)
+                out["final_balance_deduction"] = {"quota": 0, "list_price": 0}
+            else:
+                out["final_unit_deduction"] = units
+                out["final_balance_deduction"] = {"quota": "0", "list_price": "0"}
         return out
 
     def _trial_base(self) -> str:
@@ -673,8 +706,11 @@ class KlingEmulator:
             num, size = self._paging(request)
             now = self.now()
             with self._lock:
-                end = len(self._order) - (num - 1) * size
-                ids = self._order[max(0, end - size):max(0, end)][::-1]
+                if self.list_order == "oldest":
+                    ids = self._order[(num - 1) * size:num * size]
+                else:
+                    end = len(self._order) - (num - 1) * size
+                    ids = self._order[max(0, end - size):max(0, end)][::-1]
                 return [self._task_json(self._tasks[t], now) for t in ids], None
         if route == "presets":
             num, size = self._paging(request)
@@ -727,8 +763,9 @@ class KlingEmulator:
         ext = self._opt_str(body, "external_task_id")
         now = self.now()
         with self._lock:
-            if ext is not None and ext in self._by_ext:
-                raise _ApiError(1201, f"external_task_id already exists: {ext}")
+            if ext is not None and ext in self._by_ext and self.unique_external_ids:
+                # The real server's text (kling-api.md §11.1), which SDKs match on.
+                raise _ApiError(1201, f"External_task_id {ext} already exists")
             if self.unique_voice_names and name in self._names:
                 raise _ApiError(1201, f"voice_name already exists: {name}")
             in_progress = self._prune_active(now)
@@ -745,7 +782,9 @@ class KlingEmulator:
             self._voices[task.voice_id] = task.task_id
             self._names.add(name)
             if ext is not None:
-                self._by_ext[ext] = task.task_id
+                # A lookup by a repeated external id finds the first task made with it.
+                self._by_ext.setdefault(ext, task.task_id)
+                self._ext_counts[ext] += 1
             heapq.heappush(self._active, (task.done_at, task.task_id))
             self.peak_in_progress = max(self.peak_in_progress, len(self._active))
             if callback_url:
