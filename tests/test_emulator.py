@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -14,7 +17,9 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import serve
-from voiceapi.testing import KlingEmulator, sign_webhook
+from voiceapi.testing import KlingEmulator, connection_info, sign_webhook
+from voiceapi.testing import main as run_emulator_main
+from voiceapi.testing import serve as serve_emulator
 
 CV = "/v1/general/custom-voices"
 
@@ -495,3 +500,113 @@ async def test_explicit_options_win_over_the_profile() -> None:
 def test_bad_option_values_name_the_option(kw: dict[str, Any], name: str) -> None:
     with pytest.raises(ValueError, match=name):
         KlingEmulator(**kw)
+
+
+# --- inspection and the standalone runner -----------------------------------------------------
+
+async def test_counts_stay_exact_when_the_request_log_is_bounded(
+        http: aiohttp.ClientSession) -> None:
+    async with KlingEmulator(max_recorded_requests=3) as emu:
+        for _ in range(5):
+            await call(http, emu, "GET", CV)
+        await call(http, emu, "GET", CV, headers={"Authorization": ""})
+        assert len(emu.requests) == 3
+        assert emu.count() == emu.count("list") == 6
+        assert (emu.count("list", code=0), emu.count(code=1001)) == (5, 1)
+
+
+async def test_stats_route_reports_what_the_server_saw(http: aiohttp.ClientSession) -> None:
+    async with KlingEmulator(unique_external_ids=False, concurrency=3, task_seconds=60) as emu:
+        for name, ext in (("a", "e1"), ("b", "e1"), ("c", "e2"), ("d", "e3")):
+            await _create(http, emu, name, ext)
+        await call(http, emu, "GET", f"{CV}/nope")
+        async with http.get(emu.base_url + "/_emulator/stats") as resp:  # no credentials
+            assert resp.status == 200
+            stats = await resp.json()
+        assert stats == emu.stats()
+    assert stats["by_route"] == {"create": 4, "get": 1}
+    assert stats["by_route_code"] == {"create": {"0": 3, "1303": 1}, "get": {"1201": 1}}
+    assert stats["requests"] == 5  # the stats route itself is not counted
+    assert (stats["task_count"], stats["in_progress"], stats["peak_in_progress"]) == (3, 3, 3)
+    assert stats["tasks_per_external_id"] == {"1": 1, "2": 1}
+    assert stats["repeated_external_ids"] == ["e1"]
+
+
+async def _read_line(stream: asyncio.StreamReader | None) -> dict[str, Any]:
+    assert stream is not None
+    line = await asyncio.wait_for(stream.readline(), 30)
+    info: dict[str, Any] = json.loads(line)
+    return info
+
+
+async def test_standalone_runner_in_its_own_process(http: aiohttp.ClientSession) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "voiceapi.testing", "--port", "0", "--api-key", "key-1",
+        "--max-page-size", "500", "--concurrency", "1", "--task-seconds", "60",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        info = await _read_line(proc.stdout)
+        assert set(info) == {"base_url", "access_key", "secret_key", "api_key"}
+        assert info["api_key"] == "key-1" and info["base_url"].startswith("http://127.0.0.1:")
+        base, bearer = info["base_url"], {"Authorization": "Bearer key-1"}
+        body = {"voice_name": "v", "voice_url": "https://x.test/a-10s.wav"}
+        async with http.post(base + CV, json=body, headers=bearer) as resp:
+            assert resp.status == 200
+        async with http.post(base + CV, json=body, headers=bearer) as resp:
+            assert (await resp.json())["code"] == 1303  # --concurrency 1 took effect
+        token = jwt.encode({"iss": info["access_key"], "exp": int(time.time()) + 60},
+                           info["secret_key"], algorithm="HS256")
+        async with http.get(base + CV, params={"pageSize": "501"},
+                            headers={"Authorization": f"Bearer {token}"}) as resp:
+            assert (resp.status, (await resp.json())["code"]) == (400, 1201)
+        async with http.get(base + "/_emulator/stats") as resp:
+            stats = await resp.json()
+        assert stats["by_route_code"] == {"create": {"0": 1, "1303": 1}, "list": {"1201": 1}}
+        assert (stats["task_count"], stats["peak_in_progress"]) == (1, 1)
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        rc = await asyncio.wait_for(proc.wait(), 30)
+    assert rc == 0  # SIGTERM is a clean stop
+    assert proc.stderr is not None and await proc.stderr.read() == b""
+
+
+def test_standalone_runner_does_not_need_click() -> None:
+    code = ("import sys; sys.modules['click'] = None; "  # any import of click now fails
+            "import voiceapi.testing.__main__")
+    out = subprocess.run([sys.executable, "-c", code, "--nope"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "unrecognized arguments: --nope" in out.stderr
+
+
+def test_options_from_args_gives_only_what_was_given() -> None:
+    assert KlingEmulator.options_from_args([]) == {}
+    opts = KlingEmulator.options_from_args([
+        "--port", "0", "--profile", "strict-real", "--max-page-size", "1000",
+        "--list-order", "oldest", "--no-voice-status", "--numeric-money",
+        "--deleted-voices", "drop", "--webhook-secret", "whsec_QUJD", "--qps", "2.5"])
+    assert opts == {"port": 0, "profile": "strict-real", "max_page_size": 1000,
+                    "list_order": "oldest", "voice_status": False, "numeric_money": True,
+                    "deleted_voices": "drop", "webhook_secret": "whsec_QUJD", "qps": 2.5}
+    emu = KlingEmulator(**opts)
+    assert (emu.max_page_size, emu.strict_auth, emu.voice_status) == (1000, True, False)
+    with pytest.raises(SystemExit):
+        KlingEmulator.options_from_args(["--list-order", "random"])
+
+
+async def test_serve_runs_until_stopped() -> None:
+    stop = asyncio.Event()
+    seen: list[dict[str, str]] = []
+
+    def announce(emu: KlingEmulator) -> None:
+        seen.append(connection_info(emu))
+        stop.set()
+
+    await asyncio.wait_for(serve_emulator({"api_key": "k"}, announce=announce, stop=stop), 30)
+    assert seen[0]["api_key"] == "k"
+
+
+def test_main_refuses_bad_values_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_emulator_main(["--max-page-size", "5000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: max_page_size") and err.count("\n") == 1

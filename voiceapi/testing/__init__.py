@@ -4,6 +4,18 @@
 registered automatically (see README, "Testing your code").
 """
 
-from ._emulator import FAULTS, ROUTES, KlingEmulator, RecordedRequest, make_wav, sign_webhook
+from ._emulator import (
+    FAULTS,
+    ROUTES,
+    STATS_PATH,
+    KlingEmulator,
+    RecordedRequest,
+    make_wav,
+    sign_webhook,
+)
+from ._options import PROFILES, build_parser, options_from_args
+from ._standalone import connection_info, main, serve
 
-__all__ = ["FAULTS", "ROUTES", "KlingEmulator", "RecordedRequest", "make_wav", "sign_webhook"]
+__all__ = ["FAULTS", "PROFILES", "ROUTES", "STATS_PATH", "KlingEmulator", "RecordedRequest",
+           "build_parser", "connection_info", "main", "make_wav", "options_from_args", "serve",
+           "sign_webhook"]

@@ -25,6 +25,7 @@ import time
 import urllib.parse
 import uuid
 import wave
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
@@ -33,7 +34,7 @@ import attrs
 import jwt
 from aiohttp import web
 
-from ._options import check_number, resolve_readings
+from ._options import check_number, options_from_args, resolve_readings
 
 # The emulator's own view of Kling's error table (kling-api.md §6.1): code -> (HTTP, message).
 _ERRORS: dict[int, tuple[int, str]] = {
@@ -63,6 +64,8 @@ _ERRORS: dict[int, tuple[int, str]] = {
 ROUTES = ("create", "get", "list", "presets", "delete")
 FAULTS = ("reset", "slow", "garbage", "truncated", "html502", "commit_then_5000")
 _BASE = "/v1/general"
+#: The emulator's own inspection route (not part of the Kling API).
+STATS_PATH = "/_emulator/stats"
 _FETCH_FAILED = "Something went wrong when we tried to get the contents of the file."
 _PRESET_NAMES = (
     "Warm Narrator", "Bright Host", "Calm Teacher", "Deep Trailer", "Friendly Guide",
@@ -242,6 +245,10 @@ class KlingEmulator:
         self._order: list[str] = []
         self._by_ext: dict[str, str] = {}
         self._ext_counts: collections.Counter[str] = collections.Counter()
+        # Exact totals that survive the bounded request log: arrivals by route, answers by
+        # (route, code) — code None for answers without a JSON envelope.
+        self._arrivals: collections.Counter[str] = collections.Counter()
+        self._answers: collections.Counter[tuple[str, int | None]] = collections.Counter()
         self._voices: dict[str, str] = {}  # voice_id -> task_id
         self._names: set[str] = set()
         self._active: list[tuple[float, str]] = []  # heap of (done_at, task_id)
@@ -264,6 +271,12 @@ class KlingEmulator:
         self._thread: threading.Thread | None = None
         self._thread_loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
+
+    @staticmethod
+    def options_from_args(argv: Sequence[str] | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``KlingEmulator`` from command-line flags (``--port 0
+        --max-page-size 500 --profile strict-real`` …); see ``python -m voiceapi.testing -h``."""
+        return options_from_args(argv)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -388,9 +401,39 @@ class KlingEmulator:
             self._faults.clear()
 
     def count(self, route: str | None = None, *, code: int | None = None) -> int:
-        """Requests received, optionally for one route and/or answered with one code."""
-        return sum(1 for r in list(self.requests)
-                   if (route is None or r.route == route) and (code is None or r.code == code))
+        """Requests received, optionally for one route and/or answered with one code.
+
+        Kept as counters, not read from :attr:`requests`, so the answer stays exact after the
+        bounded request log has dropped old entries.
+        """
+        with self._lock:
+            if code is None:
+                return (sum(self._arrivals.values()) if route is None
+                        else self._arrivals[route])
+            return sum(n for (r, c), n in self._answers.items()
+                       if c == code and (route is None or r == route))
+
+    def stats(self) -> dict[str, Any]:
+        """What the server saw, as JSON-ready data (also served at ``GET /_emulator/stats``).
+
+        ``tasks_per_external_id`` is a histogram {tasks per id: ids}, so ``{"1": 300}`` proves
+        300 voices were each created once; ``repeated_external_ids`` names the ids with more.
+        """
+        with self._lock:
+            by_route_code: dict[str, dict[str, int]] = {}
+            for (route, code), n in sorted(self._answers.items(), key=str):
+                by_route_code.setdefault(route, {})[str(code)] = n
+            histogram = collections.Counter(self._ext_counts.values())
+            return {
+                "requests": sum(self._arrivals.values()),
+                "by_route": dict(sorted(self._arrivals.items())),
+                "by_route_code": by_route_code,
+                "in_progress": self._prune_active(self.now()),
+                "peak_in_progress": self.peak_in_progress,
+                "task_count": len(self._order),
+                "tasks_per_external_id": {str(k): histogram[k] for k in sorted(histogram)},
+                "repeated_external_ids": sorted(e for e, n in self._ext_counts.items() if n > 1),
+            }
 
     def in_progress(self) -> int:
         with self._lock:
@@ -572,12 +615,19 @@ class KlingEmulator:
             return self._serve_sample(raw_path[len("/samples/"):])
         if request.method == "GET" and raw_path.startswith("/trial/"):
             return web.Response(body=make_wav(6.0), content_type="audio/wav")
+        if request.method == "GET" and raw_path == STATS_PATH:
+            # Unauthenticated and uncounted: for tests and benchmarks in other processes.
+            return web.json_response(self.stats())
         route, ext = "unknown", None
         record = RecordedRequest(request.method, raw_path, route, 0, None, None)
         self.requests.append(record)  # on arrival, so in-flight requests are counted too
         try:
-            route, ident = self._route_of(request.method, raw_path)
-            record.route = route
+            try:
+                route, ident = self._route_of(request.method, raw_path)
+            finally:
+                record.route = route
+                with self._lock:
+                    self._arrivals[route] += 1
             self._authenticate(request)
             self._check_qps()
             fault = self._take_fault(route)
@@ -589,6 +639,8 @@ class KlingEmulator:
                 _ApiError(5000, f"emulator error: {type(exc).__name__}"))
         record.status, record.code, record.external_task_id = (
             response.status, self._code_of(response), ext)
+        with self._lock:
+            self._answers[route, record.code] += 1
         return response
 
     @staticmethod
@@ -873,5 +925,5 @@ class KlingEmulator:
                 entry["status"] = "error"
 
 
-__all__ = ["FAULTS", "ROUTES", "KlingEmulator", "RecordedRequest", "make_wav", "sign_webhook",
-           "wav_seconds"]
+__all__ = ["FAULTS", "ROUTES", "STATS_PATH", "KlingEmulator", "RecordedRequest", "make_wav",
+           "sign_webhook", "wav_seconds"]

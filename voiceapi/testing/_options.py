@@ -8,6 +8,8 @@ and validate them the same way.
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Sequence
 from typing import Any
 
 #: Built-in value of every "reading" option (used when neither the caller nor a profile sets it).
@@ -85,3 +87,52 @@ def check_number(name: str, value: Any, *, minimum: float, allow_none: bool = Fa
     if isinstance(value, bool) or not ok or not value >= minimum:
         kind = "an int" if integer else "a number"
         raise ValueError(f"{name} must be {kind} >= {minimum:g}, got {value!r}")
+
+
+def build_parser(prog: str = "python -m voiceapi.testing") -> argparse.ArgumentParser:
+    """The emulator's command-line options (argparse, so no click is needed).
+
+    Every option defaults to "not given": the emulator's own defaults (and ``--profile``) then
+    apply, exactly as for ``KlingEmulator(...)`` in code.
+    """
+    p = argparse.ArgumentParser(
+        prog=prog, description="Run the local Kling Custom Voice emulator until SIGTERM/SIGINT. "
+        "Prints one JSON line with base_url, access_key, secret_key and api_key; "
+        "GET {base_url}/_emulator/stats shows what the server saw.")
+    add = p.add_argument
+    add("--host", help="interface to listen on (default 127.0.0.1)")
+    add("--port", type=int, help="port (default 0: any free port)")
+    add("--concurrency", type=int, help="tasks in progress before 429/1303 (default 5)")
+    add("--task-seconds", type=float, help="time a task takes to finish (default 0.2)")
+    add("--processing-after", type=float, help="seconds until 'processing' (default 1/4 of it)")
+    add("--qps", type=float, help="requests per second before 429/1302 (default: no limit)")
+    add("--api-key", help="API key to accept (default: random)")
+    add("--access-key", help="JWT access key to accept (default emulator-access-key)")
+    add("--secret-key", help="JWT secret key (default: random)")
+    add("--account-id", help="numeric creator id in owned_by")
+    add("--webhook-secret", help="whsec_… secret: sign callbacks (Standard Webhooks)")
+    add("--callback-retries", type=int, help="extra callback attempts on non-2xx (default 0)")
+    add("--presets", type=int, help="number of preset voices (default 48)")
+    add("--profile", choices=sorted(PROFILES), help="bundle of real-server readings")
+    add("--max-page-size", type=int, help="largest pageSize accepted (500 or 1000)")
+    add("--list-order", choices=LIST_ORDERS, help="list order (default newest)")
+    add("--deleted-voices", choices=DELETED_VOICES, help="keep deleted voices (mark) or drop")
+    flag = argparse.BooleanOptionalAction
+    add("--strict-auth", action=flag, help="answer 1002 for every auth problem")
+    add("--voice-status", action=flag, help="voices carry status (default on)")
+    add("--numeric-money", action=flag, help="money as numbers, timestamps as strings")
+    add("--unique-external-ids", action=flag, help="refuse a repeated external_task_id "
+        "(default on)")
+    add("--reject-both-sources", action=flag, help="refuse voice_url and video_id together")
+    add("--unique-voice-names", action=flag, help="refuse a repeated voice_name")
+    add("--max-body-bytes", type=int, help="largest request body")
+    add("--max-recorded-requests", type=int, help="length of the in-memory request log")
+    add("--seed", type=int, help="seed for ids")
+    return p
+
+
+def options_from_args(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``KlingEmulator(**options_from_args(argv))``: only the options given on the command
+    line, so the emulator's defaults and profile apply to the rest. Exits 2 on bad usage."""
+    args = build_parser().parse_args(argv)
+    return {k: v for k, v in vars(args).items() if v is not None}
