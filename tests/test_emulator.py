@@ -610,3 +610,44 @@ def test_main_refuses_bad_values_in_one_line(capsys: pytest.CaptureFixture[str])
     assert run_emulator_main(["--max-page-size", "5000"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: max_page_size") and err.count("\n") == 1
+
+
+# --- faults ---------------------------------------------------------------------------------
+
+async def test_commit_then_drop_stores_one_task_and_never_answers(
+        http: aiohttp.ClientSession) -> None:
+    async with KlingEmulator() as emu:
+        emu.inject("create", "commit_then_drop")
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await _create(http, emu, "v", "ext-drop")
+        assert len(emu.tasks_by_external_id("ext-drop")) == 1 and emu.task_count == 1
+        (record,) = emu.requests
+        assert (record.route, record.status, record.code, record.external_task_id) == (
+            "create", 0, "dropped", "ext-drop")
+        assert emu.count("create", code="dropped") == 1
+        assert emu.stats()["by_route_code"] == {"create": {"dropped": 1}}
+        # The task is there for a reconciling lookup; a resend is refused as a duplicate.
+        status, got = await call(http, emu, "GET", f"{CV}/ext-drop")
+        assert status == 200 and got["data"]["task_info"]["external_task_id"] == "ext-drop"
+        assert (await _create(http, emu, "v", "ext-drop"))[1]["message"] == \
+            "External_task_id ext-drop already exists"
+        assert emu.task_count == 1
+
+
+async def test_reset_drops_before_any_work(http: aiohttp.ClientSession) -> None:
+    async with KlingEmulator() as emu:
+        emu.inject("create", "reset")
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await _create(http, emu, "v", "ext-r")
+        assert emu.task_count == 0 and emu.count("create", code="dropped") == 1
+
+
+async def test_slow_fault_delays_a_lookup(http: aiohttp.ClientSession) -> None:
+    async with KlingEmulator() as emu:
+        _, created = await _create(http, emu, "v", "ext-s")
+        emu.inject("get", "slow", delay=0.5)
+        with pytest.raises(asyncio.TimeoutError):  # the answer comes after the client gave up
+            await call(http, emu, "GET", f"{CV}/ext-s",
+                       timeout=aiohttp.ClientTimeout(total=0.05))
+        status, got = await call(http, emu, "GET", f"{CV}/ext-s")  # the fault was used up
+        assert status == 200 and got["data"]["task_id"] == created["data"]["task_id"]

@@ -5,6 +5,7 @@ registered automatically (see README, "Testing your code").
 """
 
 from ._emulator import (
+    DROPPED,
     FAULTS,
     ROUTES,
     STATS_PATH,
@@ -16,6 +17,8 @@ from ._emulator import (
 from ._options import PROFILES, build_parser, options_from_args
 from ._standalone import connection_info, main, serve
 
-__all__ = ["FAULTS", "PROFILES", "ROUTES", "STATS_PATH", "KlingEmulator", "RecordedRequest",
-           "build_parser", "connection_info", "main", "make_wav", "options_from_args", "serve",
-           "sign_webhook"]
+__all__ = [
+    "DROPPED", "FAULTS", "PROFILES", "ROUTES", "STATS_PATH", "KlingEmulator", "RecordedRequest",
+    "build_parser", "connection_info", "main", "make_wav", "options_from_args", "serve",
+    "sign_webhook",
+]

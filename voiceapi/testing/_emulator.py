@@ -62,7 +62,11 @@ _ERRORS: dict[int, tuple[int, str]] = {
 }
 
 ROUTES = ("create", "get", "list", "presets", "delete")
-FAULTS = ("reset", "slow", "garbage", "truncated", "html502", "commit_then_5000")
+FAULTS = ("reset", "slow", "garbage", "truncated", "html502", "commit_then_5000",
+          "commit_then_drop")
+#: The ``code`` recorded (and counted in stats) for a request whose connection was dropped
+#: without an answer.
+DROPPED = "dropped"
 _BASE = "/v1/general"
 #: The emulator's own inspection route (not part of the Kling API).
 STATS_PATH = "/_emulator/stats"
@@ -82,12 +86,16 @@ class _Fault:
 
 
 class RecordedRequest:
-    """What the emulator saw and answered (``status`` 0 while still being answered)."""
+    """What the emulator saw and answered.
+
+    ``status`` is 0 while the request is still being answered, and stays 0 (with ``code``
+    ``"dropped"``) when a fault dropped the connection without an answer.
+    """
 
     __slots__ = ("code", "external_task_id", "method", "path", "route", "status")
 
-    def __init__(self, method: str, path: str, route: str, status: int, code: int | None,
-                 external_task_id: str | None) -> None:
+    def __init__(self, method: str, path: str, route: str, status: int,
+                 code: int | str | None, external_task_id: str | None) -> None:
         self.method, self.path, self.route = method, path, route
         self.status, self.code, self.external_task_id = status, code, external_task_id
 
@@ -115,6 +123,16 @@ class _Task:
         if now >= self.done_at:
             return "failed" if self.fail_msg else "succeed"
         return "processing" if now >= self.processing_at else "submitted"
+
+
+class _Dropped(Exception):
+    """Abort the connection without answering (faults ``reset`` and ``commit_then_drop``)."""
+
+    def __init__(self, request: web.Request, ext: str | None) -> None:
+        super().__init__("connection dropped by the emulator")
+        if request.transport is not None:
+            request.transport.abort()
+        self.ext = ext
 
 
 class _ApiError(Exception):
@@ -248,7 +266,8 @@ class KlingEmulator:
         # Exact totals that survive the bounded request log: arrivals by route, answers by
         # (route, code) — code None for answers without a JSON envelope.
         self._arrivals: collections.Counter[str] = collections.Counter()
-        self._answers: collections.Counter[tuple[str, int | None]] = collections.Counter()
+        self._answers: collections.Counter[tuple[str, int | str | None]] = (
+            collections.Counter())
         self._voices: dict[str, str] = {}  # voice_id -> task_id
         self._names: set[str] = set()
         self._active: list[tuple[float, str]] = []  # heap of (done_at, task_id)
@@ -384,9 +403,11 @@ class KlingEmulator:
                retry_after: float | None = None) -> None:
         """Script a fault for the next ``times`` requests to ``route`` (or ``"*"``).
 
-        ``kind``: a Kling error code (e.g. 5000, 1302, 1303, 1102), or one of ``reset``,
-        ``slow`` (answer after ``delay`` s), ``garbage``, ``truncated``, ``html502``,
-        ``commit_then_5000`` (the create lands but the answer is an error).
+        ``kind``: a Kling error code (e.g. 5000, 1302, 1303, 1102), or one of ``reset`` (drop
+        the connection before any work), ``slow`` (do the work, answer after ``delay`` s),
+        ``garbage``, ``truncated``, ``html502``, ``commit_then_5000`` (the create lands but
+        the answer is an error) and ``commit_then_drop`` (the create lands, then the
+        connection is dropped without an answer; counted with code ``"dropped"``).
         """
         kind = str(kind)
         if route != "*" and route not in ROUTES:
@@ -400,7 +421,7 @@ class KlingEmulator:
         with self._lock:
             self._faults.clear()
 
-    def count(self, route: str | None = None, *, code: int | None = None) -> int:
+    def count(self, route: str | None = None, *, code: int | str | None = None) -> int:
         """Requests received, optionally for one route and/or answered with one code.
 
         Kept as counters, not read from :attr:`requests`, so the answer stays exact after the
@@ -634,6 +655,12 @@ class KlingEmulator:
             response, ext = await self._handle_with_fault(route, ident, request, fault)
         except _ApiError as err:
             response = self._error_response(err)
+        except _Dropped as drop:
+            # No answer reaches the client; the response below only satisfies aiohttp.
+            record.status, record.code, record.external_task_id = 0, DROPPED, drop.ext
+            with self._lock:
+                self._answers[route, DROPPED] += 1
+            return web.Response(status=500)
         except Exception as exc:  # never a traceback page: an envelope, like the real server
             response = self._error_response(
                 _ApiError(5000, f"emulator error: {type(exc).__name__}"))
@@ -670,9 +697,7 @@ class KlingEmulator:
                 headers["Retry-After"] = f"{fault.retry_after:g}"
             raise _ApiError(int(kind), headers=headers)
         if kind == "reset":
-            if request.transport is not None:
-                request.transport.abort()
-            raise _ApiError(5000, "connection reset by emulator")
+            raise _Dropped(request, None)
         if kind == "html502":
             return web.Response(status=502, text="<html><body><h1>502 Bad Gateway</h1></body>"
                                 "</html>", content_type="text/html"), None
@@ -684,6 +709,8 @@ class KlingEmulator:
             await asyncio.sleep(fault.delay)  # the work is done; only the answer is late
         if kind == "commit_then_5000":
             raise _ApiError(5000)
+        if kind == "commit_then_drop":  # the work is stored; the caller never hears of it
+            raise _Dropped(request, ext)
         body = self._envelope(0, "SUCCEED", payload, with_data=payload is not None)
         if kind == "truncated":
             body = body[: max(1, len(body) // 2)]
@@ -925,5 +952,5 @@ class KlingEmulator:
                 entry["status"] = "error"
 
 
-__all__ = ["FAULTS", "ROUTES", "STATS_PATH", "KlingEmulator", "RecordedRequest", "make_wav",
-           "sign_webhook", "wav_seconds"]
+__all__ = ["DROPPED", "FAULTS", "ROUTES", "STATS_PATH", "KlingEmulator", "RecordedRequest",
+           "make_wav", "sign_webhook", "wav_seconds"]
