@@ -6,9 +6,11 @@ import asyncio
 import json
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,6 +22,7 @@ from tests.conftest import serve
 from voiceapi.testing import KlingEmulator, connection_info, sign_webhook
 from voiceapi.testing import main as run_emulator_main
 from voiceapi.testing import serve as serve_emulator
+from voiceapi.testing._pytest_plugin import fail_on_internal_errors
 
 CV = "/v1/general/custom-voices"
 
@@ -651,3 +654,89 @@ async def test_slow_fault_delays_a_lookup(http: aiohttp.ClientSession) -> None:
                        timeout=aiohttp.ClientTimeout(total=0.05))
         status, got = await call(http, emu, "GET", f"{CV}/ext-s")  # the fault was used up
         assert status == 200 and got["data"]["task_id"] == created["data"]["task_id"]
+
+
+# --- the emulator never hides its own bugs ----------------------------------------------------
+
+def _break(emu: KlingEmulator, method: str, exc: BaseException) -> None:
+    """Force an emulator bug: the named handler raises ``exc``."""
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise exc
+    setattr(emu, method, broken)
+
+
+async def test_internal_error_is_recorded_and_answered_5000(
+        emu: KlingEmulator, http: aiohttp.ClientSession) -> None:
+    _break(emu, "_get", RuntimeError("emulator bug 42"))
+    status, body = await call(http, emu, "GET", f"{CV}/123")
+    assert (status, body["code"]) == (500, 5000)
+    (error,) = emu.internal_errors
+    assert error.startswith(f"GET {CV}/123 (get):") and "Traceback" in error
+    assert "RuntimeError: emulator bug 42" in error
+    with pytest.raises(pytest.fail.Exception, match="emulator bug 42") as failed:
+        fail_on_internal_errors(emu)  # what the fixtures run at teardown
+    assert "internal error" in str(failed.value)
+    emu.internal_errors.clear()  # handled here; the fixture would fail this test otherwise
+
+
+async def test_a_client_that_goes_away_is_not_an_internal_error(
+        emu: KlingEmulator, http: aiohttp.ClientSession) -> None:
+    _break(emu, "_get", ConnectionResetError("peer gone"))
+    assert (await call(http, emu, "GET", f"{CV}/123"))[1]["code"] == 5000
+    assert emu.internal_errors == [] and emu.internal_error_report() is None
+    fail_on_internal_errors(emu)  # no error: nothing to fail
+
+
+async def test_callback_bugs_are_recorded_and_callbacks_keep_running(
+        http: aiohttp.ClientSession) -> None:
+    async with KlingEmulator(task_seconds=0.05) as emu:
+        _break(emu, "_deliver", KeyError("callback bug"))
+        await call(http, emu, "POST", CV, json={"voice_name": "v", "voice_url": emu.sample_url(),
+                                                "callback_url": "http://127.0.0.1:9/hook"})
+        for _ in range(200):  # bounded: the ticker runs every few ms
+            if emu.internal_errors:
+                break
+            await asyncio.sleep(0.01)
+        assert emu.internal_errors and "KeyError: 'callback bug'" in emu.internal_errors[0]
+        assert emu.internal_errors[0].startswith("callbacks:")
+        assert emu._ticker is not None and not emu._ticker.done()  # still serving
+        emu.internal_errors.clear()
+
+
+def test_internal_errors_are_bounded() -> None:
+    emu = KlingEmulator()
+    for i in range(150):
+        try:
+            raise ValueError(i)
+        except ValueError:
+            emu._record_internal_error("x")
+    assert len(emu.internal_errors) == 100
+
+
+def test_the_plugin_fixture_fails_a_test_that_hit_an_emulator_bug(tmp_path: Path) -> None:
+    (tmp_path / "test_user.py").write_text(textwrap.dedent('''
+        import urllib.error, urllib.request
+
+        def test_uses_the_emulator(kling_emulator):
+            def broken(*args, **kwargs):
+                raise RuntimeError("emulator bug 77")
+            kling_emulator._get = broken
+            request = urllib.request.Request(
+                kling_emulator.base_url + "/v1/general/custom-voices/1",
+                headers={"Authorization": "Bearer " + kling_emulator.api_key})
+            try:
+                urllib.request.urlopen(request, timeout=30)
+            except urllib.error.HTTPError as err:
+                assert err.code == 500   # the test itself passes...
+
+        def test_clean(kling_emulator):
+            assert kling_emulator.internal_errors == []
+    '''))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "-o", "asyncio_default_fixture_loop_scope=function", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "2 passed, 1 error" in out.stdout  # both tests pass; the first one errors
+
+    assert "ERROR at teardown of test_uses_the_emulator" in out.stdout
+    assert "RuntimeError: emulator bug 77" in out.stdout

@@ -22,6 +22,7 @@ import secrets
 import struct
 import threading
 import time
+import traceback
 import urllib.parse
 import uuid
 import wave
@@ -64,6 +65,8 @@ _ERRORS: dict[int, tuple[int, str]] = {
 ROUTES = ("create", "get", "list", "presets", "delete")
 FAULTS = ("reset", "slow", "garbage", "truncated", "html502", "commit_then_5000",
           "commit_then_drop")
+#: Internal errors kept per emulator (a bug hit in a loop must not fill the memory).
+MAX_INTERNAL_ERRORS = 100
 #: The ``code`` recorded (and counted in stats) for a request whose connection was dropped
 #: without an answer.
 DROPPED = "dropped"
@@ -280,6 +283,11 @@ class KlingEmulator:
         self.requests: collections.deque[RecordedRequest] = collections.deque(
             maxlen=max_recorded_requests)
         self.callbacks: list[dict[str, Any]] = []
+        #: Tracebacks of unexpected exceptions inside the emulator (its own bugs), oldest
+        #: first, at most ``MAX_INTERNAL_ERRORS``. The request still gets a 5000 envelope, but
+        #: the pytest fixtures fail the test at teardown so such a bug is never hidden by a
+        #: client that retries 5000.
+        self.internal_errors: list[str] = []
         self.peak_in_progress = 0
         self._presets = [self._make_preset(i) for i in range(presets)]
 
@@ -481,6 +489,20 @@ class KlingEmulator:
     def preset_ids(self) -> list[str]:
         return [p["task_result"]["voices"][0]["voice_id"] for p in self._presets]
 
+    def internal_error_report(self) -> str | None:
+        """The emulator's own errors as one message (None when there were none): what the
+        fixtures fail a test with."""
+        errors = list(self.internal_errors)
+        if not errors:
+            return None
+        return (f"the Kling emulator hit {len(errors)} internal error(s) (a bug in the "
+                "emulator, answered as 5000):\n\n" + "\n".join(errors))
+
+    def _record_internal_error(self, where: str) -> None:
+        """Keep the current exception's traceback (called from an ``except`` block)."""
+        if len(self.internal_errors) < MAX_INTERNAL_ERRORS:
+            self.internal_errors.append(f"{where}:\n{traceback.format_exc()}")
+
     # --- internals --------------------------------------------------------------------------
 
     def _new_id(self) -> str:
@@ -661,7 +683,10 @@ class KlingEmulator:
             with self._lock:
                 self._answers[route, DROPPED] += 1
             return web.Response(status=500)
+        except ConnectionError:  # the client went away mid-request: not the emulator's fault
+            response = self._error_response(_ApiError(5000, "connection lost"))
         except Exception as exc:  # never a traceback page: an envelope, like the real server
+            self._record_internal_error(f"{request.method} {raw_path} ({route})")
             response = self._error_response(
                 _ApiError(5000, f"emulator error: {type(exc).__name__}"))
         record.status, record.code, record.external_task_id = (
@@ -906,7 +931,10 @@ class KlingEmulator:
         while True:
             await asyncio.sleep(interval)
             if self._callback_pending:
-                await self._send_due_callbacks()
+                try:
+                    await self._send_due_callbacks()
+                except Exception:  # an emulator bug: report it, keep serving
+                    self._record_internal_error("callbacks")
 
     async def _send_due_callbacks(self) -> None:
         now = self.now()
