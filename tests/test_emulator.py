@@ -715,7 +715,11 @@ def test_internal_errors_are_bounded() -> None:
 
 def test_the_plugin_fixture_fails_a_test_that_hit_an_emulator_bug(tmp_path: Path) -> None:
     (tmp_path / "test_user.py").write_text(textwrap.dedent('''
-        import urllib.error, urllib.request
+        import sys, urllib.error, urllib.request
+
+        def test_before_any_fixture_use():  # the plugin is loaded, the emulator is not
+            assert "aiohttp.web" not in sys.modules
+            assert "voiceapi.testing._pytest_plugin" in sys.modules
 
         def test_uses_the_emulator(kling_emulator):
             def broken(*args, **kwargs):
@@ -736,7 +740,24 @@ def test_the_plugin_fixture_fails_a_test_that_hit_an_emulator_bug(tmp_path: Path
                           "-o", "asyncio_default_fixture_loop_scope=function", str(tmp_path)],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 1, out.stdout + out.stderr
-    assert "2 passed, 1 error" in out.stdout  # both tests pass; the first one errors
+    assert "3 passed, 1 error" in out.stdout  # every test passes; one errors at teardown
 
     assert "ERROR at teardown of test_uses_the_emulator" in out.stdout
     assert "RuntimeError: emulator bug 77" in out.stdout
+
+
+def test_importing_the_plugin_does_not_import_the_emulator() -> None:
+    code = ("import voiceapi.testing._pytest_plugin, sys; "
+            "print('aiohttp.web' in sys.modules, 'voiceapi.testing._emulator' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_the_testing_package_loads_names_on_first_use() -> None:
+    import voiceapi.testing as testing
+
+    assert testing.KlingEmulator is KlingEmulator and testing.main is run_emulator_main
+    assert set(testing.__all__) <= set(dir(testing))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        testing.no_such_name  # noqa: B018
