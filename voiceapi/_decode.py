@@ -360,7 +360,7 @@ class _NoTaskId(TypeError):
 def _structure_task_record(raw: Any, _: Any = VoiceTask) -> VoiceTask:
     """The VoiceTask hook: one pass over the nested API record, field by field leniency."""
     if type(raw) is not dict and not isinstance(raw, Mapping):
-        raise _NoTaskId(f"task record is a {type(raw).__name__}, expected an object")
+        raise _NoTaskId(f"task record is not an object (got {type(raw).__name__})")
     get = raw.get
     tid = get("task_id")
     if type(tid) is not str or not tid or tid.isspace():
