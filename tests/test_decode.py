@@ -202,6 +202,22 @@ def test_one_odd_field_keeps_the_record_and_the_page(
             assert getattr(tasks[1], other) == getattr(reference, other), other
 
 
+def test_numbers_too_long_to_print_lose_only_their_field() -> None:
+    huge = 10**5000  # str() refuses it (int_max_str_digits); JSON cannot carry it, Python can
+    task = parse_task(_with("final_unit_deduction", huge)
+                      | {"task_info": {"external_task_id": huge}, "task_result": {"voices": [
+                          {"voice_id": "7", "owned_by": huge}, {"voice_id": huge}]}})
+    assert (task.final_unit_deduction, task.external_task_id) == (None, None)
+    assert task.voices == [voiceapi.Voice("7")]
+    with pytest.raises(voiceapi.UnexpectedResponseError, match="no usable task_id"):
+        parse_task({"task_id": huge})
+
+
+def test_the_voice_hook_refuses_an_unusable_entry() -> None:
+    with pytest.raises(TypeError):
+        converter.structure({"voice_name": "no id"}, voiceapi.Voice)
+
+
 def test_skipped_voice_entries_are_logged(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="voiceapi"):
         task = parse_task(_with("task_result.voices", [5, {"voice_name": "no id"}]))

@@ -238,10 +238,17 @@ def _text(value: Any, default: str) -> str:
 def _number_text(value: int | float) -> str | None:
     """Decimal text of a number: ``0.05`` stays "0.05", never "5e-02"; NaN/inf are no value."""
     if type(value) is int:
-        return str(value)
+        return _int_text(value)
     if not math.isfinite(value):
         return None
     return format(decimal.Decimal(repr(value)), "f")
+
+
+def _int_text(value: int) -> str | None:
+    try:
+        return str(value)
+    except ValueError:  # more digits than Python will print (sys.set_int_max_str_digits)
+        return None
 
 
 def _money(value: Any) -> str | None:
@@ -275,7 +282,7 @@ def _task_id(value: Any) -> str | None:
     if type(value) is str:
         return value if value and not value.isspace() else None
     if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
+        return _int_text(int(value))
     if isinstance(value, str):
         return _task_id(str(value))
     return None
@@ -298,7 +305,7 @@ def _voice_status(value: Any) -> str | None:
     return _text(value, "") or None  # tolerated: a number becomes its text, others None
 
 
-def _structure_voice(raw: Any, _: Any = Voice) -> Voice | None:
+def _voice_or_none(raw: Any) -> Voice | None:
     """One voice entry, or None when it is not an object or has no usable ``voice_id``."""
     if type(raw) is not dict and not isinstance(raw, Mapping):
         return None
@@ -329,12 +336,21 @@ def _voices(result: Any) -> list[Voice]:
         raw = [raw]  # one voice object instead of an array still names a real voice
     out = []
     for entry in raw:
-        voice = _structure_voice(entry)
+        voice = _voice_or_none(entry)
         if voice is not None:
             out.append(voice)
         else:
-            logger.warning("skipped a voice entry without a usable voice_id: %.200r", entry)
+            logger.warning("skipped a voice entry without a usable voice_id: %s",
+                           _preview(entry))
     return out
+
+
+def _structure_voice(raw: Any, _: Any = Voice) -> Voice:
+    """The Voice hook (for ``converter.structure(raw, Voice)``): an unusable entry raises."""
+    voice = _voice_or_none(raw)
+    if voice is None:
+        raise TypeError("voice entry is not an object with a usable voice_id")
+    return voice
 
 
 def _balance(value: Any) -> BalanceDeduction | None:
@@ -353,6 +369,14 @@ def _external_id(info: Any) -> str | None:
     return _task_id(ext)
 
 
+def _preview(value: Any) -> str:
+    """A short repr for an error message; never fails (huge ints cannot be printed)."""
+    try:
+        return f"{value!r:.80}"
+    except (ValueError, RecursionError):
+        return f"a {type(value).__name__}"
+
+
 class _NoTaskId(TypeError):
     """The one unreadable case: a record we cannot name."""
 
@@ -366,7 +390,7 @@ def _structure_task_record(raw: Any, _: Any = VoiceTask) -> VoiceTask:
     if type(tid) is not str or not tid or tid.isspace():
         tid = _task_id(tid)
     if tid is None:
-        raise _NoTaskId(f"task record has no usable task_id (got {get('task_id')!r:.80})")
+        raise _NoTaskId(f"task record has no usable task_id (got {_preview(get('task_id'))})")
     raw_status = get("task_status")
     status = _STATUS_BY_VALUE.get(raw_status) if type(raw_status) is str else None
     if status is None:
