@@ -5,6 +5,7 @@ from __future__ import annotations
 import ssl as _ssl
 from collections.abc import Sequence
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -16,6 +17,9 @@ from ._preset_voices import AsyncPresetVoices
 from ._retry import RetryPolicy
 from ._transport import Transport
 
+if TYPE_CHECKING:
+    from ._coordinator import Coordinator
+
 
 class AsyncVoiceClient:
     """The asyncio client for the Kling Custom Voice API.
@@ -24,6 +28,8 @@ class AsyncVoiceClient:
     back to ``KLING_ACCESS_KEY``/``KLING_SECRET_KEY``/``KLING_API_KEY``. The constructor does no
     I/O: the HTTP session is created on first use, on the running loop, and closed by
     ``async with`` or :meth:`aclose`. A ``session`` you pass in is used and never closed by us.
+    A ``coordinator`` (e.g. ``voiceapi.coordination.RedisCoordinator``) shares the account's
+    request rate and 1302/1303 backoff with other processes, for plain calls and batches alike.
     """
 
     def __init__(
@@ -43,6 +49,7 @@ class AsyncVoiceClient:
         session: aiohttp.ClientSession | None = None,
         ssl: _ssl.SSLContext | bool | None = None,
         proxy: str | None = None,
+        coordinator: Coordinator | None = None,
     ) -> None:
         self._config: ClientConfig = make_config(
             access_key, secret_key, api_key=api_key, base_url=base_url, timeout=timeout,
@@ -50,7 +57,7 @@ class AsyncVoiceClient:
             max_requests_per_second=max_requests_per_second, max_in_flight=max_in_flight,
             ssl=ssl, proxy=proxy)
         self._transport = Transport(self._config, session=session, middlewares=middlewares,
-                                    retry_policy=retry_policy)
+                                    retry_policy=retry_policy, coordinator=coordinator)
         self.custom_voices = AsyncCustomVoices(self._transport)
         self.preset_voices = AsyncPresetVoices(self._transport)
 

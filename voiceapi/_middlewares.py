@@ -15,13 +15,16 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from ._auth import Credentials
 from ._constants import LOGGER_NAME
-from ._errors import APIError, UnexpectedResponseError, VoiceAPIError
+from ._errors import APIError, RateLimitError, UnexpectedResponseError, VoiceAPIError
+
+if TYPE_CHECKING:
+    from ._coordinator import Coordinator
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -93,6 +96,26 @@ class AuthMiddleware:
 
     def __repr__(self) -> str:
         return "AuthMiddleware()"
+
+
+class CoordinatorMiddleware:
+    """Shares the account's request rate and 1302/1303 backoff with other workers.
+
+    Sits inside the retry middleware, so every attempt waits its turn; and before auth, so the
+    token is signed after that wait, not before it. Only in the chain when a coordinator is set.
+    """
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self._coordinator = coordinator
+
+    async def __call__(self, request: Request, call_next: Handler) -> Response:
+        # Only creates are non-idempotent; they also wait out a shared 1303 backoff.
+        await self._coordinator.before_request(create=not request.idempotent)
+        try:
+            return await call_next(request)
+        except RateLimitError as exc:
+            await self._coordinator.rate_limited(exc.code, exc.retry_after)
+            raise
 
 
 class RateLimitMiddleware:

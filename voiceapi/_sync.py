@@ -11,6 +11,7 @@ import ssl as _ssl
 import weakref
 from collections.abc import Sequence
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -20,6 +21,9 @@ from ._middlewares import Middleware
 from ._retry import RetryPolicy
 from ._sync_resources import CustomVoices, PresetVoices
 from ._sync_runner import LoopThread
+
+if TYPE_CHECKING:
+    from ._coordinator import Coordinator
 
 _open_clients: weakref.WeakSet[VoiceClient] = weakref.WeakSet()
 
@@ -48,12 +52,14 @@ class VoiceClient:
         session: aiohttp.ClientSession | None = None,
         ssl: _ssl.SSLContext | bool | None = None,
         proxy: str | None = None,
+        coordinator: Coordinator | None = None,
     ) -> None:
         self._async = AsyncVoiceClient(
             access_key, secret_key, api_key=api_key, base_url=base_url, timeout=timeout,
             max_retries=max_retries, retry_budget=retry_budget, retry_policy=retry_policy,
             max_requests_per_second=max_requests_per_second, max_in_flight=max_in_flight,
-            middlewares=middlewares, session=session, ssl=ssl, proxy=proxy)
+            middlewares=middlewares, session=session, ssl=ssl, proxy=proxy,
+            coordinator=coordinator)
         self._runner = LoopThread()
         self.custom_voices = CustomVoices(self._runner, self._async.custom_voices)
         self.preset_voices = PresetVoices(self._runner, self._async.preset_voices)

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -28,6 +28,7 @@ from ._errors import (
 )
 from ._middlewares import (
     AuthMiddleware,
+    CoordinatorMiddleware,
     Middleware,
     RateLimitMiddleware,
     Request,
@@ -36,6 +37,9 @@ from ._middlewares import (
     logging_middleware,
 )
 from ._retry import RetryMiddleware, RetryPolicy
+
+if TYPE_CHECKING:
+    from ._coordinator import Coordinator
 
 #: Objects inherited from the parent across fork; kept alive, never closed (see below).
 FORK_ORPHANS: list[object] = []
@@ -81,6 +85,7 @@ class Transport:
         middlewares: Sequence[Middleware] = (),
         retry_policy: RetryPolicy | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        coordinator: Coordinator | None = None,
     ) -> None:
         _setup_logging_from_env()
         self.config = config
@@ -91,13 +96,16 @@ class Transport:
         self._closed = False
         self._timeout = aiohttp.ClientTimeout(total=config.timeout)
         self._base_url = config.base_url
+        #: Shares request rate and 1302/1303 backoff across workers; ``create_many`` also uses
+        #: it when it is given no coordinator of its own. None: no extra middleware at all.
+        self.coordinator = coordinator
         chain: list[Middleware] = [
             RetryMiddleware(max_retries=config.max_retries, budget=config.retry_budget,
                             policy=self.retry_policy, credentials=config.credentials,
-                            sleep=sleep),
-            AuthMiddleware(config.credentials),
-            *middlewares,
-        ]
+                            sleep=sleep)]
+        if coordinator is not None:
+            chain.append(CoordinatorMiddleware(coordinator))
+        chain += [AuthMiddleware(config.credentials), *middlewares]
         if config.max_requests_per_second or config.max_in_flight:
             chain.append(RateLimitMiddleware(per_second=config.max_requests_per_second,
                                              max_in_flight=config.max_in_flight))
