@@ -226,7 +226,8 @@ class LocalCoordinator:
             self._rate_limit_delay * random.uniform(1.0, 2.0)
         until = time.monotonic() + delay
         if code == 1303:
-            self._not_before = max(self._not_before, until)
+            if not self._held:  # else one of our tasks ending frees a slot sooner
+                self._not_before = max(self._not_before, until)
         else:
             self._requests_not_before = max(self._requests_not_before, until)
 
