@@ -159,11 +159,16 @@ class CreateFlow:
         refused as already used before anything of this call could have landed)."""
         ext = body["external_task_id"]
         sent = False  # a POST of this call may have reached the server
+        lookup_failures: list[VoiceAPIError] = []  # lookups the transport gave up on
 
         async def reconcile() -> Response | None:
             nonlocal sent
             sent = True
-            return await self.lookup_response(ext)
+            try:
+                return await self.lookup_response(ext)
+            except VoiceAPIError as exc:
+                lookup_failures.append(exc)
+                raise
 
         resends = 0
         while True:
@@ -172,29 +177,42 @@ class CreateFlow:
                     "POST", C.PATH_CUSTOM_VOICES, json_body=body, idempotent=False,
                     reconcile=reconcile, retry_rate_limits=retry_rate_limits)
                 return Created(_created_task(response, ext), existed=False)
-            except InvalidRequestError as exc:
-                if not is_duplicate_external_id(exc):
-                    raise
-                if caller_id and not sent:
-                    raise await self._conflict(ext, exc) from None
-                existed = not sent
-                found = await self.find(ext)
-                if found is None:  # refused as existing, yet not found: report, never loop
-                    raise
-                return Created(found, existed=existed)
             except VoiceAPIError as exc:
-                if not _ambiguous(exc):
-                    raise
-                sent = True
-                try:
+                if lookup_failures and exc is lookup_failures[-1]:
+                    # The transport's reconciling lookup failed for good: the outcome is
+                    # unknown. Keep looking up (a failed lookup is never a "not found").
+                    lookup_failures.clear()
+                    found = await self._find_or_unknown(ext, exc, exc)
+                elif isinstance(exc, InvalidRequestError) and is_duplicate_external_id(exc):
+                    if caller_id and not sent:
+                        raise await self._conflict(ext, exc) from None
+                    existed = not sent
                     found = await self.find(ext)
-                except VoiceAPIError as lookup_error:
-                    raise exc from lookup_error
+                    if found is None:  # refused as existing, yet not found: never loop
+                        raise
+                    return Created(found, existed=existed)
+                elif _ambiguous(exc):
+                    sent = True
+                    found = await self._find_or_unknown(ext, exc, None)
+                else:
+                    raise
                 if found is not None:
                     return Created(found, existed=False)
+                # The lookup answered "not found": nothing landed, so sending again is safe.
                 resends += 1
                 if resends > self._max_resends:
                     raise
+
+    async def _find_or_unknown(self, ext: str, cause: VoiceAPIError,
+                               lookup_error: VoiceAPIError | None) -> VoiceTask | None:
+        """``find``; when it fails too, raise the create's error (or, when the transport hid
+        it behind its own failed lookup, an APIConnectionError saying the outcome is unknown)."""
+        try:
+            return await self.find(ext)
+        except VoiceAPIError as exc:
+            if lookup_error is None:
+                raise cause from exc
+            raise _unknown(ext, exc) from None
 
     async def _conflict(self, ext: str, exc: InvalidRequestError) -> ConflictError:
         existing: str | None = None
@@ -208,6 +226,12 @@ class CreateFlow:
             + (f" ({existing})" if existing else "") + f": {exc.message}",
             existing_task_id=existing, code=exc.code, http_status=exc.http_status,
             request_id=exc.request_id)
+
+
+def _unknown(ext: str, lookup_error: VoiceAPIError) -> APIConnectionError:
+    return APIConnectionError(
+        f"the create's answer was lost and looking it up by external_task_id {ext!r} failed "
+        f"({lookup_error}); it may exist: look it up before creating it again")
 
 
 def _created_task(response: Response, ext: str) -> VoiceTask:
