@@ -75,6 +75,16 @@ def retry_key(base: str, generation: int) -> str:
     return base + suffix
 
 
+def generation_of(key: str, base: str) -> int | None:
+    """0 for ``base`` itself, g for ``retry_key(base, g)``, None for an unrelated id."""
+    if key == base:
+        return 0
+    for g in range(1, C.BATCH_MAX_RETRY_GENERATIONS + 1):
+        if key == retry_key(base, g):
+            return g
+    return None
+
+
 def _as_dict(item: Any) -> dict[str, Any]:
     if isinstance(item, BatchItem):
         return item.to_dict()
@@ -151,15 +161,25 @@ class _Run:
         self.follower = Follower(api, coordinator, self.ledger, wait=wait,
                                  item_timeout=item_timeout, poll_interval=poll_interval,
                                  callbacks=callbacks, retry=self._retry,
-                                 journal=self._side_record)
+                                 journal=self._journal)
 
     # --- hooks for the parts ------------------------------------------------------------------
 
     async def _created(self, entry: Entry, created: Created) -> None:
         entry.earlier = created.existed
-        self._side_record(entry.key, created.task.task_id, created.task.task_status.value)
+        await self._journal(entry, created.task)
         await self.follower.attach(entry, created.task)
         self.wake.set()
+
+    async def _journal(self, entry: Entry, task: VoiceTask) -> None:
+        """Journal a task's state in the side journal; for a retry (retry_failed) also under
+        the item's original id, so that a rerun finds the newest attempt directly."""
+        status = task.task_status.value
+        self._side_record(entry.key, task.task_id, status)
+        if entry.generation and entry.origin is not None:
+            base = entry.origin
+            await self.coord.record(base, task.task_id, status)
+            self._side_record(base, task.task_id, status)
 
     def _retry(self, entry: Entry) -> bool:
         """retry_failed: send an item whose earlier task failed (or lost its voice) again
@@ -167,10 +187,11 @@ class _Run:
         if not self.retry_failed or entry.generation >= C.BATCH_MAX_RETRY_GENERATIONS:
             return False
         assert entry.body is not None
-        base = entry.body["external_task_id"] if entry.generation == 0 else \
-            entry.body["external_task_id"].rsplit("-r", 1)[0]
+        if entry.origin is None:
+            entry.origin = entry.key
         entry.generation += 1
-        entry.body = {**entry.body, "external_task_id": retry_key(base, entry.generation)}
+        entry.body = {**entry.body, "external_task_id": retry_key(entry.origin,
+                                                                  entry.generation)}
         entry.task, entry.error, entry.earlier, entry.done = None, None, False, False
         self.ledger.set_phase(entry, Phase.PENDING)
         self.submitter.pending.append(entry)
@@ -194,8 +215,6 @@ class _Run:
         known = await self._known([e.key for e in entries])
         if not known:
             return
-        if self.retry_failed or any(j.status != "succeed" for j in known.values()):
-            await self._latest_generations(entries, known)
         jobs = iter([(e, known[e.key]) for e in entries if e.key in known])
 
         async def worker() -> None:
@@ -219,28 +238,18 @@ class _Run:
                     known[key] = self.side_journal.entries[key]
         return known
 
-    async def _latest_generations(self, entries: list[Entry],
-                                  known: dict[str, JournalEntry]) -> None:
-        """Follow the newest retry of each item an earlier ``retry_failed`` run made."""
-        for entry in entries:
-            if entry.key not in known:
-                continue
-            base = entry.key
-            keys = [retry_key(base, g) for g in range(1, C.BATCH_MAX_RETRY_GENERATIONS + 1)]
-            later = await self._known(keys)
-            for g in range(C.BATCH_MAX_RETRY_GENERATIONS, 0, -1):
-                if keys[g - 1] in later:
-                    assert entry.body is not None
-                    entry.body = {**entry.body, "external_task_id": keys[g - 1]}
-                    entry.generation = g
-                    known[keys[g - 1]] = later[keys[g - 1]]
-                    break
-
     async def _follow_known(self, entry: Entry, jentry: JournalEntry) -> None:
         task: VoiceTask | None = None
         with contextlib.suppress(VoiceAPIError):  # any failure: ask by external id below
             task = await self.api.get(jentry.task_id)
-        if task is None or task.external_task_id != entry.key:
+        generation = None if task is None or task.external_task_id is None else \
+            generation_of(task.external_task_id, entry.key)
+        if task is not None and generation:  # the journal points at a retry of this item
+            assert entry.body is not None
+            entry.origin = entry.key
+            entry.body = {**entry.body, "external_task_id": retry_key(entry.key, generation)}
+            entry.generation = generation
+        elif task is None or generation is None:
             # Not found, unreadable, or the journal line names another task: ask the server
             # what exists under this item's id (a create would be refused as a duplicate, but
             # a server that does not refuse repeated ids would make a second task).

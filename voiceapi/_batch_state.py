@@ -50,8 +50,9 @@ class Entry:
     done: bool = False
     #: The task existed before this batch (journal or a refused duplicate id).
     earlier: bool = False
-    #: How many times ``retry_failed`` gave this item a fresh id.
+    #: How many times ``retry_failed`` gave this item a fresh id, and its first id.
     generation: int = 0
+    origin: str | None = None
     attached_at: float = 0.0
 
     @property

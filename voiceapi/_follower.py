@@ -15,7 +15,7 @@ import contextlib
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from . import _constants as C
 from ._aio import within
@@ -33,8 +33,8 @@ Retry = Callable[[Entry], bool]
 class Follower:
     def __init__(self, api: BatchApi, coordinator: Coordinator, ledger: Ledger, *,
                  wait: bool, item_timeout: float | None, poll_interval: float | None,
-                 callbacks: bool, retry: Retry, journal: Callable[[str, str, str], None]
-                 ) -> None:
+                 callbacks: bool, retry: Retry,
+                 journal: Callable[[Entry, VoiceTask], Awaitable[None]]) -> None:
         self._api = api
         self._coord = coordinator
         self._ledger = ledger
@@ -63,6 +63,8 @@ class Follower:
             return
         self._ledger.set_phase(entry, phase_of(task))
         entry.attached_at = time.monotonic()
+        if not self.tracked:  # a task just created is not done: the poll clock starts now
+            self._last_poll = entry.attached_at
         self.tracked[task.task_id] = entry
         if self._wait and not entry.done:
             self.waiting += 1
@@ -75,7 +77,7 @@ class Follower:
             if self._wait and not entry.done:
                 self.waiting -= 1
         await self._coord.finished(entry.key, task.task_id, task.task_status.value)
-        self._journal(entry.key, task.task_id, task.task_status.value)
+        await self._journal(entry, task)
         if entry.done and isinstance(entry.error, WaitTimeoutError):
             return  # reported as timed out already; only its slot was still held
         entry.task = task
