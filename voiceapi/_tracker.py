@@ -9,6 +9,7 @@ in bounded numbers. Only records whose raw ``task_id`` is tracked are parsed.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Collection, Mapping
 from typing import Any
@@ -71,6 +72,7 @@ class ListTracker:
         #: Oldest first: the index (from the list's start) of the first tracked task last seen.
         self._hint: int | None = None
         self._missed: dict[str, int] = {}
+        self._asked: dict[str, int] = {}  # task id -> the lookup number it was last asked at
         #: How long the last poll took (the scheduler spaces polls by it).
         self.last_duration = 0.0
         self.pages_read = 0
@@ -131,10 +133,12 @@ class ListTracker:
                     self._remember(first_seen)
                     return False
                 if n == 0 and page_num == 1 and first is None and self.order == OLDEST:
-                    # Oldest first and none of ours on page 1: they sit at the end.
-                    first_seen = await self._from_the_end(size, wanted, found)
+                    # Oldest first and none of ours on page 1: they sit at the end. Search it
+                    # with the largest pages (fewest requests); the hint is an index.
+                    end_size = self._api.page_limit.clamp(C.BATCH_LIST_PAGE_SIZE)
+                    first_seen = await self._from_the_end(end_size, wanted, found)
                     self._remember(first_seen)
-                    return False
+                    return len(found) < len(wanted)
                 page_num += 1
         except (VoiceAPIError, ValidationError):
             return False  # a failed page: the next poll tries again; lookups fill in
@@ -150,7 +154,7 @@ class ListTracker:
         """Find the last page (gallop, then bisect), then read backwards until every tracked
         task is found or the page budget is spent. Returns the first tracked index seen."""
         budget = self._max_pages - 1
-        full, probe = 1, 2  # page 1 is known full
+        full, probe = 1, 2  # page 1 is known full (at the poll's size, so at least as full)
         short: tuple[int, int | None] | None = None
         while budget > 0:
             records, _, _, first = await self._read(probe, size, wanted, found)
@@ -190,21 +194,24 @@ class ListTracker:
         for tid in wanted:
             if tid in found:
                 self._missed.pop(tid, None)
+                self._asked.pop(tid, None)
                 continue
             self._missed[tid] = self._missed.get(tid, 0) + 1
             if exhausted or self._missed[tid] >= 2:
                 missing.append(tid)
-        missing.sort(key=lambda t: -self._missed[t])
+        # Never asked (or asked longest ago) first: every missing task gets its turn.
+        missing.sort(key=lambda t: (self._asked.get(t, -1), -self._missed[t]))
         for tid in missing[:self._max_lookups]:
             self.lookups += 1
-            try:
+            self._asked[tid] = self.lookups
+            # Found or not, it stays "missed" until a list page shows it: a task the pages
+            # do not reach will not be on them next time either.
+            with contextlib.suppress(VoiceAPIError):
                 found[tid] = await self._api.get(tid)
-            except VoiceAPIError:
-                continue
-            self._missed.pop(tid, None)
 
     def forget(self, task_id: str) -> None:
         self._missed.pop(task_id, None)
+        self._asked.pop(task_id, None)
 
 
 __all__ = ["ListTracker", "list_order", "raw_task_id"]
