@@ -100,7 +100,7 @@ class FakeApi:
     """List pages over an in-memory account, in either order; counts what was asked."""
 
     def __init__(self, n: int, order: str, *, max_page: int = 500, listed: bool = True) -> None:
-        self.records: list[dict[str, Any]] = [self.record(i) for i in range(n)]
+        self.records: list[Any] = [self.record(i) for i in range(n)]
         self.order = order
         self.page_limit = PageLimit()
         self.max_page = max_page
@@ -162,7 +162,7 @@ async def test_tracker_finds_a_batch_at_either_end_cheaply(order: str) -> None:
 async def test_tracker_parses_only_tracked_records() -> None:
     api = FakeApi(50, "newest")
     api.records[10] = {"task_id": "broken", "task_status": 42, "voices": "nonsense"}
-    api.records[11] = "not even an object"  # type: ignore[assignment]
+    api.records[11] = "not even an object"
     mine = [api.add()]
     assert set(await ListTracker(api).poll(mine)) == set(mine)
 

@@ -12,16 +12,26 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Collection, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from . import _constants as C
-from ._batch_models import BatchApi
 from ._decode import parse_task
 from ._errors import ValidationError, VoiceAPIError
 from ._models import VoiceTask
-from ._pages import fetch_page
+from ._pages import PageLimit, fetch_page
 
 NEWEST, OLDEST = "newest", "oldest"
+
+
+class TaskSource(Protocol):
+    """What the tracker reads: raw list pages and single tasks (part of ``BatchApi``)."""
+
+    @property
+    def page_limit(self) -> PageLimit: ...
+
+    async def list_page(self, page_num: int, page_size: int) -> list[Any]: ...
+
+    async def get(self, task_id: str) -> VoiceTask: ...
 
 
 def raw_task_id(record: Any) -> str | None:
@@ -63,7 +73,7 @@ def list_order(records: list[Any]) -> str | None:
 class ListTracker:
     """The batch's poll function: ``await tracker.poll(task_ids)`` → the tasks it found."""
 
-    def __init__(self, api: BatchApi, *, max_pages: int = C.BATCH_MAX_POLL_PAGES,
+    def __init__(self, api: TaskSource, *, max_pages: int = C.BATCH_MAX_POLL_PAGES,
                  max_lookups: int = C.BATCH_MAX_LOOKUPS_PER_POLL) -> None:
         self._api = api
         self._max_pages = max_pages
@@ -214,4 +224,4 @@ class ListTracker:
         self._asked.pop(task_id, None)
 
 
-__all__ = ["ListTracker", "list_order", "raw_task_id"]
+__all__ = ["ListTracker", "TaskSource", "list_order", "raw_task_id"]
