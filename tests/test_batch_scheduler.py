@@ -373,3 +373,19 @@ async def test_a_coordinator_and_a_journal_file_together(tmp_path: Path) -> None
                 again = await client.custom_voices.create_many(items, coordinator=fresh,
                                                                journal=journal)
     assert all(r.ok for r in again) and emu.count("create") == 4
+
+
+async def test_slots_of_a_returned_batch_are_freed_by_the_next(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch that returned with wait=False leaves tasks running at Kling: their slots stay
+    held (never above the cap) until a later batch sees them end."""
+    monkeypatch.setattr(voiceapi._constants, "BATCH_ORPHAN_AFTER", 0.2)
+    async with KlingEmulator(concurrency=10, task_seconds=0.4) as emu:
+        async with LocalCoordinator(2) as coord, client_for(emu) as client:
+            first = await client.custom_voices.create_many(
+                items_for(emu, 2, prefix="a"), coordinator=coord, wait=False)
+            assert coord.in_flight == 2 and all(r.task for r in first)
+            second = await client.custom_voices.create_many(
+                items_for(emu, 2, prefix="b"), coordinator=coord, poll_interval=0.05)
+            assert coord.in_flight == 0
+    assert all(r.ok for r in second) and emu.peak_in_progress <= 2

@@ -98,6 +98,9 @@ BATCH_REATTACH_CONCURRENCY = 20
 BATCH_DEADLINE_GRACE = 0.8
 # on_progress is called on change, at most this often (plus the first and the last report).
 BATCH_PROGRESS_INTERVAL = 0.05
+# A task holding a slot that no batch has asked about for this long is an orphan (its batch
+# returned with wait=False or timed-out items): the next poll of any batch follows it.
+BATCH_ORPHAN_AFTER = 10.0
 # Retries of a failed item under a fresh id (retry_failed=True) per rerun chain.
 BATCH_MAX_RETRY_GENERATIONS = 8
 

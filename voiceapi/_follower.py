@@ -152,8 +152,9 @@ class Follower:
         self._soon = at if self._soon is None else min(self._soon, at)
 
     def next_poll_at(self, *, slots_wanted: bool) -> float | None:
-        """When to poll next, or None when a poll cannot change anything now."""
-        if not self.tracked or not (self.waiting or slots_wanted):
+        """When to poll next, or None when a poll cannot change anything now. With no task
+        of our own, a poll still lets the coordinator free slots of tasks nobody follows."""
+        if not (self.tracked and self.waiting) and not slots_wanted:
             return None
         due = self._last_poll + self.interval()
         if self._soon is not None:

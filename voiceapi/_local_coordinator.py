@@ -128,6 +128,8 @@ class LocalCoordinator:
         self._file = FileJournal(journal) if journal is not None else None
         self._journal: dict[str, JournalEntry] = dict(self._file.entries) if self._file else {}
         self._held: dict[str, str | None] = {}  # key -> task id once accepted
+        self._by_task: dict[str, str] = {}  # task id -> key, for held slots with a task
+        self._followed: dict[str, float] = {}  # key -> when a batch last asked about it
         self._rate_limit_delay = rate_limit_delay
         self._not_before = 0.0  # no creates before (after a 1303 with nothing of ours running)
         self._requests_not_before = 0.0  # no requests before (after a 1302)
@@ -160,8 +162,19 @@ class LocalCoordinator:
     async def adopt(self, key: str, task_id: str, status: str) -> None:
         """Hold a slot for a running task found from an earlier run (not created now): it
         counts against the account's cap until it is seen ending. Never refused."""
-        self._held[key] = task_id
+        self._hold(key, task_id)
         self._write(key, task_id, status)
+
+    def _hold(self, key: str, task_id: str) -> None:
+        self._held[key] = task_id
+        self._by_task[task_id] = key
+        self._followed[key] = time.monotonic()
+
+    def _free(self, key: str) -> None:
+        task_id = self._held.pop(key, None)
+        if task_id is not None:
+            self._by_task.pop(task_id, None)
+        self._followed.pop(key, None)
 
     async def wait_for_slot(self, timeout: float) -> None:
         now = time.monotonic()
@@ -177,12 +190,12 @@ class LocalCoordinator:
         self._changed = asyncio.Event()
 
     async def accepted(self, key: str, task_id: str, status: str) -> None:
-        self._held[key] = task_id
+        self._hold(key, task_id)
         self._write(key, task_id, status)
         self._cap.on_accepted(len(self._held))
 
     async def refused(self, key: str) -> float:
-        self._held.pop(key, None)
+        self._free(key)
         self._cap.on_refused(len(self._held))
         delay = self._rate_limit_delay * random.uniform(1.0, 2.0)
         if not self._held:  # nothing of ours will end and free a slot: wait by time
@@ -191,11 +204,11 @@ class LocalCoordinator:
         return delay
 
     async def release(self, key: str) -> None:
-        self._held.pop(key, None)
+        self._free(key)
         self._notify()
 
     async def finished(self, key: str, task_id: str, status: str) -> None:
-        self._held.pop(key, None)
+        self._free(key)
         self._write(key, task_id, status)
         self._notify()
 
@@ -211,7 +224,27 @@ class LocalCoordinator:
 
     async def observe(self, mine: Collection[str], poll: PollFunction,
                       lookup: LookupFunction) -> Mapping[str, VoiceTask]:
-        return await poll(mine)
+        """``poll(mine)``, plus any orphans: tasks holding a slot that no batch has asked
+        about for a while (a batch that returned with ``wait=False`` or timed-out items).
+        They still run at Kling, so they keep their slot until someone sees them end."""
+        now = time.monotonic()
+        wanted = set(mine)
+        for tid in wanted:
+            key = self._by_task.get(tid)
+            if key is not None:
+                self._followed[key] = now
+        orphans = {tid: key for tid, key in self._by_task.items() if tid not in wanted
+                   and now - self._followed.get(key, 0.0) > C.BATCH_ORPHAN_AFTER}
+        if not wanted and not orphans:
+            return {}
+        seen = await poll(list(wanted) + list(orphans))
+        for tid, key in orphans.items():
+            task = seen.get(tid)
+            if task is not None and task.is_terminal:
+                await self.finished(key, tid, task.task_status.value)
+            else:
+                self._followed[key] = now  # asked about: not again before the next interval
+        return {tid: task for tid, task in seen.items() if tid in wanted}
 
     # --- plain client calls -------------------------------------------------------------------
 
