@@ -13,13 +13,15 @@ once aioresponses ships a fix.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+import os
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import aioresponses.core
 import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.abc import AbstractStreamWriter
+from hypothesis import HealthCheck, settings
 
 import voiceapi
 from voiceapi.testing import KlingEmulator
@@ -38,6 +40,35 @@ class _CompatClientResponse(ClientResponse):
 
 
 aioresponses.core.ClientResponse = _CompatClientResponse  # type: ignore[attr-defined]
+
+# --- hypothesis profiles -------------------------------------------------------------------
+# "quick" (the default) keeps a plain `pytest` run fast on a small machine; CI sets
+# HYPOTHESIS_PROFILE=thorough for ten times the examples. No deadlines: on a shared 2-core
+# machine a slow example is load, not a bug. A test that needs a size of its own uses
+# `scaled_examples(n)` (n in the quick profile) instead of a fixed max_examples, so the profile
+# still scales it.
+HYPOTHESIS_PROFILES: dict[str, int] = {"quick": 200, "thorough": 2000}
+for _name, _examples in HYPOTHESIS_PROFILES.items():
+    settings.register_profile(_name, max_examples=_examples, deadline=None, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow])
+
+
+def load_hypothesis_profile(environ: Mapping[str, str] = os.environ) -> str:
+    """Load the profile named by HYPOTHESIS_PROFILE (default "quick"); return its name."""
+    name = environ.get("HYPOTHESIS_PROFILE", "").strip() or "quick"
+    if name not in HYPOTHESIS_PROFILES:
+        raise pytest.UsageError(f"HYPOTHESIS_PROFILE must be one of "
+                                f"{sorted(HYPOTHESIS_PROFILES)}, got {name!r}")
+    settings.load_profile(name)
+    return name
+
+
+def scaled_examples(quick: int) -> int:
+    """``quick`` examples under the quick profile, proportionally more under thorough."""
+    return max(1, quick * settings().max_examples // HYPOTHESIS_PROFILES["quick"])
+
+
+load_hypothesis_profile()
 
 #: Backoff small enough for tests; the policy logic is unchanged.
 FAST_RETRY = voiceapi.RetryPolicy(initial_delay=0.001, max_delay=0.01, rate_limit_min_delay=0.01,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -761,3 +762,24 @@ def test_the_testing_package_loads_names_on_first_use() -> None:
     assert set(testing.__all__) <= set(dir(testing))
     with pytest.raises(AttributeError, match="no_such_name"):
         testing.no_such_name  # noqa: B018
+
+
+# --- hypothesis profiles (tests/conftest.py) --------------------------------------------------
+
+def test_hypothesis_profile_follows_the_environment() -> None:
+    from hypothesis import settings
+
+    from tests.conftest import load_hypothesis_profile, scaled_examples
+
+    before = os.environ.get("HYPOTHESIS_PROFILE", "").strip() or "quick"
+    assert settings().max_examples == settings.get_profile(before).max_examples
+    try:
+        assert load_hypothesis_profile({}) == "quick"
+        assert (settings().max_examples, settings().deadline) == (200, None)
+        assert scaled_examples(12) == 12
+        assert load_hypothesis_profile({"HYPOTHESIS_PROFILE": "thorough"}) == "thorough"
+        assert settings().max_examples == 2000 and scaled_examples(12) == 120
+        with pytest.raises(pytest.UsageError, match="HYPOTHESIS_PROFILE"):
+            load_hypothesis_profile({"HYPOTHESIS_PROFILE": "slow"})
+    finally:
+        load_hypothesis_profile({"HYPOTHESIS_PROFILE": before})
