@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -783,3 +784,17 @@ def test_hypothesis_profile_follows_the_environment() -> None:
             load_hypothesis_profile({"HYPOTHESIS_PROFILE": "slow"})
     finally:
         load_hypothesis_profile({"HYPOTHESIS_PROFILE": before})
+
+
+def test_every_python_block_of_the_readme_section_runs(kling_emulator: KlingEmulator) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Testing your code with the emulator", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 4
+    for block in blocks:
+        namespace: dict[str, Any] = {}
+        exec(block, namespace)
+        if "test_my_uploader" in namespace:
+            asyncio.run(namespace["test_my_uploader"]())
+        if "test_sync_code" in namespace:
+            namespace["test_sync_code"](kling_emulator)
