@@ -472,8 +472,8 @@ async def test_strict_real_profile_turns_on_every_real_reading(
         http: aiohttp.ClientSession) -> None:
     async with KlingEmulator(profile="strict-real") as emu:
         assert (emu.strict_auth, emu.max_page_size, emu.deleted_voices, emu.voice_status,
-                emu.numeric_money, emu.unique_external_ids) == (True, 500, "mark", True,
-                                                               False, True)
+                emu.numeric_money, emu.unique_external_ids, emu.check_url_extension) == (
+            True, 500, "mark", True, False, True, False)
         assert (await call(http, emu, "GET", CV, headers={"Authorization": ""}))[1]["code"] \
             == 1002
         assert (await call(http, emu, "GET", CV, params={"pageSize": "501"}))[0] == 400
@@ -498,6 +498,8 @@ async def test_explicit_options_win_over_the_profile() -> None:
     ({"list_order": "random"}, "list_order"), ({"deleted_voices": "hide"}, "deleted_voices"),
     ({"voice_status": "yes"}, "voice_status"), ({"numeric_money": 1}, "numeric_money"),
     ({"unique_external_ids": "no"}, "unique_external_ids"), ({"strict_auth": 0}, "strict_auth"),
+    ({"check_url_extension": None, "profile": "x"}, "profile"),
+    ({"check_url_extension": "off"}, "check_url_extension"),
     ({"profile": "real"}, "profile"), ({"concurrency": 0}, "concurrency"),
     ({"task_seconds": -1}, "task_seconds"), ({"qps": "fast"}, "qps"),
     ({"max_recorded_requests": -1}, "max_recorded_requests"),
@@ -798,3 +800,50 @@ def test_every_python_block_of_the_readme_section_runs(kling_emulator: KlingEmul
             asyncio.run(namespace["test_my_uploader"]())
         if "test_sync_code" in namespace:
             namespace["test_sync_code"](kling_emulator)
+
+
+SIGNED = "https://cdn.test/o/abc123?X-Amz-Signature=f00"
+
+
+@pytest.mark.parametrize("url", [SIGNED, "https://x.test/a.ogg"])
+async def test_url_extension_checked_by_default(http: aiohttp.ClientSession, url: str) -> None:
+    async with KlingEmulator() as emu:
+        status, body = await call(http, emu, "POST", CV, json={"voice_name": "v",
+                                                               "voice_url": url})
+        assert (status, body["code"]) == (400, 1201) and "voice_url" in body["message"]
+        assert emu.task_count == 0
+
+
+@pytest.mark.parametrize(("url", "outcome"), [
+    (SIGNED, ""), ("https://cdn.test/clip-12s", ""),
+    ("https://x.test/a.ogg", "format is not supported"),
+    ("https://cdn.test/clip-3s", "between 5s and 30s"),
+])
+async def test_without_url_extension_check_the_media_is_judged(
+        http: aiohttp.ClientSession, url: str, outcome: str) -> None:
+    async with KlingEmulator(check_url_extension=False) as emu:
+        status, created = await call(http, emu, "POST", CV, json={"voice_name": "v",
+                                                                  "voice_url": url})
+        assert status == 200
+        emu.advance(emu.task_seconds + 1)
+        _, got = await call(http, emu, "GET", f"{CV}/{created['data']['task_id']}")
+    data = got["data"]
+    assert data["task_status"] == ("failed" if outcome else "succeed")
+    assert outcome in data["task_status_msg"]
+
+
+@pytest.mark.parametrize("url", ["ftp://x.test/a.wav", "https:///a.wav", "a.wav"])
+async def test_voice_url_needs_http_and_a_host(http: aiohttp.ClientSession, url: str) -> None:
+    async with KlingEmulator(check_url_extension=False) as emu:
+        status, body = await call(http, emu, "POST", CV, json={"voice_name": "v",
+                                                               "voice_url": url})
+    assert (status, body["code"]) == (400, 1201) and "http(s)" in body["message"]
+
+
+async def test_sample_cache_is_bounded(emu: KlingEmulator, http: aiohttp.ClientSession) -> None:
+    from voiceapi.testing._emulator import _cached_wav
+
+    for i in range(20):
+        async with http.get(f"{emu.base_url}/samples/n{i}-{5 + i / 10:g}s.wav") as resp:
+            assert resp.status == 200
+    assert _cached_wav.cache_info().currsize <= 16

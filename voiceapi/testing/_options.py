@@ -21,14 +21,17 @@ READING_DEFAULTS: dict[str, Any] = {
     "voice_status": True,
     "numeric_money": False,
     "unique_external_ids": True,
+    "check_url_extension": True,
 }
 
 #: Named bundles of readings. ``strict-real`` is what the newest evidence says the real server
 #: does (kling-api.md §11.1): one auth code (1002) for every credential problem, page sizes
 #: above 500 refused, deleted voices kept in lists with ``status: "deleted"``, voices carrying
 #: ``status``, money fields as decimal strings (as documented and seen live, so
-#: ``numeric_money`` stays off), and a repeated ``external_task_id`` refused. List order is not
-#: part of it: nothing documents it, so tests choose ``list_order`` explicitly.
+#: ``numeric_money`` stays off), a repeated ``external_task_id`` refused, and no check of the
+#: URL's file extension (the mp3/wav/mp4/mov rule is about the media: signed and CDN URLs often
+#: have no extension; a wrong format becomes a failed task). List order is not part of it:
+#: nothing documents it, so tests choose ``list_order`` explicitly.
 PROFILES: dict[str, dict[str, Any]] = {
     "strict-real": {
         "strict_auth": True,
@@ -37,6 +40,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "voice_status": True,
         "numeric_money": False,
         "unique_external_ids": True,
+        "check_url_extension": False,
     },
 }
 
@@ -63,7 +67,8 @@ def resolve_readings(profile: str | None, given: dict[str, Any]) -> dict[str, An
 
 
 def _check_readings(opts: dict[str, Any]) -> None:
-    for name in ("strict_auth", "voice_status", "numeric_money", "unique_external_ids"):
+    for name in ("strict_auth", "voice_status", "numeric_money", "unique_external_ids",
+                 "check_url_extension"):
         if not isinstance(opts[name], bool):
             raise ValueError(f"{name} must be True or False, got {opts[name]!r}")
     size = opts["max_page_size"]
@@ -123,6 +128,8 @@ def build_parser(prog: str = "python -m voiceapi.testing") -> argparse.ArgumentP
     add("--numeric-money", action=flag, help="money as numbers, timestamps as strings")
     add("--unique-external-ids", action=flag, help="refuse a repeated external_task_id "
         "(default on)")
+    add("--check-url-extension", action=flag, help="refuse a voice_url whose path does not "
+        "end in .mp3/.wav/.mp4/.mov (default on)")
     add("--reject-both-sources", action=flag, help="refuse voice_url and video_id together")
     add("--unique-voice-names", action=flag, help="refuse a repeated voice_name")
     add("--max-body-bytes", type=int, help="largest request body")
