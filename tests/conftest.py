@@ -114,6 +114,27 @@ async def emu() -> AsyncIterator[KlingEmulator]:
     fail_on_internal_errors(e)
 
 
+#: Readings of the API the SDK must survive (kling-api.md §11.1), as KlingEmulator options.
+#: Parametrize over them (or use the ``reading_emu`` fixture) to prove a feature under each.
+EMULATOR_READINGS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "strict-real": {"profile": "strict-real"},
+    "oldest-first-500": {"list_order": "oldest", "max_page_size": 500},
+    "deleted-dropped-no-status": {"deleted_voices": "drop", "voice_status": False},
+    "numeric-money": {"numeric_money": True},
+    "repeats-accepted": {"unique_external_ids": False},
+}
+
+
+@pytest.fixture(params=sorted(EMULATOR_READINGS))
+async def reading_emu(request: pytest.FixtureRequest) -> AsyncIterator[KlingEmulator]:
+    """Like ``emu``, once per reading in EMULATOR_READINGS (the test id names the reading)."""
+    async with KlingEmulator(concurrency=5, task_seconds=0.1,
+                             **EMULATOR_READINGS[request.param]) as e:
+        yield e
+    fail_on_internal_errors(e)
+
+
 @pytest.fixture
 async def client(emu: KlingEmulator) -> AsyncIterator[voiceapi.AsyncVoiceClient]:
     async with voiceapi.AsyncVoiceClient(emu.access_key, emu.secret_key, base_url=emu.base_url,

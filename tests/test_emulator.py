@@ -847,3 +847,26 @@ async def test_sample_cache_is_bounded(emu: KlingEmulator, http: aiohttp.ClientS
         async with http.get(f"{emu.base_url}/samples/n{i}-{5 + i / 10:g}s.wav") as resp:
             assert resp.status == 200
     assert _cached_wav.cache_info().currsize <= 16
+
+
+async def test_every_reading_serves_a_consistent_listing(
+        reading_emu: KlingEmulator, http: aiohttp.ClientSession) -> None:
+    emu = reading_emu
+    emu.concurrency = 50
+    for i in range(5):
+        assert (await _create(http, emu, f"v{i}", f"ext-{i}"))[0] == 200
+    emu.advance(emu.task_seconds + 1)
+    seen: list[dict[str, Any]] = []
+    for page in range(1, 10):  # bounded walk; ends on a short page
+        _, body = await call(http, emu, "GET", CV, params={"pageNum": str(page),
+                                                           "pageSize": "2"})
+        seen += body["data"]
+        if len(body["data"]) < 2:
+            break
+    assert sorted(t["task_id"] for t in seen) == sorted(t["task_id"] for t in emu.tasks())
+    for task in seen:
+        assert task["task_status"] == "succeed"
+        assert float(task["final_unit_deduction"]) == 0.05
+        assert int(task["updated_at"]) >= int(task["created_at"])
+        (voice,) = task["task_result"]["voices"]
+        assert voice.get("status", "succeed") == "succeed"
