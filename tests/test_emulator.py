@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -870,3 +871,25 @@ async def test_every_reading_serves_a_consistent_listing(
         assert int(task["updated_at"]) >= int(task["created_at"])
         (voice,) = task["task_result"]["voices"]
         assert voice.get("status", "succeed") == "succeed"
+
+
+def test_main_on_a_busy_port_says_so_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert run_emulator_main(["--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot serve on 127.0.0.1:{port}:") and err.count("\n") == 1
+
+
+async def test_a_failed_start_leaves_nothing_running() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        emu = KlingEmulator(port=busy.getsockname()[1])
+        with pytest.raises(OSError):
+            await emu.start()
+    assert emu._runner is None and emu._ticker is None
+    with pytest.raises(RuntimeError, match="not running"):
+        emu.base_url  # noqa: B018

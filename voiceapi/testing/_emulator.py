@@ -330,10 +330,15 @@ class KlingEmulator:
     async def start(self) -> None:
         app = web.Application(client_max_size=self.max_body_bytes)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self._port)
-        await site.start()
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self._port)
+        try:
+            await site.start()
+        except BaseException:  # e.g. the port is taken: leave nothing half-started behind
+            await runner.cleanup()
+            raise
+        self._runner = runner
         server = site._server
         assert isinstance(server, asyncio.base_events.Server)
         self._site_port = server.sockets[0].getsockname()[1]
