@@ -893,3 +893,18 @@ async def test_a_failed_start_leaves_nothing_running() -> None:
     assert emu._runner is None and emu._ticker is None
     with pytest.raises(RuntimeError, match="not running"):
         emu.base_url  # noqa: B018
+
+
+async def test_stop_does_not_wait_for_a_slow_answer(http: aiohttp.ClientSession) -> None:
+    emu = KlingEmulator()
+    await emu.start()
+    emu.inject("presets", "slow", delay=600)
+    pending = asyncio.ensure_future(call(http, emu, "GET", "/v1/general/presets-voices"))
+    for _ in range(500):  # bounded: until the request is being answered
+        if emu.count("presets"):
+            break
+        await asyncio.sleep(0.01)
+    assert emu.count("presets") == 1
+    await asyncio.wait_for(emu.stop(), 20)  # a 600 s answer is dropped, not awaited
+    with pytest.raises(aiohttp.ClientError):
+        await asyncio.wait_for(pending, 20)

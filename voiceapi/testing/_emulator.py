@@ -74,6 +74,9 @@ DROPPED = "dropped"
 _BASE = "/v1/general"
 #: The emulator's own inspection route (not part of the Kling API).
 STATS_PATH = "/_emulator/stats"
+#: Seconds a stopping emulator lets in-flight answers finish (a ``slow`` fault may hold one for
+#: long; a server going away drops it, and SIGTERM to the standalone runner stays prompt).
+_SHUTDOWN_GRACE = 0.5
 _MEDIA_EXTS = (".mp3", ".wav", ".mp4", ".mov")
 _FETCH_FAILED = "Something went wrong when we tried to get the contents of the file."
 _PRESET_NAMES = (
@@ -330,7 +333,8 @@ class KlingEmulator:
     async def start(self) -> None:
         app = web.Application(client_max_size=self.max_body_bytes)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                               shutdown_timeout=_SHUTDOWN_GRACE)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self._port)
         try:
