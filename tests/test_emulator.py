@@ -908,3 +908,13 @@ async def test_stop_does_not_wait_for_a_slow_answer(http: aiohttp.ClientSession)
     await asyncio.wait_for(emu.stop(), 20)  # a 600 s answer is dropped, not awaited
     with pytest.raises(aiohttp.ClientError):
         await asyncio.wait_for(pending, 20)
+
+
+async def test_bugs_in_the_emulators_own_routes_are_recorded(
+        emu: KlingEmulator, http: aiohttp.ClientSession) -> None:
+    _break(emu, "stats", RuntimeError("stats bug"))
+    async with http.get(emu.base_url + "/_emulator/stats") as resp:
+        assert resp.status == 500
+    (error,) = emu.internal_errors
+    assert error.startswith("GET /_emulator/stats (emulator route):") and "stats bug" in error
+    emu.internal_errors.clear()

@@ -673,15 +673,28 @@ class KlingEmulator:
         ident = urllib.parse.unquote(path.rsplit("/", 1)[1]) if route == "get" else None
         return route, ident
 
-    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        raw_path = request.raw_path.split("?", 1)[0]
-        if request.method == "GET" and raw_path.startswith("/samples/"):
+    def _side_route(self, method: str, raw_path: str) -> web.Response | None:
+        """The emulator's own routes (samples, trial clips, stats), or None for API paths."""
+        if method != "GET":
+            return None
+        if raw_path.startswith("/samples/"):
             return self._serve_sample(raw_path[len("/samples/"):])
-        if request.method == "GET" and raw_path.startswith("/trial/"):
-            return web.Response(body=make_wav(6.0), content_type="audio/wav")
-        if request.method == "GET" and raw_path == STATS_PATH:
+        if raw_path.startswith("/trial/"):
+            return web.Response(body=_cached_wav(6.0), content_type="audio/wav")
+        if raw_path == STATS_PATH:
             # Unauthenticated and uncounted: for tests and benchmarks in other processes.
             return web.json_response(self.stats())
+        return None
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        raw_path = request.raw_path.split("?", 1)[0]
+        try:
+            side = self._side_route(request.method, raw_path)
+        except Exception:  # an emulator bug here too must not pass unseen
+            self._record_internal_error(f"{request.method} {raw_path} (emulator route)")
+            return web.Response(status=500, text="emulator error")
+        if side is not None:
+            return side
         route, ext = "unknown", None
         record = RecordedRequest(request.method, raw_path, route, 0, None, None)
         self.requests.append(record)  # on arrival, so in-flight requests are counted too
