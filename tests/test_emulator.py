@@ -501,6 +501,7 @@ async def test_explicit_options_win_over_the_profile() -> None:
     ({"unique_external_ids": "no"}, "unique_external_ids"), ({"strict_auth": 0}, "strict_auth"),
     ({"check_url_extension": None, "profile": "x"}, "profile"),
     ({"check_url_extension": "off"}, "check_url_extension"),
+    ({"pending_voices": "none"}, "pending_voices"),
     ({"profile": "real"}, "profile"), ({"concurrency": 0}, "concurrency"),
     ({"task_seconds": -1}, "task_seconds"), ({"qps": "fast"}, "qps"),
     ({"max_recorded_requests": -1}, "max_recorded_requests"),
@@ -918,3 +919,21 @@ async def test_bugs_in_the_emulators_own_routes_are_recorded(
     (error,) = emu.internal_errors
     assert error.startswith("GET /_emulator/stats (emulator route):") and "stats bug" in error
     emu.internal_errors.clear()
+
+
+@pytest.mark.parametrize(("reading", "shape"), [
+    ("empty", {"voices": []}), ("null", {"voices": None}), ("absent", None)])
+async def test_pending_voices_shapes(http: aiohttp.ClientSession, reading: str,
+                                     shape: dict[str, Any] | None) -> None:
+    async with KlingEmulator(pending_voices=reading) as emu:
+        _, created = await _create(http, emu, "v")
+        _, bad = await call(http, emu, "POST", CV, json={
+            "voice_name": "bad", "voice_url": emu.sample_url(3)})
+        _, pending = await call(http, emu, "GET", f"{CV}/{created['data']['task_id']}")
+        emu.advance(emu.task_seconds + 1)
+        _, failed = await call(http, emu, "GET", f"{CV}/{bad['data']['task_id']}")
+        _, done = await call(http, emu, "GET", f"{CV}/{created['data']['task_id']}")
+    for unfinished in (pending["data"], failed["data"]):
+        assert unfinished.get("task_result") == shape
+    assert failed["data"]["task_status"] == "failed"
+    assert len(done["data"]["task_result"]["voices"]) == 1  # a voice once it succeeded

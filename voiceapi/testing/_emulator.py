@@ -223,6 +223,7 @@ class KlingEmulator:
         numeric_money: bool | None = None,
         unique_external_ids: bool | None = None,
         check_url_extension: bool | None = None,
+        pending_voices: str | None = None,
         webhook_secret: str | None = None,
         callback_retries: int = 0,
         qps: float | None = None,
@@ -236,7 +237,7 @@ class KlingEmulator:
             "list_order": list_order, "deleted_voices": deleted_voices,
             "voice_status": voice_status, "numeric_money": numeric_money,
             "unique_external_ids": unique_external_ids,
-            "check_url_extension": check_url_extension})
+            "check_url_extension": check_url_extension, "pending_voices": pending_voices})
         check_number("concurrency", concurrency, minimum=1, integer=True)
         check_number("task_seconds", task_seconds, minimum=0)
         check_number("processing_after", processing_after, minimum=0, allow_none=True)
@@ -263,6 +264,7 @@ class KlingEmulator:
         self.numeric_money: bool = readings["numeric_money"]
         self.unique_external_ids: bool = readings["unique_external_ids"]
         self.check_url_extension: bool = readings["check_url_extension"]
+        self.pending_voices: str = readings["pending_voices"]
         self.reject_both_sources = reject_both_sources
         self.unique_voice_names = unique_voice_names
         self.webhook_secret = webhook_secret
@@ -569,6 +571,12 @@ class KlingEmulator:
             "created_at": stamp(self._now_ms(t.created)),
             "updated_at": stamp(self._now_ms(changed)),
         }
+        if status != "succeed" and self.pending_voices != "empty":
+            # "Empty or absent until succeed" (kling-api.md §4.2): play the other shapes too.
+            if self.pending_voices == "absent":
+                del out["task_result"]
+            else:
+                out["task_result"] = {"voices": None}
         if status in ("succeed", "failed"):
             units = "0.05" if status == "succeed" else "0"
             if self.numeric_money:

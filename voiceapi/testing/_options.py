@@ -22,6 +22,7 @@ READING_DEFAULTS: dict[str, Any] = {
     "numeric_money": False,
     "unique_external_ids": True,
     "check_url_extension": True,
+    "pending_voices": "empty",
 }
 
 #: Named bundles of readings. ``strict-real`` is what the newest evidence says the real server
@@ -45,6 +46,9 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 LIST_ORDERS = ("newest", "oldest")
+#: How a task that has not succeeded shows its voices: ``task_result.voices`` as ``[]``, as
+#: ``null``, or no ``task_result`` at all (the docs say "empty or absent until succeed").
+PENDING_VOICES = ("empty", "null", "absent")
 DELETED_VOICES = ("mark", "drop")
 #: The most any page-size refusal can allow: the documented voice-list bound.
 PAGE_SIZE_CEILING = 1000
@@ -78,6 +82,9 @@ def _check_readings(opts: dict[str, Any]) -> None:
                          f"(the real server allows 500 or 1000), got {size!r}")
     if opts["list_order"] not in LIST_ORDERS:
         raise ValueError(f"list_order must be one of {LIST_ORDERS}, got {opts['list_order']!r}")
+    if opts["pending_voices"] not in PENDING_VOICES:
+        raise ValueError(f"pending_voices must be one of {PENDING_VOICES}, "
+                         f"got {opts['pending_voices']!r}")
     if opts["deleted_voices"] not in DELETED_VOICES:
         raise ValueError(f"deleted_voices must be one of {DELETED_VOICES}, "
                          f"got {opts['deleted_voices']!r}")
@@ -122,6 +129,8 @@ def build_parser(prog: str = "python -m voiceapi.testing") -> argparse.ArgumentP
     add("--max-page-size", type=int, help="largest pageSize accepted (500 or 1000)")
     add("--list-order", choices=LIST_ORDERS, help="list order (default newest)")
     add("--deleted-voices", choices=DELETED_VOICES, help="keep deleted voices (mark) or drop")
+    add("--pending-voices", choices=PENDING_VOICES,
+        help="voices of an unfinished task: [] (empty), null, or absent")
     flag = argparse.BooleanOptionalAction
     add("--strict-auth", action=flag, help="answer 1002 for every auth problem")
     add("--voice-status", action=flag, help="voices carry status (default on)")
