@@ -121,7 +121,8 @@ EMULATOR_READINGS: dict[str, dict[str, Any]] = {
     "strict-real": {"profile": "strict-real"},
     "oldest-first-500": {"list_order": "oldest", "max_page_size": 500},
     "deleted-dropped-no-status": {"deleted_voices": "drop", "voice_status": False},
-    "numeric-money": {"numeric_money": True},
+    "numeric-money-null-voices": {"numeric_money": True, "pending_voices": "null"},
+    "no-task-result-until-done": {"pending_voices": "absent", "check_url_extension": False},
     "repeats-accepted": {"unique_external_ids": False},
 }
 
