@@ -937,3 +937,38 @@ async def test_pending_voices_shapes(http: aiohttp.ClientSession, reading: str,
         assert unfinished.get("task_result") == shape
     assert failed["data"]["task_status"] == "failed"
     assert len(done["data"]["task_result"]["voices"]) == 1  # a voice once it succeeded
+
+
+def test_our_suite_fails_a_test_whose_emulator_hit_a_bug_once(tmp_path: Path) -> None:
+    """tests/conftest.py checks the ``emu`` fixture and every emulator a test starts itself,
+    reporting each bug once."""
+    (tmp_path / "test_ours.py").write_text(textwrap.dedent('''
+        from voiceapi.testing import KlingEmulator
+
+        def bug(emu, text):
+            try:
+                raise RuntimeError(text)
+            except RuntimeError:
+                emu._record_internal_error("forced")
+
+        async def test_fixture(emu):
+            bug(emu, "fixture bug")
+
+        async def test_own_emulator():
+            async with KlingEmulator() as mine:
+                bug(mine, "own bug")
+
+        async def test_clean(emu):
+            async with KlingEmulator():
+                pass
+    '''))
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+                          "-c", str(root / "pyproject.toml"), "-p", "tests.conftest",
+                          str(tmp_path)], capture_output=True, text=True, timeout=120,
+                         cwd=root)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "3 passed, 2 errors" in out.stdout
+    assert out.stdout.count("RuntimeError: fixture bug") == 1
+    assert out.stdout.count("RuntimeError: own bug") == 1
+    assert "ExceptionGroup" not in out.stdout
