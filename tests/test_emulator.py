@@ -817,7 +817,7 @@ async def test_url_extension_checked_by_default(http: aiohttp.ClientSession, url
 
 
 @pytest.mark.parametrize(("url", "outcome"), [
-    (SIGNED, ""), ("https://cdn.test/clip-12s", ""),
+    (SIGNED, ""), ("https://cdn.test/clip-12s", ""), ("https://cdn.test/k/ab123s", ""),
     ("https://x.test/a.ogg", "format is not supported"),
     ("https://cdn.test/clip-3s", "between 5s and 30s"),
 ])

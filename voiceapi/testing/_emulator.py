@@ -629,7 +629,10 @@ class KlingEmulator:
             if ext and "." + ext not in _MEDIA_EXTS:
                 # Reached only without check_url_extension: the media, not the URL, is judged.
                 return "The file format is not supported: use mp3, wav, mp4 or mov"
-            m = re.search(r"(\d+(?:\.\d+)?)s(?:\.[a-z0-9]+)?$", name.lower())
+            # "-12s.wav"; without an extension only a separated token ("clip-12s") counts, so
+            # a random CDN key ending in digits and "s" is not read as a duration.
+            m = re.search(r"(\d+(?:\.\d+)?)s\.[a-z0-9]+$" if ext else
+                          r"(?:^|[-_])(\d+(?:\.\d+)?)s$", name.lower())
             seconds = float(m.group(1)) if m else 10.0
         if not 5.0 <= seconds <= 30.0:
             return f"The audio must be between 5s and 30s long; this one is {seconds:g}s"
