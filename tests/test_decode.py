@@ -8,6 +8,7 @@ import copy
 import json
 import logging
 import pickle
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +31,7 @@ from voiceapi._decode import (
     parse_voices,
 )
 from voiceapi._validation import identifier, page_params, path_segment
+from voiceapi.testing import KlingEmulator
 
 # --- not found / duplicate external id ----------------------------------------------------------
 
@@ -497,3 +499,38 @@ async def test_wait_on_an_unknown_status_ends_at_its_deadline(
                                             poll_interval=0.01)
     assert info.value.task is not None and info.value.task.raw_status == "queued"
     assert info.value.task.task_status is voiceapi.TaskStatus.UNKNOWN
+
+
+# --- every reading the emulator can play is read right end to end --------------------------
+
+@pytest.mark.parametrize("readings", [
+    {}, {"numeric_money": True}, {"profile": "strict-real"}, {"deleted_voices": "drop"},
+    {"voice_status": False}, {"numeric_money": True, "list_order": "oldest"},
+], ids=lambda r: ",".join(f"{k}={v}" for k, v in r.items()) or "default")
+async def test_get_and_list_read_every_emulator_reading(readings: dict[str, Any]) -> None:
+    async with KlingEmulator(task_seconds=0.05, **readings) as emu, voiceapi.AsyncVoiceClient(
+            api_key=emu.api_key, base_url=emu.base_url, retry_policy=FAST_RETRY) as client:
+        kept, gone = [await client.custom_voices.wait(
+            await client.custom_voices.create(voice_name=name, voice_url=emu.sample_url()),
+            timeout=10, poll_interval=0.02) for name in ("kept", "gone")]
+        assert gone.voice_id is not None
+        await client.custom_voices.delete(gone.voice_id)
+        listed = {t.task_id: t for t in await client.custom_voices.list(page_size=30)}
+        fetched = {t.task_id: await client.custom_voices.get(t.task_id) for t in (kept, gone)}
+    status = "succeed" if emu.voice_status else None
+    for view in (listed, fetched):
+        assert set(view) == {kept.task_id, gone.task_id}
+        for task in view.values():
+            assert task.task_status is voiceapi.TaskStatus.SUCCEED
+            assert task.final_unit_deduction == "0.05"  # sent as 0.05 or "0.05", read the same
+            assert task.final_balance_deduction == voiceapi.BalanceDeduction("0", "0")
+            assert task.created_at is not None and task.updated_at is not None
+            assert abs(task.created_at.timestamp() - time.time()) < 600  # ms read as ms
+        assert view[kept.task_id].voices == [kept.voice] and kept.voice is not None
+        assert kept.voice.status == status and not kept.voice.is_deleted
+        deleted = view[gone.task_id].voices
+        if emu.deleted_voices == "drop":
+            assert deleted == []
+        else:
+            assert [v.voice_id for v in deleted] == [gone.voice_id]
+            assert deleted[0].is_deleted is emu.voice_status
