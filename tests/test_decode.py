@@ -327,7 +327,7 @@ ODD_RECORD = st.fixed_dictionaries(
               "final_balance_deduction": JSON})
 
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)  # example count: the active hypothesis profile
 @given(raw=JSON)
 def test_any_json_gives_tasks_or_a_typed_error(raw: Any) -> None:
     for parse in (parse_task, parse_task_list, parse_voices):
@@ -339,7 +339,7 @@ def test_any_json_gives_tasks_or_a_typed_error(raw: Any) -> None:
         assert all(isinstance(i, (voiceapi.VoiceTask, voiceapi.Voice)) for i in items)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)  # example count: the active hypothesis profile
 @given(page=st.lists(ODD_RECORD, max_size=5))
 def test_records_with_an_id_are_never_lost_whatever_their_other_fields(
         page: list[dict[str, Any]]) -> None:
