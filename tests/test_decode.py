@@ -353,6 +353,49 @@ def test_records_with_an_id_are_never_lost_whatever_their_other_fields(
         assert task.created_at is None or task.created_at.tzinfo is timezone.utc
 
 
+WELL_FORMED_VOICE = st.fixed_dictionaries(
+    {"voice_id": st.from_regex(r"[0-9]{1,19}", fullmatch=True)},
+    optional={"voice_name": st.text(max_size=20), "trial_url": st.text(max_size=20),
+              "owned_by": st.text(max_size=5), "status": st.sampled_from(["succeed", "deleted"])})
+WELL_FORMED = st.fixed_dictionaries(
+    {"task_id": st.from_regex(r"[0-9]{1,19}", fullmatch=True),
+     "task_status": st.sampled_from(["submitted", "processing", "succeed", "failed"]),
+     "task_status_msg": st.text(max_size=20),
+     "task_info": st.fixed_dictionaries({}, optional={
+         "external_task_id": st.text(min_size=1, max_size=20)}),
+     "task_result": st.fixed_dictionaries({"voices": st.lists(WELL_FORMED_VOICE, max_size=2)}),
+     "created_at": st.integers(0, 4_102_444_800_000),
+     "updated_at": st.integers(0, 4_102_444_800_000)},
+    optional={"final_unit_deduction": st.from_regex(r"[0-9]{1,3}\.[0-9]{1,2}", fullmatch=True),
+              "final_balance_deduction": st.fixed_dictionaries(
+                  {"quota": st.just("0"), "list_price": st.just("1.5")})})
+
+
+def _reference(raw: dict[str, Any]) -> voiceapi.VoiceTask:
+    """The plain reading of a well-formed record, field by field, as the docs describe it."""
+    def ms(value: int) -> datetime:
+        return datetime.fromtimestamp(value / 1000, tz=timezone.utc)
+
+    balance = raw.get("final_balance_deduction")
+    return voiceapi.VoiceTask(
+        task_id=raw["task_id"], task_status=voiceapi.TaskStatus(raw["task_status"]),
+        task_status_msg=raw["task_status_msg"],
+        external_task_id=raw["task_info"].get("external_task_id"),
+        voices=[voiceapi.Voice(**v) for v in raw["task_result"]["voices"]],
+        created_at=ms(raw["created_at"]), updated_at=ms(raw["updated_at"]),
+        final_unit_deduction=raw.get("final_unit_deduction"),
+        final_balance_deduction=None if balance is None else voiceapi.BalanceDeduction(**balance),
+        raw_status=raw["task_status"])
+
+
+@settings(deadline=None)  # example count: the active hypothesis profile
+@given(raw=WELL_FORMED)
+def test_the_one_pass_parser_equals_the_plain_reading(raw: dict[str, Any]) -> None:
+    parsed = parse_task(raw)
+    assert parsed == _reference(raw)
+    assert parsed.raw_status == raw["task_status"]  # not compared by ==
+
+
 # --- errors in one place -----------------------------------------------------------------------
 
 ALL_ERRORS = [
