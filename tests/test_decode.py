@@ -264,13 +264,14 @@ def test_preset_voices_need_no_task_id() -> None:
     assert voices[0].is_preset
 
 
-@pytest.mark.parametrize("value", ["succeed", "deleted", "DELETED", None, 5, ["x"]])
+@pytest.mark.parametrize("value", ["succeed", "deleted", "DELETED", " deleted", None, 5,
+                                   ["x"]])
 def test_voice_status_is_kept(value: Any) -> None:
     voice = parse_task(_with("task_result.voices", [{"voice_id": "1", "status": value}])).voice
     assert voice is not None
     expected = value if isinstance(value, str) or value is None else ("5" if value == 5 else None)
     assert voice.status == expected
-    assert voice.is_deleted is (isinstance(value, str) and value.lower() == "deleted")
+    assert voice.is_deleted is (isinstance(value, str) and value.strip().lower() == "deleted")
 
 
 def test_absent_voice_status_is_none() -> None:
@@ -440,7 +441,9 @@ def test_task_errors_carry_the_task() -> None:
     exc = voiceapi.TaskFailedError(failed)
     assert exc.task is failed and "too short" in str(exc) and failed.task_id in str(exc)
     timeout = voiceapi.WaitTimeoutError("9", 1.5, parse_task(_with("task_status", "queued")))
-    assert "last status: unknown" in str(timeout)
+    assert "last status: unknown (queued)" in str(timeout)
+    plain = voiceapi.WaitTimeoutError("9", 1.5, parse_task(_with("task_status", "processing")))
+    assert str(plain).endswith("(last status: processing)")
 
 
 def test_errors_do_not_import_the_models() -> None:
