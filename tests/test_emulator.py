@@ -972,3 +972,13 @@ def test_our_suite_fails_a_test_whose_emulator_hit_a_bug_once(tmp_path: Path) ->
     assert out.stdout.count("RuntimeError: fixture bug") == 1
     assert out.stdout.count("RuntimeError: own bug") == 1
     assert "ExceptionGroup" not in out.stdout
+
+
+def test_every_reading_option_has_a_command_line_flag() -> None:
+    from voiceapi.testing import build_parser
+    from voiceapi.testing._options import READING_DEFAULTS
+
+    text = build_parser().format_help()
+    for name in [*READING_DEFAULTS, "profile"]:
+        assert "--" + name.replace("_", "-") in text
+    assert "/_emulator/stats" in text
