@@ -277,6 +277,23 @@ class _Run:
         else:
             await self.coord.record(key, task.task_id, task.task_status.value)
 
+    async def _probe_rerun(self) -> None:
+        """Is this a rerun? Items are sent in order, so if any item of an earlier run exists,
+        the first one almost surely does: one lookup tells. A rerun then looks each item up
+        before creating it (a server that accepts repeated external ids would otherwise make
+        a second task); a fresh batch pays this one request only."""
+        pending = self.submitter.pending
+        if not pending:
+            return
+        first = pending[0]
+        try:
+            found = await self.api.lookup(first.key)
+        except VoiceAPIError:
+            found = None  # unknown: the create flow still never resends without a not-found
+            self.submitter.look_first = True
+        if found is not None:
+            self.submitter.look_first = True
+
     # --- the loop -----------------------------------------------------------------------------
 
     def _report(self, *, force: bool = False) -> None:
@@ -285,9 +302,14 @@ class _Run:
     async def run(self) -> None:
         self._report(force=True)
         try:
-            await self.reattach()
+            if self.deadline is None:
+                await self.reattach()
+            else:  # slow lookups must not carry the batch past its deadline
+                with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+                    await within(self.reattach(), max(0.0, self.deadline - time.monotonic()))
             self.submitter.pending.extend(
                 e for e in self.ledger.entries if not e.done and e.task is None)
+            await self._probe_rerun()
             await self._loop()
         finally:
             await self.submitter.cancel()  # cancelled or failed: no create left running

@@ -53,7 +53,9 @@ class _BatchApi:
                                                          retry_rate_limits=False)
 
     async def lookup(self, external_task_id: str) -> VoiceTask | None:
-        return await self._resource._flow.lookup(external_task_id)
+        """By external id, failures retried with backoff; None only for an answered
+        not-found."""
+        return await self._resource._flow.find(external_task_id)
 
     async def get(self, task_id: str) -> VoiceTask:
         return await self._resource.get(task_id)

@@ -48,6 +48,9 @@ class Submitter:
         #: Set on a 1303 while our own tasks run: a poll may free a slot sooner.
         self.want_poll = False
         self.refusals = 0
+        #: A rerun (an item of this batch exists already): look each item up before creating
+        #: it, so that a server that accepts a repeated external id gets no second task.
+        self.look_first = False
 
     @property
     def busy(self) -> bool:
@@ -87,7 +90,9 @@ class Submitter:
         key = entry.key
         assert entry.body is not None
         try:
-            created = await self._api.create(entry.body)
+            existing = await self._api.lookup(key) if self.look_first else None
+            created = Created(existing, existed=True) if existing is not None else \
+                await self._api.create(entry.body)
         except RateLimitError as exc:
             await self._rate_limited(entry, exc)
             return
