@@ -207,7 +207,7 @@ class AsyncCustomVoices:
         ``coordinator`` shares slots, cap, journal and polling with other batches or processes
         (default: the client's, else one for this batch). ``retry_failed`` creates items whose
         earlier task failed (or whose voice was deleted) again under a fresh id. See the README,
-        "Batch uploads".
+        "Batch".
         """
         from ._batch import run_batch  # the scheduler sits above the resources
 

@@ -85,7 +85,7 @@ class CustomVoices:
         ``coordinator`` shares slots, cap, journal and polling with other batches or processes
         (default: the client's, else one for this batch). ``retry_failed`` creates items whose
         earlier task failed (or whose voice was deleted) again under a fresh id. See the README,
-        "Batch uploads".
+        "Batch".
         """
         return self._runner.run(self._resource.create_many(items, max_in_flight=max_in_flight, wait=wait, item_timeout=item_timeout, timeout=timeout, poll_interval=poll_interval, on_progress=on_progress, journal=journal, callbacks=callbacks, coordinator=coordinator, retry_failed=retry_failed))
 
