@@ -11,6 +11,7 @@ import pytest
 
 import voiceapi
 from tests.conftest import FAST_RETRY
+from voiceapi._decode import parse_task
 from voiceapi._errors import InvalidRequestError
 from voiceapi._models import VoiceTask
 from voiceapi._pages import PageLimit, is_page_size_refusal, smaller_page_size, walk_pages
@@ -132,8 +133,11 @@ class FakeApi:
 
     async def get(self, task_id: str) -> VoiceTask:
         self.gets.append(task_id)
-        from voiceapi._decode import parse_task
-        return parse_task(next(r for r in self.records if r["task_id"] == task_id))
+        for record in self.records:
+            if record["task_id"] == task_id:
+                return parse_task(record)
+        raise InvalidRequestError(f"Task not found by id/external id: {task_id}", code=1201,
+                                  http_status=400)
 
     async def lookup(self, external_task_id: str) -> VoiceTask | None:
         raise AssertionError("not used by the tracker")
@@ -208,3 +212,14 @@ async def test_300_items_stay_cheap_in_either_order(order: str) -> None:
     per_ext = collections.Counter(t["task_info"].get("external_task_id") for t in emu.tasks())
     assert emu.task_count == 1000 and set(per_ext.values()) == {1}
     assert (emu.count() - before) / 300 <= 4
+
+
+async def test_tracker_drops_a_task_the_server_says_is_gone() -> None:
+    api = FakeApi(0, "newest", listed=False)
+    tracker = ListTracker(api)
+    mine = [api.add(), api.add()]
+    api.records.pop()  # the second one vanishes from the account
+    for _ in range(3):
+        found = await tracker.poll(mine)
+    assert set(found) == {mine[0]} and set(tracker.gone) == {mine[1]}
+    assert voiceapi._decode.is_not_found(tracker.gone[mine[1]])

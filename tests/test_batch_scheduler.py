@@ -389,3 +389,31 @@ async def test_slots_of_a_returned_batch_are_freed_by_the_next(
                 items_for(emu, 2, prefix="b"), coordinator=coord, poll_interval=0.05)
             assert coord.in_flight == 0
     assert all(r.ok for r in second) and emu.peak_in_progress <= 2
+
+
+# --- adversarial ends ---------------------------------------------------------------------------
+
+async def test_closing_the_client_mid_batch_ends_it() -> None:
+    async with KlingEmulator(concurrency=3, task_seconds=3600) as emu:
+        client = client_for(emu)
+        run = asyncio.ensure_future(client.custom_voices.create_many(
+            items_for(emu, 10), poll_interval=0.05))
+        while emu.task_count < 3:
+            await asyncio.sleep(0.01)
+        await client.aclose()
+        results = await asyncio.wait_for(run, 10)
+    assert all(r.error is not None for r in results)
+    assert any(isinstance(r.error, voiceapi.ClientClosedError) for r in results)
+    assert all(isinstance(r.error, (voiceapi.ClientClosedError, NotSubmittedError))
+               for r in results)
+    assert emu.task_count == 3
+
+
+async def test_bad_credentials_end_the_batch_with_one_error_each() -> None:
+    async with KlingEmulator(concurrency=3, task_seconds=0.05) as emu:
+        async with voiceapi.AsyncVoiceClient(api_key="wrong", base_url=emu.base_url,
+                                             retry_policy=FAST_RETRY) as client:
+            results = await asyncio.wait_for(client.custom_voices.create_many(
+                items_for(emu, 5)), 10)
+    assert all(isinstance(r.error, voiceapi.AuthenticationError) for r in results)
+    assert emu.task_count == 0

@@ -215,6 +215,9 @@ class _Run:
         known = await self._known([e.key for e in entries])
         if not known:
             return
+        # A journal with entries means a rerun: an item created just before a crash may be
+        # missing from it, so every item is looked up before it is created.
+        self.submitter.look_first = True
         jobs = iter([(e, known[e.key]) for e in entries if e.key in known])
 
         async def worker() -> None:
@@ -333,6 +336,9 @@ class _Run:
                 slots_wanted=submitter.slot_blocked and bool(submitter.pending))
             if poll_at is not None and now >= poll_at:
                 await follower.poll(None if self.deadline is None else self.deadline - now)
+                if follower.fatal is not None:
+                    await self._end_early(follower.fatal)
+                    return
                 self._report()
                 continue
             self._report()
@@ -370,6 +376,15 @@ class _Run:
         await self._resolve_unknown(unknown)
         self.follower.time_out_all(self.timeout)
         self.submitter.give_up(f"the batch timeout of {self.timeout:g}s was reached")
+
+    async def _end_early(self, error: VoiceAPIError) -> None:
+        """An error no retry cures (closed client, credentials): stop sending, and report it
+        for every item still open."""
+        for entry in await self.submitter.cancel():
+            self.ledger.resolve(entry, error=NotSubmittedError(
+                f"the create of {entry.key} was cancelled ({error}); it may exist"))
+        self.follower.end(error)
+        self.submitter.give_up(str(error))
 
     async def _resolve_unknown(self, unknown: list[Entry]) -> None:
         async def found(entry: Entry, task: VoiceTask) -> None:

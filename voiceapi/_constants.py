@@ -90,6 +90,8 @@ BATCH_LIST_PAGE_SIZE = AUTO_PAGE_SIZE_MAX
 BATCH_MAX_POLL_PAGES = 20  # one poll reads at most this many list pages
 # Tasks not seen on the list pages are looked up one by one, at most this many per poll.
 BATCH_MAX_LOOKUPS_PER_POLL = 10
+# A tracked task that lookups answer "not found" this many times in a row is dropped.
+BATCH_GONE_AFTER = 2
 # Creates being sent at once: slots may be thousands, open requests should not be.
 BATCH_MAX_CONCURRENT_SUBMITS = 32
 # Journal re-attach: lookups at once.

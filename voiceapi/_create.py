@@ -28,9 +28,14 @@ from . import _constants as C
 from . import _validation as V
 from ._decode import is_duplicate_external_id, is_not_found, parse_task
 from ._errors import (
+    AccountError,
     APIConnectionError,
+    AuthenticationError,
+    ClientClosedError,
     ConflictError,
+    EventLoopError,
     InvalidRequestError,
+    PermissionDeniedError,
     ServerError,
     UnexpectedResponseError,
     ValidationError,
@@ -80,6 +85,11 @@ class Requester(Protocol):
         reconcile: Callable[[], Awaitable[Response | None]] | None = None,
         retry_rate_limits: bool = True,
     ) -> Awaitable[Response]: ...
+
+
+#: Lookup failures that waiting cannot cure: retrying them only delays the answer.
+INCURABLE = (AuthenticationError, PermissionDeniedError, AccountError, ClientClosedError,
+              EventLoopError)
 
 
 def _ambiguous(exc: VoiceAPIError) -> bool:
@@ -134,6 +144,8 @@ class CreateFlow:
         for attempt in range(1, self._lookup_tries + 1):
             try:
                 return await self.lookup(ext)
+            except INCURABLE:
+                raise
             except VoiceAPIError:
                 if attempt == self._lookup_tries:
                     raise
@@ -248,4 +260,5 @@ def _created_task(response: Response, ext: str) -> VoiceTask:
     return parse_task(raw, request_id=response.request_id)
 
 
-__all__ = ["CreateFlow", "Created", "build_create_body", "new_external_task_id", "task_path"]
+__all__ = ["INCURABLE", "CreateFlow", "Created", "build_create_body", "new_external_task_id",
+           "task_path"]

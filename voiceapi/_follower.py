@@ -11,7 +11,6 @@ an item waits for its task, or a pending item waits for a slot.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import statistics
 import time
 from collections import deque
@@ -24,7 +23,7 @@ from ._batch_state import Entry, Ledger, phase_of
 from ._coordinator import Coordinator
 from ._errors import TaskFailedError, VoiceAPIError, WaitTimeoutError
 from ._models import TaskStatus, VoiceTask
-from ._tracker import ListTracker
+from ._tracker import FATAL, ListTracker
 
 #: Called for an item whose earlier task failed or lost its voice, when retry_failed is on.
 Retry = Callable[[Entry], bool]
@@ -52,6 +51,8 @@ class Follower:
         self._last_poll = 0.0
         self._soon: float | None = None  # poll no later than this (a hint that a task ended)
         self.polls = 0
+        #: An error no later poll can cure (closed client, bad credentials): the batch ends.
+        self.fatal: VoiceAPIError | None = None
 
     # --- what we follow -----------------------------------------------------------------------
 
@@ -162,17 +163,44 @@ class Follower:
         return due
 
     async def poll(self, time_left: float | None) -> None:
+        """One look at the tracked tasks. A failed poll is tried again later, except for
+        errors no retry cures (closed client, credentials): those end the batch (``fatal``)."""
         self._soon = None
         self.polls += 1
         ids = list(self.tracked)
         found: dict[str, VoiceTask] = {}
-        with contextlib.suppress(VoiceAPIError, asyncio.TimeoutError, TimeoutError):
+        try:
             observe = self._coord.observe(ids, self.tracker.poll, self._api.lookup)
             found = dict(await (observe if time_left is None
                                 else within(observe, max(time_left, 0.0))))
+        except FATAL as exc:
+            self.fatal = exc
+        except (VoiceAPIError, asyncio.TimeoutError, TimeoutError):
+            pass
         self._last_poll = time.monotonic()
         for task in found.values():
             await self.observed(task)
+        for tid, error in list(self.tracker.gone.items()):
+            await self._gone(tid, error)
+
+    async def _gone(self, task_id: str, error: VoiceAPIError) -> None:
+        """The server says a tracked task does not exist: stop following it."""
+        self.tracker.forget(task_id)
+        entry = self.tracked.pop(task_id, None)
+        if entry is None:
+            return
+        await self._coord.release(entry.key)
+        if not entry.done:
+            if self._wait:
+                self.waiting -= 1
+            self._ledger.resolve(entry, error=error)
+
+    def end(self, error: VoiceAPIError) -> None:
+        """The batch stops early: every item still waiting gets ``error``."""
+        for entry in self.tracked.values():
+            if not entry.done:
+                self._ledger.resolve(entry, error=error)
+        self.waiting = 0
 
     def on_callback(self, task: VoiceTask) -> bool:
         """A callback says a task ended: check soon (callbacks are hints; the API is truth).

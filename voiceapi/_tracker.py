@@ -9,18 +9,21 @@ in bounded numbers. Only records whose raw ``task_id`` is tracked are parsed.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Collection, Mapping
 from typing import Any, Protocol
 
 from . import _constants as C
-from ._decode import parse_task
+from ._create import INCURABLE
+from ._decode import is_not_found, parse_task
 from ._errors import ValidationError, VoiceAPIError
 from ._models import VoiceTask
 from ._pages import PageLimit, fetch_page
 
 NEWEST, OLDEST = "newest", "oldest"
+
+#: Errors no later poll can cure (closed client, credentials, account): never swallowed.
+FATAL = INCURABLE
 
 
 class TaskSource(Protocol):
@@ -83,6 +86,9 @@ class ListTracker:
         self._hint: int | None = None
         self._missed: dict[str, int] = {}
         self._asked: dict[str, int] = {}  # task id -> the lookup number it was last asked at
+        self._not_found: dict[str, int] = {}
+        #: Tracked tasks the server said, repeatedly, do not exist: the caller drops them.
+        self.gone: dict[str, VoiceAPIError] = {}
         #: How long the last poll took (the scheduler spaces polls by it).
         self.last_duration = 0.0
         self.pages_read = 0
@@ -150,6 +156,8 @@ class ListTracker:
                     self._remember(first_seen)
                     return len(found) < len(wanted)
                 page_num += 1
+        except FATAL:
+            raise
         except (VoiceAPIError, ValidationError):
             return False  # a failed page: the next poll tries again; lookups fill in
         self._remember(first_seen)
@@ -216,12 +224,23 @@ class ListTracker:
             self._asked[tid] = self.lookups
             # Found or not, it stays "missed" until a list page shows it: a task the pages
             # do not reach will not be on them next time either.
-            with contextlib.suppress(VoiceAPIError):
+            try:
                 found[tid] = await self._api.get(tid)
+            except FATAL:
+                raise
+            except VoiceAPIError as exc:
+                if is_not_found(exc):  # answered: this task does not exist (any more)
+                    self._not_found[tid] = self._not_found.get(tid, 0) + 1
+                    if self._not_found[tid] >= C.BATCH_GONE_AFTER:
+                        self.gone[tid] = exc
+                continue
+            self._not_found.pop(tid, None)
 
     def forget(self, task_id: str) -> None:
         self._missed.pop(task_id, None)
         self._asked.pop(task_id, None)
+        self._not_found.pop(task_id, None)
+        self.gone.pop(task_id, None)
 
 
-__all__ = ["ListTracker", "TaskSource", "list_order", "raw_task_id"]
+__all__ = ["FATAL", "ListTracker", "TaskSource", "list_order", "raw_task_id"]
