@@ -417,3 +417,49 @@ async def test_bad_credentials_end_the_batch_with_one_error_each() -> None:
                 items_for(emu, 5)), 10)
     assert all(isinstance(r.error, voiceapi.AuthenticationError) for r in results)
     assert emu.task_count == 0
+
+
+# --- 16: batches that stay linear -------------------------------------------------------------
+
+async def test_wait_false_polls_only_to_free_slots() -> None:
+    async with KlingEmulator(concurrency=10, task_seconds=0.2) as emu:
+        async with client_for(emu) as client:
+            few = await client.custom_voices.create_many(items_for(emu, 3, prefix="few"),
+                                                         wait=False, max_in_flight=3)
+            # Nothing to free: no poll at all (the one get is the "is this a rerun?" probe).
+            assert emu.count("list") == 0 and emu.count("get") == 1
+            started = time.monotonic()
+            many = await client.custom_voices.create_many(items_for(emu, 12, prefix="many"),
+                                                          wait=False, max_in_flight=3)
+            wall = time.monotonic() - started
+    assert all(r.error is None and r.task for r in few + many)
+    assert emu.peak_in_progress <= 6  # the first batch's three may still run
+    assert emu.count("list") <= wall / 0.5 + 2
+
+
+def test_progress_counts_stay_equal_to_a_recount() -> None:
+    import random
+
+    from voiceapi._batch_state import Entry, Ledger, Phase
+
+    entries = [Entry(input={}, body=None) for _ in range(200)]
+    reports: list[voiceapi.BatchProgress] = []
+    ledger = Ledger(entries, reports.append)
+    rng = random.Random(7)
+    for _ in range(2000):
+        ledger.set_phase(rng.choice(entries), rng.choice(list(Phase)))
+        recount = collections.Counter(e.phase for e in entries)
+        assert ledger.counts == {p: recount[p] for p in Phase}
+    ledger.report(0, 1, force=True)
+    ledger.report(0, 1, force=True)
+    assert len(reports) == 1 and reports[0].total == 200
+
+
+def test_sync_client_runs_a_batch_with_a_coordinator() -> None:
+    with KlingEmulator(concurrency=5, task_seconds=0.05) as emu:
+        coord = LocalCoordinator(2)
+        with voiceapi.VoiceClient(api_key=emu.api_key, base_url=emu.base_url,
+                                  retry_policy=FAST_RETRY) as client:
+            results = client.custom_voices.create_many(items_for(emu, 5), coordinator=coord,
+                                                        poll_interval=0.03)
+        assert all(r.ok for r in results) and emu.peak_in_progress <= 2

@@ -394,6 +394,15 @@ class _Run:
         await self.submitter.resolve_unknown(unknown, C.BATCH_DEADLINE_GRACE, found)
 
 
+def _check_settings(max_in_flight: Any, **seconds: Any) -> None:
+    """Bad settings are refused before anything is sent."""
+    SlotCap(max_in_flight)  # the one place that says what a valid cap is
+    for name, value in seconds.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not value > 0):
+            raise ValidationError(f"{name} must be a number > 0, got {value!r}")
+
+
 async def run_batch(
     api: BatchApi,
     items: Iterable[Mapping[str, Any] | BatchItem],
@@ -409,12 +418,8 @@ async def run_batch(
     coordinator: Coordinator | None = None,
     retry_failed: bool = False,
 ) -> list[BatchResult]:
-    SlotCap(max_in_flight)  # validates the number before anything else happens
-    for name, value in (("item_timeout", item_timeout), ("timeout", timeout),
-                        ("poll_interval", poll_interval)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not value > 0):
-            raise ValidationError(f"{name} must be a number > 0")
+    _check_settings(max_in_flight, item_timeout=item_timeout, timeout=timeout,
+                    poll_interval=poll_interval)
     entries = prepare(items, callback_url=callbacks.url if callbacks is not None else None)
     coord = coordinator if coordinator is not None else api.coordinator
     own: LocalCoordinator | None = None

@@ -54,6 +54,8 @@ class Entry:
     generation: int = 0
     origin: str | None = None
     attached_at: float = 0.0
+    #: Look the item up before creating it (another batch held its id a moment ago).
+    look_first: bool = False
 
     @property
     def key(self) -> str:

@@ -76,6 +76,7 @@ class Submitter:
                 return
             self.pending.popleft()
             if grant is Grant.FOLLOW:  # another batch creates it; look again a little later
+                entry.look_first = True
                 self.deferred.append((now + C.BATCH_POLL_FLOOR, entry))
                 continue
             task = asyncio.ensure_future(self._send(entry))
@@ -90,7 +91,8 @@ class Submitter:
         key = entry.key
         assert entry.body is not None
         try:
-            existing = await self._api.lookup(key) if self.look_first else None
+            look = self.look_first or entry.look_first
+            existing = await self._api.lookup(key) if look else None
             created = Created(existing, existed=True) if existing is not None else \
                 await self._api.create(entry.body)
         except RateLimitError as exc:
