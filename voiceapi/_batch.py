@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from typing import Any, Protocol
 
 from . import _constants as C
@@ -305,18 +305,22 @@ class _Run:
     async def run(self) -> None:
         self._report(force=True)
         try:
-            if self.deadline is None:
-                await self.reattach()
-            else:  # slow lookups must not carry the batch past its deadline
-                with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-                    await within(self.reattach(), max(0.0, self.deadline - time.monotonic()))
+            await self._before_deadline(self.reattach())
             self.submitter.pending.extend(
                 e for e in self.ledger.entries if not e.done and e.task is None)
-            await self._probe_rerun()
+            await self._before_deadline(self._probe_rerun())
             await self._loop()
         finally:
             await self.submitter.cancel()  # cancelled or failed: no create left running
         self._report(force=True)
+
+    async def _before_deadline(self, step: Coroutine[Any, Any, None]) -> None:
+        """Run a start-up step; slow lookups must not carry the batch past its deadline."""
+        if self.deadline is None:
+            await step
+            return
+        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+            await within(step, max(0.0, self.deadline - time.monotonic()))
 
     async def _loop(self) -> None:
         submitter, follower = self.submitter, self.follower
