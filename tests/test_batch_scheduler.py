@@ -18,6 +18,7 @@ import voiceapi
 from tests.conftest import FAST_RETRY
 from voiceapi._batch import derive_external_task_id, prepare
 from voiceapi._batch_models import JournalError, NotSubmittedError, VoiceGoneError
+from voiceapi._coordinator import Coordinator
 from voiceapi._local_coordinator import FileJournal, LocalCoordinator
 from voiceapi.testing import KlingEmulator
 
@@ -463,3 +464,64 @@ def test_sync_client_runs_a_batch_with_a_coordinator() -> None:
             results = client.custom_voices.create_many(items_for(emu, 5), coordinator=coord,
                                                         poll_interval=0.03)
         assert all(r.ok for r in results) and emu.peak_in_progress <= 2
+
+
+@pytest.mark.parametrize("lookup", ["answers", "hangs"])
+async def test_a_create_cancelled_at_the_deadline_is_looked_up(lookup: str) -> None:
+    """The create never landed (the connection drops before any work; the SDK waits before
+    resending): at the deadline it is cancelled and looked up. An answered not-found means
+    "not submitted"; a lookup that cannot answer in time says the task may exist."""
+    slow_retry = voiceapi.RetryPolicy(initial_delay=5, max_delay=5, rate_limit_min_delay=0.01)
+    async with KlingEmulator(concurrency=5, task_seconds=0.1) as emu:
+        emu.inject("create", "reset", times=100)
+        if lookup == "hangs":  # the first lookup (is this a rerun?) answers, later ones drop
+            emu.inject("get", "slow", delay=0, times=1)
+            emu.inject("get", "reset", times=100)
+        async with client_for(emu, retry_policy=slow_retry, timeout=1.2) as client:
+            started = time.monotonic()
+            results = await client.custom_voices.create_many(items_for(emu, 1), timeout=0.5)
+            assert time.monotonic() - started <= 1.5
+    [result] = results
+    assert isinstance(result.error, NotSubmittedError) and result.task is None
+    assert ("may exist" in str(result.error)) == (lookup == "hangs")
+    assert emu.task_count == 0
+
+
+async def test_a_task_the_server_says_is_gone_ends_its_item() -> None:
+    """A created task that the list never shows and every lookup answers "not found" for is
+    not followed forever: its item gets that answer and its slot is freed."""
+    from voiceapi._batch import run_batch
+    from voiceapi._create import Created
+    from voiceapi._decode import parse_task
+    from voiceapi._pages import PageLimit
+
+    class VanishingApi:
+        rate_limit_delay = 0.01
+        page_limit = PageLimit()
+
+        def __init__(self) -> None:
+            self.local = LocalCoordinator(1)
+            self.coordinator: Coordinator | None = self.local
+
+        async def create(self, body: dict[str, str]) -> Created:
+            raw = {"task_id": "1", "task_status": "submitted",
+                   "task_info": {"external_task_id": body["external_task_id"]}}
+            return Created(parse_task(raw), existed=False)
+
+        async def lookup(self, external_task_id: str) -> None:
+            return None
+
+        async def get(self, task_id: str) -> voiceapi.VoiceTask:
+            raise voiceapi.InvalidRequestError(f"Task not found by id/external id: {task_id}",
+                                               code=1201, http_status=400)
+
+        async def list_page(self, page_num: int, page_size: int) -> list[Any]:
+            return []
+
+    api = VanishingApi()
+    [result] = await asyncio.wait_for(run_batch(
+        api, [{"voice_name": "v", "voice_url": "https://x.example/a.wav"}],
+        poll_interval=0.01), 10)
+    assert isinstance(result.error, voiceapi.InvalidRequestError)
+    assert "not found" in str(result.error) and api.local.in_flight == 0
+    assert isinstance(api.local, Coordinator)

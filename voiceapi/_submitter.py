@@ -21,7 +21,7 @@ from ._batch_models import BatchApi, NotSubmittedError
 from ._batch_state import Entry, Ledger
 from ._coordinator import Coordinator, Grant
 from ._create import Created
-from ._errors import RateLimitError, VoiceAPIError, WaitTimeoutError
+from ._errors import RateLimitError, VoiceAPIError
 from ._models import VoiceTask
 
 OnCreated = Callable[[Entry, Created], Awaitable[None]]
@@ -178,9 +178,5 @@ class Submitter:
         await asyncio.gather(*(one(e) for e in entries))
 
 
-def timed_out(entry: Entry, limit: float) -> WaitTimeoutError:
-    task = entry.task
-    return WaitTimeoutError(task.task_id if task else entry.key, limit, task)
 
-
-__all__ = ["Submitter", "timed_out"]
+__all__ = ["Submitter"]
