@@ -525,3 +525,19 @@ async def test_a_task_the_server_says_is_gone_ends_its_item() -> None:
     assert isinstance(result.error, voiceapi.InvalidRequestError)
     assert "not found" in str(result.error) and api.local.in_flight == 0
     assert isinstance(api.local, Coordinator)
+
+
+async def test_two_batches_with_the_same_items_share_the_work() -> None:
+    """Two batches in one process, one coordinator, the same items, on a server that would
+    accept a repeated id: every item is created once, and both batches report every item."""
+    async with KlingEmulator(concurrency=4, task_seconds=0.1, unique_external_ids=False) as emu:
+        items = items_for(emu, 12)
+        async with LocalCoordinator() as coord, client_for(emu) as client:
+            a, b = await asyncio.gather(
+                client.custom_voices.create_many(items, coordinator=coord, poll_interval=0.03),
+                client.custom_voices.create_many(items, coordinator=coord, poll_interval=0.03))
+            assert coord.in_flight == 0
+    assert all(r.ok for r in a + b), [str(r.error) for r in a + b if not r.ok]
+    assert [r.task.task_id for r in a if r.task] == [r.task.task_id for r in b if r.task]
+    assert emu.task_count == 12 and set(tasks_per_ext(emu).values()) == {1}
+    assert emu.peak_in_progress <= 4

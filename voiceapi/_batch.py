@@ -157,7 +157,8 @@ class _Run:
         self.side_journal = side_journal
         self.wake = asyncio.Event()
         self.submitter = Submitter(api, coordinator, self.ledger, on_created=self._created,
-                                   wake=self.wake.set, ceiling=ceiling)
+                                   on_foreign=self._foreign, wake=self.wake.set,
+                                   ceiling=ceiling)
         self.follower = Follower(api, coordinator, self.ledger, wait=wait,
                                  item_timeout=item_timeout, poll_interval=poll_interval,
                                  callbacks=callbacks, retry=self._retry,
@@ -169,6 +170,10 @@ class _Run:
         entry.earlier = created.existed
         await self._journal(entry, created.task)
         await self.follower.attach(entry, created.task)
+        self.wake.set()
+
+    async def _foreign(self, entry: Entry, task_id: str, status: str) -> None:
+        await self.follower.follow_foreign(entry, task_id, status)
         self.wake.set()
 
     async def _journal(self, entry: Entry, task: VoiceTask) -> None:

@@ -56,6 +56,8 @@ class Entry:
     attached_at: float = 0.0
     #: Look the item up before creating it (another batch held its id a moment ago).
     look_first: bool = False
+    #: Its task was created by another worker, which holds its slot: followed, never freed.
+    foreign: bool = False
 
     @property
     def key(self) -> str:

@@ -72,12 +72,33 @@ class Follower:
         elif not entry.done:
             self._ledger.resolve(entry, task=task)  # wait=False: submitted is the result
 
+    async def follow_foreign(self, entry: Entry, task_id: str, status: str) -> None:
+        """Follow a task another worker created for this item (the journal named it). Its
+        slot is the creator's: this batch never frees it. The journal's status is only a hint,
+        so the task is tracked until a poll shows its final record."""
+        entry.foreign = True
+        hinted = TaskStatus(status)
+        stub = VoiceTask(task_id=task_id, external_task_id=entry.key,
+                         task_status=TaskStatus.SUBMITTED if hinted.is_terminal else hinted)
+        entry.task = stub
+        entry.attached_at = time.monotonic()
+        if not self.tracked:
+            self._last_poll = entry.attached_at
+        self.tracked[task_id] = entry
+        self._ledger.set_phase(entry, phase_of(stub))
+        if self._wait:
+            self.waiting += 1
+        else:
+            self._ledger.resolve(entry, task=stub)
+        self.poll_soon()
+
     async def _ended(self, entry: Entry, task: VoiceTask) -> None:
         if self.tracked.pop(task.task_id, None) is not None:
             self.tracker.forget(task.task_id)
             if self._wait and not entry.done:
                 self.waiting -= 1
-        await self._coord.finished(entry.key, task.task_id, task.task_status.value)
+        if not entry.foreign:  # a foreign task's slot is its creator's to free
+            await self._coord.finished(entry.key, task.task_id, task.task_status.value)
         await self._journal(entry, task)
         if entry.done and isinstance(entry.error, WaitTimeoutError):
             return  # reported as timed out already; only its slot was still held
@@ -189,7 +210,8 @@ class Follower:
         entry = self.tracked.pop(task_id, None)
         if entry is None:
             return
-        await self._coord.release(entry.key)
+        if not entry.foreign:
+            await self._coord.release(entry.key)
         if not entry.done:
             if self._wait:
                 self.waiting -= 1

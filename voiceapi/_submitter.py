@@ -25,13 +25,16 @@ from ._errors import RateLimitError, VoiceAPIError
 from ._models import VoiceTask
 
 OnCreated = Callable[[Entry, Created], Awaitable[None]]
+#: An item whose task another worker created: (item, task id, status from the journal).
+OnForeign = Callable[[Entry, str, str], Awaitable[None]]
 
 
 class Submitter:
     def __init__(self, api: BatchApi, coordinator: Coordinator, ledger: Ledger, *,
-                 on_created: OnCreated, wake: Callable[[], None],
+                 on_created: OnCreated, on_foreign: OnForeign, wake: Callable[[], None],
                  ceiling: int | None) -> None:
         self._api = api
+        self._on_foreign = on_foreign
         self._coord = coordinator
         self._ledger = ledger
         self._on_created = on_created
@@ -60,8 +63,8 @@ class Submitter:
         """Start creates while slots are free (``own_slots``: tasks of this batch holding one)."""
         self.slot_blocked = False
         now = time.monotonic()
-        while self.deferred and self.deferred[0][0] <= now:
-            self.pending.append(self.deferred.popleft()[1])
+        if self.deferred and self.deferred[0][0] <= now:
+            await self._recheck_deferred(now)
         while self.pending and len(self.sending) < C.BATCH_MAX_CONCURRENT_SUBMITS:
             if now < self.not_before:
                 return
@@ -82,6 +85,20 @@ class Submitter:
             task = asyncio.ensure_future(self._send(entry))
             self.sending[task] = entry
             task.add_done_callback(self._sent)
+
+    async def _recheck_deferred(self, now: float) -> None:
+        """Items another worker held: once the journal knows their task, follow it (without a
+        slot: the creator holds that); otherwise ask for a slot again."""
+        due: list[Entry] = []
+        while self.deferred and self.deferred[0][0] <= now:
+            due.append(self.deferred.popleft()[1])
+        known = await self._coord.known([e.key for e in due])
+        for entry in due:
+            jentry = known.get(entry.key)
+            if jentry is not None:
+                await self._on_foreign(entry, jentry.task_id, jentry.status)
+            else:
+                self.pending.append(entry)
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         self.sending.pop(task, None)
