@@ -311,8 +311,10 @@ class _Run:
         self._report(force=True)
         try:
             await self._before_deadline(self.reattach())
-            self.submitter.pending.extend(
-                e for e in self.ledger.entries if not e.done and e.task is None)
+            queued = {id(e) for e in self.submitter.pending}  # retries made while re-attaching
+            self.submitter.pending.extend(e for e in self.ledger.entries
+                                          if not e.done and e.task is None
+                                          and id(e) not in queued)
             await self._before_deadline(self._probe_rerun())
             await self._loop()
         finally:
