@@ -683,3 +683,28 @@ def test_version_and_user_agent_come_from_package_metadata() -> None:
 
     assert voiceapi.__version__ == version("voiceapi")
     assert user_agent() == f"voiceapi-python/{version('voiceapi')}"
+
+
+def test_a_resource_keeps_its_dropped_client_open(kling_emulator: KlingEmulator) -> None:
+    voices = voiceapi.VoiceClient(api_key=kling_emulator.api_key,
+                                  base_url=kling_emulator.base_url).preset_voices
+    gc.collect()  # the client itself is unreachable except through its resource
+    assert len(voices.list(page_size=2)) == 2
+    with pytest.warns(ResourceWarning, match="unclosed VoiceClient"):
+        del voices
+        gc.collect()
+
+
+def test_concurrent_closers_both_return_after_the_close(kling_emulator: KlingEmulator) -> None:
+    for _round in range(10):
+        client = voiceapi.VoiceClient(api_key=kling_emulator.api_key,
+                                      base_url=kling_emulator.base_url)
+        client.preset_voices.list(page_size=1)
+        thread = client._runner._thread
+        closers = [threading.Thread(target=client.close) for _ in range(4)]
+        for t in closers:
+            t.start()
+        for t in closers:
+            t.join(30)
+        assert thread is not None and not thread.is_alive()
+        assert client.closed

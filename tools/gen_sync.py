@@ -129,9 +129,13 @@ def generate() -> str:
         body = [f"class {sync_name}:",
                 f'    """Blocking twin of :class:`{async_name}`. {doc}"""',
                 "",
-                f"    def __init__(self, runner: LoopThread, resource: {async_name}) -> None:",
+                f"    def __init__(self, runner: LoopThread, resource: {async_name}, "
+                "owner: object = None) -> None:",
                 "        self._runner = runner",
-                "        self._resource = resource"]
+                "        self._resource = resource",
+                "        # The VoiceClient: it is closed when collected, so while anyone holds",
+                "        # one of its resources it must stay alive.",
+                "        self._owner = owner"]
         for method in methods:
             body += ["", _method(method)]
         classes.append("\n".join(body))

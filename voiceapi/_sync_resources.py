@@ -28,9 +28,12 @@ if TYPE_CHECKING:
 class CustomVoices:
     """Blocking twin of :class:`AsyncCustomVoices`. ``client.custom_voices``: the voices you clone, and their creation tasks."""
 
-    def __init__(self, runner: LoopThread, resource: AsyncCustomVoices) -> None:
+    def __init__(self, runner: LoopThread, resource: AsyncCustomVoices, owner: object = None) -> None:
         self._runner = runner
         self._resource = resource
+        # The VoiceClient: it is closed when collected, so while anyone holds
+        # one of its resources it must stay alive.
+        self._owner = owner
 
     def create(self, *, voice_name: str, voice_url: str | None=None, video_id: str | None=None, callback_url: str | None=None, external_task_id: str | None=None) -> VoiceTask:
         """Start cloning a voice from a 5–30 s sample (a URL, or a Kling ``video_id``).
@@ -79,9 +82,12 @@ class CustomVoices:
 class PresetVoices:
     """Blocking twin of :class:`AsyncPresetVoices`. ``client.preset_voices``: read-only, paginated like custom voices."""
 
-    def __init__(self, runner: LoopThread, resource: AsyncPresetVoices) -> None:
+    def __init__(self, runner: LoopThread, resource: AsyncPresetVoices, owner: object = None) -> None:
         self._runner = runner
         self._resource = resource
+        # The VoiceClient: it is closed when collected, so while anyone holds
+        # one of its resources it must stay alive.
+        self._owner = owner
 
     def list(self, *, page_num: int=1, page_size: int=DEFAULT_PAGE_SIZE) -> builtins.list[Voice]:
         """One page of preset voices."""

@@ -146,6 +146,9 @@ class LoopThread:
             if self._closing:
                 if final is not None:
                     final.close()
+                thread = self._thread
+                if thread is not None and thread is not threading.current_thread():
+                    thread.join(SHUTDOWN_GRACE * 3)  # a second closer also waits for the end
                 return
             self._closing = True
             loop, thread = self._loop, self._thread
