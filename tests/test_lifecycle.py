@@ -708,3 +708,52 @@ def test_concurrent_closers_both_return_after_the_close(kling_emulator: KlingEmu
             t.join(30)
         assert thread is not None and not thread.is_alive()
         assert client.closed
+
+
+LAZY_SCRIPT = """
+import asyncio, sys, voiceapi
+from voiceapi.testing import KlingEmulator
+async def main():
+    async with KlingEmulator() as emu:
+        async with voiceapi.AsyncVoiceClient(api_key=emu.api_key, base_url=emu.base_url) as c:
+            await c.preset_voices.list(page_size=1)
+            first = "tenacity" in sys.modules
+            emu.inject("presets", 5000)
+            await c.preset_voices.list(page_size=1)
+            print(first, "tenacity" in sys.modules)
+asyncio.run(main())
+"""
+
+
+def test_tenacity_is_imported_only_when_a_call_retries() -> None:
+    out = subprocess.run([sys.executable, "-W", "error", "-c", LAZY_SCRIPT],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True"]
+
+
+def test_retry_decisions_are_one_pure_function() -> None:
+    from voiceapi._retry import RetryPolicy, Step, decide
+
+    policy = RetryPolicy(initial_delay=0.5, max_delay=4.0)
+
+    def step(exc: BaseException, **kw: object) -> Step:
+        args: dict[str, object] = dict(idempotent=True, can_reconcile=False,
+                                       retry_rate_limits=True, retries_used=0, max_retries=3,
+                                       resigned=False, time_left=100.0, policy=policy,
+                                       rng=lambda a, b: b)
+        args.update(kw)
+        return decide(exc, **args)  # type: ignore[arg-type]
+
+    ambiguous = voiceapi.ServerError("x", code=5000, http_status=500)
+    expired = voiceapi.AuthenticationError("x", code=1004, http_status=401)
+    limited = voiceapi.RateLimitError("x", code=1303, http_status=429)
+    assert step(ambiguous).retry and step(ambiguous).delay == 0.5
+    assert not step(ambiguous, retries_used=3).retry
+    assert not step(ambiguous, idempotent=False).retry
+    create = step(ambiguous, idempotent=False, can_reconcile=True)
+    assert create.retry and create.reconcile
+    assert step(expired).resign and not step(expired, resigned=True).retry
+    assert step(expired, retries_used=3).retry  # a re-sign is not a retry
+    assert not step(limited, retry_rate_limits=False).retry
+    assert not step(ambiguous, time_left=0.4).retry  # the wait would pass the budget
