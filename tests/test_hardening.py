@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import traceback
 from typing import Any
@@ -105,7 +106,10 @@ def _our_frames_text(exc: BaseException) -> str:
     """The SDK's frames of the traceback, with their locals (the test's own frames hold the
     secret on purpose)."""
     te = traceback.TracebackException.from_exception(exc, capture_locals=True)
-    ours = [f for f in te.stack if "/voiceapi/" in f.filename]
+    # By the package's real folder, not a path substring: a checkout named "voiceapi" (what
+    # `git clone .../voiceapi.git` gives) would otherwise count the test's own frames as ours.
+    package = os.path.realpath(os.path.dirname(voiceapi.__file__)) + os.sep
+    ours = [f for f in te.stack if os.path.realpath(f.filename).startswith(package)]
     assert ours, "expected SDK frames in the traceback"
     return "\n".join(f"{f.filename}:{f.lineno} {f.locals!r}" for f in ours)
 
