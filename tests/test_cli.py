@@ -152,6 +152,8 @@ def test_demo_runs_end_to_end_without_credentials() -> None:
     assert out.returncode == 0, out.stderr
     assert "embedded Kling emulator" in out.stdout and "== Done" in out.stdout
     assert "failed  Demo voice 4" in out.stdout and "deleted" in out.stdout
+    assert "allows 3 tasks in progress" in out.stdout and "starts with 2 slots" in out.stdout
+    assert "TASK ID" in out.stdout and "VOICE ID" in out.stdout
     assert out.stderr == ""
 
 
@@ -286,6 +288,7 @@ def test_authentication_failure_says_what_to_check(temu: KlingEmulator) -> None:
                  temu.base_url.split("//")[1]):
         assert hint in result.stderr
     assert "wrong-key" not in result.output
+    assert "\x1b[" not in result.stderr  # colour only on a terminal
 
 
 def test_a_refused_host_names_host_attempts_and_time() -> None:
@@ -509,29 +512,40 @@ def test_tables_align_wide_characters_bound_messages_and_show_deleted_voices() -
     assert set(rule) == {"─"} and len(rule) == max(cell_len(x) for x in lines if x != rule)
 
 
-def test_progress_appears_on_a_terminal_only(tmp_path: Path) -> None:
-    with KlingEmulator(concurrency=3, task_seconds=0.2) as emu:
-        path = _manifest(tmp_path, emu, [f"p{i},{emu.sample_url()}," for i in range(6)])
-        master, slave = pty.openpty()
-        chunks: list[bytes] = []
+def _stderr_on_a_terminal(args: list[str], env: dict[str, str]) -> tuple[int, bytes, str]:
+    """Run the CLI with stderr on a pseudo-terminal: (exit code, stdout, what the terminal
+    showed)."""
+    master, slave = pty.openpty()
+    chunks: list[bytes] = []
 
-        def drain() -> None:
-            with contextlib.suppress(OSError):
-                while data := os.read(master, 4096):
-                    chunks.append(data)
+    def drain() -> None:
+        with contextlib.suppress(OSError):
+            while data := os.read(master, 4096):
+                chunks.append(data)
 
-        reader = threading.Thread(target=drain, daemon=True)
-        reader.start()
-        proc = subprocess.run([sys.executable, "-m", "voiceapi", "batch", str(path)],
-                              env=_env(emu), stdout=subprocess.PIPE, stderr=slave, timeout=120,
-                              check=False)
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "voiceapi", *args], env=env,
+                              stdout=subprocess.PIPE, stderr=slave, timeout=120, check=False)
+    finally:
         os.close(slave)
         reader.join(10)
         os.close(master)
-    shown = b"".join(chunks).decode("utf-8", "replace")
-    assert proc.returncode == 0
-    assert "6/6" in shown and "/s" in shown and "ETA" in shown and "slots" in shown
-    assert b"\x1b[" not in proc.stdout and b"ETA" not in proc.stdout  # stdout is a pipe
+    return proc.returncode, proc.stdout, b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_progress_and_colour_appear_on_a_terminal_only(tmp_path: Path) -> None:
+    with KlingEmulator(concurrency=3, task_seconds=0.2) as emu:
+        path = _manifest(tmp_path, emu, [f"p{i},{emu.sample_url()}," for i in range(6)])
+        code, stdout, shown = _stderr_on_a_terminal(["batch", str(path)], _env(emu))
+        assert code == 0
+        assert "6/6" in shown and "/s" in shown and "ETA" in shown and "slots" in shown
+        assert b"\x1b[" not in stdout and b"ETA" not in stdout  # stdout is a pipe
+        code, stdout, shown = _stderr_on_a_terminal(["get", "123"], _env(emu))
+        assert code == 1 and "\x1b[31merror: " in shown and stdout == b""
+    piped = run(None, "--json", "batch", str(path), "--dry-run")
+    assert piped.stderr == ""
 
 
 # --- Ctrl-C, pipes, failures

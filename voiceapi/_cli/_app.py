@@ -59,7 +59,8 @@ _FLAG_WORDS = (
     ("voice_name", "--name"), ("voice_url", "--url"), ("video_id", "--video-id"),
     ("callback_url", "--callback-url"), ("external_task_id", "--external-id"),
     ("page_size", "--page-size"), ("page_num", "--page"), ("poll_interval", "--poll-interval"),
-    ("max_in_flight", "--max-in-flight"), ("base_url", "--base-url"),
+    ("max_in_flight", "--max-in-flight"), ("base_url", "--base-url"), ("task_id", "TASK_ID"),
+    ("voice_id", "VOICE_ID"),
 )
 
 
@@ -462,7 +463,12 @@ def batch(state: State, manifest: Path, max_in_flight: int | None, journal: Path
             items, max_in_flight=max_in_flight, journal=str(journal), wait=wait,
             timeout=batch_timeout, on_progress=on_progress)))
     if report is not None:
-        _manifest.write_report(report, results, wheres)
+        try:
+            _manifest.write_report(report, results, wheres)
+        except OSError as exc:  # the batch ran: say so, with what the journal still knows
+            error(f"could not write --report {report}: {exc.strerror or exc}",
+                  f"the journal {journal} lists every task created; rerun to write the report")
+            raise SystemExit(C.CLI_EXIT_API_ERROR) from None
     if state.json:
         out(dump(_batch_summary(results, wheres)))
     else:

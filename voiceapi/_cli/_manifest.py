@@ -159,6 +159,9 @@ def check_report_path(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise click.UsageError(f"--report {path}: the folder {parent} does not exist")
+    if path.is_dir() or not os.access(parent, os.W_OK) or \
+            (path.exists() and not os.access(path, os.W_OK)):
+        raise click.UsageError(f"--report {path}: cannot write it there")
 
 
 def report_rows(results: Sequence[BatchResult], wheres: Sequence[str]) -> list[dict[str, str]]:
