@@ -36,6 +36,7 @@ from .._models import BatchResult, VoiceTask
 from . import _manifest
 from ._output import (
     BatchBar,
+    InputError,
     PipeClosed,
     Spinner,
     dump,
@@ -135,7 +136,7 @@ def _run(state: State, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     try:
         return asyncio.run(make())
     except ValidationError as exc:
-        raise click.UsageError(cli_words(str(exc))) from None
+        raise InputError(cli_words(str(exc))) from None
     except (TaskFailedError, WaitTimeoutError) as exc:
         _show_task_on_failure(state, exc.task)
         error(str(exc))
@@ -393,12 +394,12 @@ def delete(state: State, voice_id: str) -> None:
 
 def _writable_journal(journal: Path) -> None:
     if not journal.parent.is_dir():
-        raise click.UsageError(f"--journal {journal}: the folder {journal.parent} does not exist")
+        raise InputError(f"--journal {journal}: the folder {journal.parent} does not exist")
     try:
         with open(journal, "a", encoding="utf-8"):
             pass
     except OSError as exc:
-        raise click.UsageError(f"--journal {journal}: cannot write it ({exc.strerror})") from None
+        raise InputError(f"--journal {journal}: cannot write it ({exc.strerror})") from None
 
 
 def _batch_summary(results: list[BatchResult], wheres: list[str]) -> dict[str, Any]:
@@ -443,7 +444,7 @@ def batch(state: State, manifest: Path, max_in_flight: int | None, journal: Path
     if problems:
         for p in problems:
             click.echo(p, err=True)
-        raise click.UsageError(f"{len(problems)} bad row(s) in {manifest}; nothing was sent")
+        raise InputError(f"{len(problems)} bad row(s) in {manifest}; nothing was sent")
     if report is not None:
         _manifest.check_report_path(report)
     if dry_run:
@@ -520,7 +521,7 @@ def mock_server(state: State, host: str, port: int, concurrency: int, task_secon
         try:
             await emu.start()
         except OSError as exc:
-            raise click.UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc} "
+            raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc} "
                                    "(is another server using it? --port 0 picks a free one)"
                                    ) from None
         try:

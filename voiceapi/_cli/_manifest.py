@@ -1,6 +1,6 @@
 """Batch manifests in (CSV, JSON lines, a JSON array) and results files out (CSV, JSON lines).
 
-Every problem is a ``click.UsageError`` (exit 2, one clear line) that names the file and the
+Every problem is a ``InputError`` (exit 2, one clear line) that names the file and the
 line, never a traceback: manifests are hand-made, and "line 7 has no voice_name" is the fix.
 """
 
@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import click
 
 from .._batch import prepare
 from .._models import BatchResult
-from ._output import result_status
+from ._output import InputError, result_status
 
 FIELDS = ("voice_name", "voice_url", "video_id", "external_task_id", "callback_url")
 REPORT_SUFFIXES = (".csv", ".jsonl")
@@ -37,10 +36,10 @@ def _decode(path: Path, data: bytes, encoding: str) -> str:
     try:
         text = data.decode(encoding)
     except LookupError:
-        raise click.UsageError(f"unknown --encoding {encoding!r}") from None
+        raise InputError(f"unknown --encoding {encoding!r}") from None
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1
-        raise click.UsageError(
+        raise InputError(
             f"{path}: line {line} is not valid {encoding} (byte 0x{data[exc.start]:02x}); "
             "save the file as UTF-8, or name its encoding, e.g. --encoding cp1252") from None
     return text.removeprefix("\ufeff")  # a BOM, whatever encoding was named
@@ -60,17 +59,17 @@ def _kind(path: Path, text: str) -> str:
 
 def read_manifest(path: Path, encoding: str = "utf-8-sig") -> list[Row]:
     """The rows of a manifest, each with where it came from; a row that cannot be read carries
-    its problem. Raises ``click.UsageError`` when the file as a whole is unusable."""
+    its problem. Raises ``InputError`` when the file as a whole is unusable."""
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise click.UsageError(f"cannot read {path}: {exc.strerror}") from None
+        raise InputError(f"cannot read {path}: {exc.strerror}") from None
     text = _decode(path, data, encoding)
     kind = _kind(path, text)
     rows = {"json": _json_rows, "jsonl": _jsonl_rows, "csv": _csv_rows}[kind](path, text)
     if not rows:
         what = "only a header" if kind == "csv" and text.strip() else "no rows"
-        raise click.UsageError(f"{path} has {what}: nothing to create")
+        raise InputError(f"{path} has {what}: nothing to create")
     return rows
 
 
@@ -88,9 +87,9 @@ def _json_rows(path: Path, text: str) -> list[Row]:
     try:
         value = json.loads(text)
     except ValueError as exc:
-        raise click.UsageError(f"{path}: not valid JSON ({exc})") from None
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(value, list):
-        raise click.UsageError(f"{path}: a .json manifest must be an array of objects "
+        raise InputError(f"{path}: a .json manifest must be an array of objects "
                                "(or use JSON lines: one object per line, .jsonl)")
     return [_object_row(f"item {i}", v) for i, v in enumerate(value, start=1)]
 
@@ -114,16 +113,16 @@ def _csv_rows(path: Path, text: str) -> list[Row]:
     try:
         header = [(h or "").strip() for h in (reader.fieldnames or ())]
     except csv.Error as exc:
-        raise click.UsageError(f"{path}: not a CSV file ({exc})") from None
+        raise InputError(f"{path}: not a CSV file ({exc})") from None
     if not header:
-        raise click.UsageError(f"{path} is empty: expected a CSV header with voice_name")
+        raise InputError(f"{path} is empty: expected a CSV header with voice_name")
     reader.fieldnames = header
     unknown = [h for h in header if h not in FIELDS]
     if unknown:  # said once, for the header, not once per row
-        raise click.UsageError(f"{path}: unknown column(s) {', '.join(map(repr, unknown))} in "
+        raise InputError(f"{path}: unknown column(s) {', '.join(map(repr, unknown))} in "
                                f"the header (known: {', '.join(FIELDS)})")
     if "voice_name" not in header:
-        raise click.UsageError(f"{path}: the CSV header needs a voice_name column")
+        raise InputError(f"{path}: the CSV header needs a voice_name column")
     rows = []
     try:
         for raw in reader:
@@ -134,7 +133,7 @@ def _csv_rows(path: Path, text: str) -> list[Row]:
             rows.append(Row(where, {k: v.strip() for k, v in raw.items()
                                     if isinstance(v, str) and v.strip()}))
     except csv.Error as exc:
-        raise click.UsageError(f"{path}: line {reader.line_num}: {exc}") from None
+        raise InputError(f"{path}: line {reader.line_num}: {exc}") from None
     return rows
 
 
@@ -155,13 +154,13 @@ def validate(rows: Sequence[Row]) -> tuple[list[dict[str, Any]], list[str], list
 def check_report_path(path: Path) -> None:
     """Refuse a results file we could not write, before anything is sent."""
     if path.suffix.lower() not in REPORT_SUFFIXES:
-        raise click.UsageError(f"--report {path}: use a .csv or .jsonl file name")
+        raise InputError(f"--report {path}: use a .csv or .jsonl file name")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
-        raise click.UsageError(f"--report {path}: the folder {parent} does not exist")
+        raise InputError(f"--report {path}: the folder {parent} does not exist")
     if path.is_dir() or not os.access(parent, os.W_OK) or \
             (path.exists() and not os.access(path, os.W_OK)):
-        raise click.UsageError(f"--report {path}: cannot write it there")
+        raise InputError(f"--report {path}: cannot write it there")
 
 
 def report_rows(results: Sequence[BatchResult], wheres: Sequence[str]) -> list[dict[str, str]]:

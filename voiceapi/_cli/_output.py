@@ -65,6 +65,14 @@ def silence_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
 
 
+class InputError(click.UsageError):
+    """Bad input rather than a bad flag (a manifest, a file, a busy port): exit 2 with one
+    ``error:`` line and no usage banner, which would only bury the line that matters."""
+
+    def show(self, file: Any = None) -> None:
+        error(self.format_message())
+
+
 def error(message: str, *hints: str) -> None:
     """One red ``error:`` line (red only on a terminal: click strips colour otherwise)."""
     click.secho(f"error: {message}", fg="red", err=True)
