@@ -23,6 +23,7 @@ from aiohttp.abc import AbstractStreamWriter
 
 import voiceapi
 from voiceapi.testing import KlingEmulator
+from voiceapi.testing._pytest_plugin import fail_on_internal_errors
 
 
 class _SentStreamWriter:
@@ -57,10 +58,29 @@ async def mock_client() -> AsyncIterator[voiceapi.AsyncVoiceClient]:
         yield client
 
 
+@pytest.fixture(autouse=True)
+def _emulator_bugs_fail_the_test(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every emulator a test starts (not only the fixtures') is checked for internal errors
+    when the test ends, so an emulator bug cannot hide behind the SDK retrying its 5000."""
+    started: list[KlingEmulator] = []
+    original = KlingEmulator.start
+
+    async def start(self: KlingEmulator) -> None:
+        started.append(self)
+        await original(self)
+
+    monkeypatch.setattr(KlingEmulator, "start", start)
+    yield
+    for emulator in started:
+        fail_on_internal_errors(emulator)
+
+
 @pytest.fixture
 async def emu() -> AsyncIterator[KlingEmulator]:
+    """A fresh emulator on the test's loop; the test fails if the emulator hit its own bug."""
     async with KlingEmulator(concurrency=5, task_seconds=0.1) as e:
         yield e
+    fail_on_internal_errors(e)
 
 
 @pytest.fixture
