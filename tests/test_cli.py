@@ -163,8 +163,12 @@ def test_demo_against_a_server_with_credentials(temu: KlingEmulator) -> None:
     assert result.exit_code == 0, result.output
     assert f"Using the Kling API at {temu.base_url}" in result.stdout
     assert temu.task_count == 2  # only the samples it was given
-    deleted = [t for t in temu.tasks() if not t["task_result"]["voices"]]
+    deleted = [v["voice_id"] for t in temu.tasks() for v in t["task_result"]["voices"]
+               if v.get("status") == "deleted"]
     assert len(deleted) == 1  # it deletes one voice, and only one it created
+    listed = result.stdout.split("Your custom voices", 1)[1]
+    row = next(line for line in listed.splitlines() if deleted[0] in line)
+    assert "deleted" in row.split(deleted[0], 1)[1]  # the listing says the voice is deleted
     summary = run(temu, "--json", "demo")
     assert json.loads(summary.stdout.strip().splitlines()[-1])["tasks_listed"] == 2
 
@@ -336,7 +340,7 @@ def test_global_timeout_is_per_request_and_ignored_options_are_refused() -> None
 
 
 def test_mock_server_takes_the_emulator_knobs() -> None:
-    proc = _cli_proc(["mock-server", "--port", "0", "--json", "--max-page-size", "500",
+    proc = _cli_proc(["mock-server", "--port", "0", "--json", "--profile", "strict-real",
                       "--webhook-secret", "whsec_dGVzdA==", "--concurrency", "2"], _env())
     try:
         assert proc.stdout is not None
@@ -352,6 +356,17 @@ def test_mock_server_takes_the_emulator_knobs() -> None:
         proc.send_signal(signal.SIGINT)
         _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "Traceback" not in err
+
+
+def test_mock_server_options_are_the_emulators() -> None:
+    helped = run(None, "mock-server", "--help")
+    for flag in ("--profile {strict-real}", "--list-order", "--deleted-voices", "--numeric-money",
+                 "--webhook-secret", "--max-page-size", "Defaults here: --port 8787"):
+        assert flag in helped.stdout
+    bad = run(None, "mock-server", "--port", "0", "--max-page-size", "5000")
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: max_page_size must be")
+    unknown = run(None, "mock-server", "--colour", "red")
+    assert unknown.exit_code == 2 and "unrecognized arguments: --colour" in unknown.stderr
 
 
 def test_mock_server_on_a_busy_port_is_a_usage_error() -> None:

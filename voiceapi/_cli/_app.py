@@ -483,66 +483,66 @@ def batch(state: State, manifest: Path, max_in_flight: int | None, journal: Path
 
 # --- the emulator ---------------------------------------------------------------------------------
 
-@cli.command("mock-server", epilog="\b\nExamples:\n  voiceapi mock-server --port 8787\n"
-                                   "  voiceapi mock-server --port 0 --json --concurrency 3 "
-                                   "--webhook-secret whsec_dGVzdA==")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=click.IntRange(0, 65535), default=C.CLI_EMULATOR_PORT,
-              show_default=True, help="0 picks a free port.")
-@click.option("--concurrency", type=click.IntRange(min=1), default=5, show_default=True,
-              help="The account's limit on tasks in progress (429/1303 above it).")
-@click.option("--task-seconds", type=click.FloatRange(min=0), default=5.0, show_default=True,
-              help="Emulated time a voice takes.")
-@click.option("--api-key", "server_api_key", default=C.CLI_EMULATOR_API_KEY,
-              show_default=True, help="The API key the server accepts.")
-@click.option("--webhook-secret", help="Sign callbacks (Standard Webhooks) with this secret.")
-@click.option("--max-page-size", type=click.Choice(["500", "1000"]), default="1000",
-              show_default=True, help="Largest pageSize the server accepts.")
-@click.option("--deleted-voices", type=click.Choice(["mark", "drop"]), default="mark",
-              show_default=True, help="mark: deleted voices stay listed as deleted.")
-@click.option("--qps", type=_POSITIVE, help="Requests per second before 429/1302.")
-@click.option("--strict-auth", is_flag=True, help="Refuse JWTs without nbf/exp.")
+class _MockServerCommand(click.Command):
+    """``--help`` lists the emulator's own options, which come from its argparse parser (shared
+    with ``python -m voiceapi.testing``) so the two never drift apart."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from ..testing import build_parser
+
+        text = build_parser(prog="voiceapi mock-server").format_help()
+        options = text.split("options:\n", 1)[-1]
+        with formatter.section("Emulator options"):
+            formatter.write_text(
+                f"Defaults here: --port {C.CLI_EMULATOR_PORT}, --task-seconds 5, "
+                f"--api-key {C.CLI_EMULATOR_API_KEY}, a fixed --secret-key.")
+            formatter.write("\n" + "\n".join(line for line in options.splitlines()
+                                              if "-h, --help" not in line) + "\n")
+        super().format_epilog(ctx, formatter)
+
+
+_MOCK_DEFAULTS = {"port": C.CLI_EMULATOR_PORT, "task_seconds": 5.0,
+                  "api_key": C.CLI_EMULATOR_API_KEY, "secret_key": C.CLI_EMULATOR_SECRET_KEY}
+
+
+@cli.command("mock-server", cls=_MockServerCommand,
+             context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+             epilog="\b\nExamples:\n  voiceapi mock-server --port 8787\n"
+                    "  voiceapi mock-server --port 0 --json --profile strict-real "
+                    "--webhook-secret whsec_dGVzdA==")
+@click.argument("emulator_args", nargs=-1, type=click.UNPROCESSED)
 @_json_option
 @pass_state
-def mock_server(state: State, host: str, port: int, concurrency: int, task_seconds: float,
-                server_api_key: str, webhook_secret: str | None, max_page_size: str,
-                deleted_voices: str, qps: float | None, strict_auth: bool) -> None:
-    """Run the local Kling emulator until Ctrl-C."""
+def mock_server(state: State, emulator_args: tuple[str, ...]) -> None:
+    """Run the local Kling emulator until Ctrl-C (every option below is the emulator's)."""
     state.refuse_globals("mock-server", "it is the server; its key is mock-server --api-key")
-    from ..testing import KlingEmulator
+    from ..testing import build_parser, serve
 
-    emu = KlingEmulator(host=host, port=port, concurrency=concurrency,
-                        task_seconds=task_seconds, api_key=server_api_key,
-                        secret_key=C.CLI_EMULATOR_SECRET_KEY, webhook_secret=webhook_secret,
-                        max_page_size=int(max_page_size), deleted_voices=deleted_voices,
-                        qps=qps, strict_auth=strict_auth)
+    parsed = build_parser(prog="voiceapi mock-server").parse_args(list(emulator_args))
+    options = {**_MOCK_DEFAULTS, **{k: v for k, v in vars(parsed).items() if v is not None}}
 
-    async def serve() -> None:
-        try:
-            await emu.start()
-        except OSError as exc:
-            raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc} "
-                                   "(is another server using it? --port 0 picks a free one)"
-                                   ) from None
-        try:
-            if state.json:
-                out(dump({"base_url": emu.base_url, "access_key": emu.access_key,
-                          "secret_key": emu.secret_key, "api_key": emu.api_key}))
-            else:
-                out(f"Kling emulator on {emu.base_url}  (Ctrl-C to stop)")
-                out(f"export KLING_BASE_URL={emu.base_url}")
-                out(f"export KLING_API_KEY={emu.api_key}")
-                out(f"# or AK/SK: KLING_ACCESS_KEY={emu.access_key} "
-                    f"KLING_SECRET_KEY={emu.secret_key}")
-                out(f"# sample: {emu.sample_url(12)}")
-            await asyncio.Event().wait()
-        finally:
-            await emu.stop()
+    def announce(emu: Any) -> None:
+        if state.json:
+            out(dump({"base_url": emu.base_url, "access_key": emu.access_key,
+                      "secret_key": emu.secret_key, "api_key": emu.api_key}))
+            return
+        out(f"Kling emulator on {emu.base_url}  (Ctrl-C to stop)")
+        out(f"export KLING_BASE_URL={emu.base_url}")
+        out(f"export KLING_API_KEY={emu.api_key}")
+        out(f"# or AK/SK: KLING_ACCESS_KEY={emu.access_key} KLING_SECRET_KEY={emu.secret_key}")
+        out(f"# sample: {emu.sample_url(12)}")
 
     try:
-        asyncio.run(serve())
-    except KeyboardInterrupt:
-        click.echo("stopped", err=True)
+        asyncio.run(serve(options, announce=announce))
+    except ValueError as exc:  # a bad option value, named by the emulator
+        raise InputError(str(exc)) from None
+    except OSError as exc:
+        where = f"{options.get('host', '127.0.0.1')}:{options['port']}"
+        raise InputError(f"cannot listen on {where}: {exc.strerror or exc} (is another "
+                         "server using it? --port 0 picks a free one)") from None
+    except KeyboardInterrupt:  # before the emulator's own signal handling was in place
+        pass
+    click.echo("stopped", err=True)
 
 
 @cli.command(epilog="\b\nExamples:\n  voiceapi demo\n  voiceapi demo --task-seconds 0.5\n"
