@@ -637,3 +637,34 @@ def test_a_closed_pipe_ends_quietly_with_0() -> None:
         proc.stdout.close()
         _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and err == ""
+
+
+@pytest.mark.parametrize("reading", [
+    {"max_page_size": 500, "list_order": "oldest", "deleted_voices": "mark"},
+    {"max_page_size": 1000, "list_order": "newest", "deleted_voices": "drop"},
+    {"profile": "strict-real", "list_order": "newest", "numeric_money": True},
+    {"deleted_voices": "mark", "voice_status": False},
+])
+def test_listing_under_each_reading_of_the_api(reading: dict[str, Any]) -> None:
+    """Issue 10 item 3: every task listed, a deleted voice shown as deleted, whatever the
+    server's page size, order, deleted-voice handling or number format."""
+    with KlingEmulator(task_seconds=0.05, **reading) as emu:
+        for i in range(3):
+            assert run(emu, "create", "--name", f"r{i}", "--url", emu.sample_url(),
+                       "--wait").exit_code == 0
+        tasks = [json.loads(x) for x in run(emu, "--json", "list", "--all").stdout.splitlines()]
+        assert sorted(t["voices"][0]["voice_name"] for t in tasks) == ["r0", "r1", "r2"]
+        gone = next(t for t in tasks if t["voices"][0]["voice_name"] == "r1")
+        assert run(emu, "delete", gone["voices"][0]["voice_id"]).exit_code == 0
+        table = run(emu, "list", "--all")
+        single = run(emu, "list", "--page-size", "500")
+    assert table.exit_code == 0 and single.exit_code == 0
+    assert table.stdout == single.stdout
+    row = next(line for line in table.stdout.splitlines() if gone["task_id"] in line)
+    if reading.get("deleted_voices") == "drop":
+        assert row.rstrip().endswith("voice deleted") and "r1" not in row
+    elif reading.get("voice_status") is False:
+        assert "r1" in row  # a server that sends no voice status: nothing to show
+    else:
+        assert re.search(r"r1\s+deleted\b", row), row
+    assert len(table.stdout.splitlines()) == 2 + 3
