@@ -91,7 +91,8 @@ async def test_signed_callbacks_end_to_end_with_confirmation() -> None:
     async with KlingEmulator(task_seconds=0.1, webhook_secret=secret) as emu:
         async with voiceapi.AsyncVoiceClient(api_key=emu.api_key, base_url=emu.base_url,
                                              retry_policy=FAST_RETRY) as client:
-            async with voiceapi.CallbackServer(webhook_secret=secret, confirm=client) as cb:
+            async with voiceapi.CallbackServer(
+                    webhook_secret=secret, confirm=client.custom_voices.get) as cb:
                 def listen(task: voiceapi.VoiceTask) -> None:
                     updates.append(task)
                     if task.is_terminal:
