@@ -615,12 +615,23 @@ def test_ctrl_c_during_create_wait_names_the_created_task() -> None:
 def test_ctrl_c_during_a_batch_says_how_to_resume(tmp_path: Path) -> None:
     with KlingEmulator(concurrency=2, task_seconds=120) as emu:
         path = _manifest(tmp_path, emu, [f"c{i},{emu.sample_url()}," for i in range(4)])
+        journal = tmp_path / "voices.csv.journal"
         proc = _cli_proc(["batch", str(path)], _env(emu))
-        _out, err = _interrupt_when(proc, lambda: emu.task_count >= 2)
-    assert proc.returncode == 130 and "Traceback" not in err
-    journal = tmp_path / "voices.csv.journal"
-    assert f"--journal {journal}" in err and "resume" in err
-    assert len(journal.read_text().splitlines()) >= 2
+        _out, err = _interrupt_when(proc, lambda: journal.exists() and
+                                    len(journal.read_text().splitlines()) >= 2)
+        assert proc.returncode == 130 and "Traceback" not in err
+        assert f"--journal {journal}" in err and "resume" in err
+        created = emu.task_count
+        assert created >= 2
+        emu.advance(200)  # the running voices finish while nobody watches
+        emu.task_seconds, emu.processing_after = 0.1, 0.02  # and the rest go quickly
+        again = subprocess.run([sys.executable, "-m", "voiceapi", "--json", "batch", str(path)],
+                               env=_env(emu), capture_output=True, text=True, timeout=120,
+                               check=False)
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout)["succeeded"] == 4
+        exts = [t["task_info"]["external_task_id"] for t in emu.tasks()]
+        assert len(exts) == 4 == len(set(exts))  # the resume created only the missing ones
 
 
 def test_a_closed_pipe_ends_quietly_with_0() -> None:
