@@ -237,7 +237,9 @@ class BatchBar:
             self._progress = Progress(
                 TextColumn("batch"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[detail]}"), _RateColumn(), TextColumn("ETA"),
-                TimeRemainingColumn(), console=console, transient=False)
+                TimeRemainingColumn(), console=console, transient=False,
+                # stdout is the results' channel (maybe a pipe): never route it via the bar
+                redirect_stdout=False, redirect_stderr=False)
 
     def __enter__(self) -> BatchBar:
         if self._progress is not None:
@@ -265,7 +267,7 @@ class Spinner:
         console = _stderr_console()
         self._progress = None if console is None else Progress(
             SpinnerColumn(), TextColumn(text.replace("[", r"\[")), TimeElapsedColumn(),
-            console=console, transient=True)
+            console=console, transient=True, redirect_stdout=False, redirect_stderr=False)
 
     def __enter__(self) -> Spinner:
         if self._progress is not None:
