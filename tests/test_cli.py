@@ -559,6 +559,11 @@ def test_progress_and_colour_appear_on_a_terminal_only(tmp_path: Path) -> None:
         assert b"\x1b[" not in stdout and b"ETA" not in stdout  # stdout is a pipe
         code, stdout, shown = _stderr_on_a_terminal(["get", "123"], _env(emu))
         assert code == 1 and "\x1b[31merror: " in shown and stdout == b""
+        emu.task_seconds = 1.0
+        code, stdout, shown = _stderr_on_a_terminal(
+            ["create", "--name", "w", "--url", emu.sample_url(), "--wait", "--json"], _env(emu))
+        task_id = json.loads(stdout)["task_id"]
+        assert code == 0 and f"waiting for task {task_id}" in shown
     piped = run(None, "--json", "batch", str(path), "--dry-run")
     assert piped.stderr == ""
 
