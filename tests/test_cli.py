@@ -9,6 +9,7 @@ import os
 import pty
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -684,3 +685,21 @@ def test_listing_under_each_reading_of_the_api(reading: dict[str, Any]) -> None:
     else:
         assert re.search(r"r1\s+deleted\b", row), row
     assert len(table.stdout.splitlines()) == 2 + 3
+
+
+def test_the_suite_passes_in_a_checkout_named_voiceapi(tmp_path: Path) -> None:
+    """Bug 10: `git clone …/voiceapi.git` gives a folder named voiceapi; path-substring checks
+    (\"/voiceapi/\" in a frame's file name) then mistake the tests' frames for the SDK's."""
+    root = Path(__file__).resolve().parents[1]
+    checkout = tmp_path / "voiceapi"
+    skip = shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.journal", ".mypy_cache",
+                                  ".ruff_cache", ".pytest_cache")
+    for part in ("voiceapi", "tests"):
+        shutil.copytree(root / part, checkout / part, ignore=skip)
+    shutil.copy(root / "pyproject.toml", checkout)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+                          "tests/test_hardening.py", "-k", "secrets"], cwd=checkout,
+                         capture_output=True, text=True, timeout=120, check=False,
+                         env=_env())
+    assert out.returncode == 0, out.stdout[-2000:]
+    assert "1 passed" in out.stdout
