@@ -465,5 +465,20 @@ def parse_task_list(raw: Any, *, request_id: str | None = None) -> list[VoiceTas
 
 
 def parse_voices(raw: Any, *, request_id: str | None = None) -> list[Voice]:
-    """Flatten ``data[*].task_result.voices[*]`` (the presets list) into Voice items."""
-    return [v for task in parse_task_list(raw, request_id=request_id) for v in task.voices]
+    """Flatten ``data[*].task_result.voices[*]`` (the presets list) into Voice items.
+
+    Only the voices matter here, so a record without a ``task_id`` still gives its voices; a
+    record that is not an object at all fails the page, naming its index.
+    """
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise UnexpectedResponseError(
+            f"expected an array of tasks, got {type(raw).__name__}", request_id=request_id)
+    out: list[Voice] = []
+    for index, item in enumerate(raw):
+        if type(item) is not dict and not isinstance(item, Mapping):
+            raise _unreadable(_NoTaskId(f"task record is not an object (got "
+                                        f"{type(item).__name__})"), request_id, index)
+        out.extend(_voices(item.get("task_result")))
+    return out

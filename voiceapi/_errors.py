@@ -185,6 +185,9 @@ class WaitTimeoutError(VoiceAPIError, TimeoutError):
 
     def __init__(self, task_id: str, timeout: float, task: _TaskLike | None) -> None:
         status = str(task.task_status) if task is not None else "unknown"
+        raw = getattr(task, "raw_status", None)
+        if isinstance(raw, str) and raw != status:  # e.g. "unknown (queued)": say what it was
+            status = f"{status} ({raw[:40]})"
         super().__init__(
             f"voice task {task_id} not finished after {timeout:g}s (last status: {status})")
         self.task_id = task_id

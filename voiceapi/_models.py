@@ -54,7 +54,7 @@ class Voice:
     @property
     def is_deleted(self) -> bool:
         """True when the server lists the voice as deleted (it may stay listed after delete)."""
-        return self.status is not None and self.status.lower() == "deleted"
+        return self.status is not None and self.status.strip().lower() == "deleted"
 
     @property
     def is_preset(self) -> bool:
