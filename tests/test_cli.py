@@ -336,6 +336,8 @@ def test_global_timeout_is_per_request_and_ignored_options_are_refused() -> None
     refused = run(None, "--api-key", "X", "--request-timeout", "3", "mock-server")
     assert refused.exit_code == 2
     assert "--api-key, --request-timeout: not used by mock-server" in refused.stderr
+    waitless = run(None, "create", "--name", "x", "--url", "https://x/a.wav", "--wait-timeout", "5")
+    assert waitless.exit_code == 2 and "--wait-timeout: not used without --wait" in waitless.stderr
     demo_url = run(None, "--base-url", "http://127.0.0.1:9", "demo")
     assert demo_url.exit_code == 2 and "needs credentials" in demo_url.stderr
 
@@ -413,6 +415,9 @@ def test_manifest_encoding(tmp_path: Path, temu: KlingEmulator) -> None:
     assert fixed.exit_code == 0 and json.loads(fixed.stdout) == {"valid": 2}
     bom = _write(tmp_path / "bom.csv", b"\xef\xbb\xbf" + rows.encode("utf-8"))
     assert json.loads(run(temu, "--json", "batch", str(bom), "--dry-run").stdout)["valid"] == 2
+    dry = run(temu, "batch", str(bom), "--dry-run", "--report", "r.csv", "--max-in-flight", "2")
+    assert dry.exit_code == 2
+    assert "--max-in-flight, --report: not used with --dry-run" in dry.stderr
     unknown = run(temu, "batch", str(bom), "--encoding", "klingon-8")
     assert unknown.exit_code == 2 and "unknown --encoding" in unknown.stderr
 

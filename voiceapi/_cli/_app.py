@@ -227,6 +227,17 @@ def cli(ctx: click.Context, access_key: str | None, secret_key: str | None,
 pass_state = click.make_pass_decorator(State)
 
 
+def _refuse_unused(params: Sequence[str], why: str) -> None:
+    """Refuse options the current command was given but would not use (``--wait-timeout``
+    without ``--wait``): silently dropping them hides the user's mistake."""
+    ctx = click.get_current_context()
+    given = [p.opts[0] for p in ctx.command.params
+             if p.name in params and ctx.get_parameter_source(p.name or "")
+             is ParameterSource.COMMANDLINE]
+    if given:
+        raise click.UsageError(f"{', '.join(given)}: not used {why}")
+
+
 def _json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``--json`` after the subcommand too (``voiceapi list --all --json``)."""
     def turn_on(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -262,6 +273,8 @@ def create(state: State, voice_name: str, voice_url: str | None, video_id: str |
     """Clone a voice from a sample (starts a task)."""
     if (voice_url is None) == (video_id is None):
         raise click.UsageError("give exactly one of --url or --video-id")
+    if not wait:
+        _refuse_unused(["wait_timeout"], "without --wait")
     state.doing = f"creating voice {voice_name!r}"
 
     async def go(client: AsyncVoiceClient) -> VoiceTask:
@@ -448,6 +461,8 @@ def batch(state: State, manifest: Path, max_in_flight: int | None, journal: Path
     if report is not None:
         _manifest.check_report_path(report)
     if dry_run:
+        _refuse_unused(["max_in_flight", "journal", "report", "wait", "batch_timeout"],
+                       "with --dry-run (nothing is sent)")
         out(dump({"valid": len(items)}) if state.json else f"{len(items)} rows are valid")
         return
     journal = journal or manifest.with_name(manifest.name + C.CLI_JOURNAL_SUFFIX)
