@@ -232,23 +232,3 @@ async def test_batch_under_each_reading(reading_emu: KlingEmulator) -> None:
                                                          if r.task]
     assert_exactly_once(emu, results)
 
-
-async def test_readme_batch_example_runs(tmp_path: Path, emu: KlingEmulator,
-                                         monkeypatch: pytest.MonkeyPatch,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
-    import re
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("### Batch\n", 1)[1].split("\n### ", 1)[0]
-    block = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
-    monkeypatch.chdir(tmp_path)  # the example writes voices.journal
-    async with client_for(emu) as client:
-        namespace: dict[str, Any] = {"client": client,
-                                     "urls": [emu.sample_url(), emu.sample_url(3)]}
-        code = "async def example():\n" + "".join(f"    {line}\n"
-                                                  for line in block.splitlines())
-        exec(code, namespace)
-        await namespace["example"]()
-    out = capsys.readouterr().out
-    assert "2 / 2" in out and "Speaker 1" in out and "failed" in out
-    assert (tmp_path / "voices.journal").exists()
