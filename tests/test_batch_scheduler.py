@@ -49,11 +49,11 @@ async def test_fixed_cap_above_the_real_one_does_not_storm() -> None:
     async with KlingEmulator(concurrency=2, task_seconds=0.3) as emu:
         async with client_for(emu, retry_policy=REAL_1303) as client:
             started = time.monotonic()
-            results = await client.custom_voices.create_many(items_for(emu, 16),
+            results = await client.custom_voices.create_many(items_for(emu, 10),
                                                              max_in_flight=5)
             wall = time.monotonic() - started
     assert all(r.ok for r in results)
-    assert set(tasks_per_ext(emu).values()) == {1} and emu.task_count == 16
+    assert set(tasks_per_ext(emu).values()) == {1} and emu.task_count == 10
     assert emu.count("create", code=1303) <= 3 * wall
     assert emu.count("list") <= 5 * wall
     assert emu.peak_in_progress <= 2
@@ -63,13 +63,13 @@ async def test_1303_with_none_of_ours_running_backs_off_by_time() -> None:
     """The account is full with someone else's tasks: the batch waits ≥ 1 s between tries
     instead of retrying at once."""
     async with KlingEmulator(concurrency=5, task_seconds=0.1) as emu:
-        emu.inject("create", 1303, times=2)
+        emu.inject("create", 1303, times=1)
         async with client_for(emu, retry_policy=REAL_1303) as client:
             started = time.monotonic()
             results = await client.custom_voices.create_many(items_for(emu, 1))
             wall = time.monotonic() - started
-    assert results[0].ok and emu.count("create", code=1303) == 2
-    assert wall >= 2.0  # two backoffs of at least 1 s each
+    assert results[0].ok and emu.count("create", code=1303) == 1
+    assert wall >= 1.0  # a backoff of at least 1 s
 
 
 # --- 2. a timed-out item keeps its slot until its task is seen ending --------------------------
