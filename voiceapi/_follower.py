@@ -50,7 +50,6 @@ class Follower:
         self._durations: deque[float] = deque(maxlen=50)
         self._last_poll = 0.0
         self._soon: float | None = None  # poll no later than this (a hint that a task ended)
-        self.polls = 0
         #: An error no later poll can cure (closed client, bad credentials): the batch ends.
         self.fatal: VoiceAPIError | None = None
 
@@ -61,16 +60,8 @@ class Follower:
         entry.task = task
         if task.is_terminal:
             await self._ended(entry, task)
-            return
-        self._ledger.set_phase(entry, phase_of(task))
-        entry.attached_at = time.monotonic()
-        if not self.tracked:  # a task just created is not done: the poll clock starts now
-            self._last_poll = entry.attached_at
-        self.tracked[task.task_id] = entry
-        if self._wait and not entry.done:
-            self.waiting += 1
-        elif not entry.done:
-            self._ledger.resolve(entry, task=task)  # wait=False: submitted is the result
+        else:
+            self._track(entry, task)
 
     async def follow_foreign(self, entry: Entry, task_id: str, status: str) -> None:
         """Follow a task another worker created for this item (the journal named it). Its
@@ -81,16 +72,21 @@ class Follower:
         stub = VoiceTask(task_id=task_id, external_task_id=entry.key,
                          task_status=TaskStatus.SUBMITTED if hinted.is_terminal else hinted)
         entry.task = stub
+        self._track(entry, stub)
+        self.poll_soon()
+
+    def _track(self, entry: Entry, task: VoiceTask) -> None:
         entry.attached_at = time.monotonic()
-        if not self.tracked:
+        if not self.tracked:  # a task just created is not done: the poll clock starts now
             self._last_poll = entry.attached_at
-        self.tracked[task_id] = entry
-        self._ledger.set_phase(entry, phase_of(stub))
+        self.tracked[task.task_id] = entry
+        self._ledger.set_phase(entry, phase_of(task))
+        if entry.done:
+            return
         if self._wait:
             self.waiting += 1
         else:
-            self._ledger.resolve(entry, task=stub)
-        self.poll_soon()
+            self._ledger.resolve(entry, task=task)  # wait=False: submitted is the result
 
     async def _ended(self, entry: Entry, task: VoiceTask) -> None:
         if self.tracked.pop(task.task_id, None) is not None:
@@ -187,7 +183,6 @@ class Follower:
         """One look at the tracked tasks. A failed poll is tried again later, except for
         errors no retry cures (closed client, credentials): those end the batch (``fatal``)."""
         self._soon = None
-        self.polls += 1
         ids = list(self.tracked)
         found: dict[str, VoiceTask] = {}
         try:

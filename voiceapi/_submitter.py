@@ -50,7 +50,6 @@ class Submitter:
         self.slot_blocked = False
         #: Set on a 1303 while our own tasks run: a poll may free a slot sooner.
         self.want_poll = False
-        self.refusals = 0
         #: A rerun (an item of this batch exists already): look each item up before creating
         #: it, so that a server that accepts a repeated external id gets no second task.
         self.look_first = False
@@ -126,7 +125,6 @@ class Submitter:
 
     async def _rate_limited(self, entry: Entry, exc: RateLimitError) -> None:
         self.pending.appendleft(entry)  # refused before anything was queued: send it again
-        self.refusals += 1
         if exc.code == 1303:
             delay = await self._coord.refused(entry.key)
             if self._coord.in_flight == 0:

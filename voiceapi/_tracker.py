@@ -91,7 +91,6 @@ class ListTracker:
         self.gone: dict[str, VoiceAPIError] = {}
         #: How long the last poll took (the scheduler spaces polls by it).
         self.last_duration = 0.0
-        self.pages_read = 0
         self.lookups = 0
 
     def _page_size(self, wanted: int) -> int:
@@ -115,7 +114,6 @@ class ListTracker:
         page number and size actually used, and the index of the first tracked record."""
         records, page_num, size = await fetch_page(self._api.list_page, page_num, size,
                                                    self._api.page_limit)
-        self.pages_read += 1
         first: int | None = None
         base = (page_num - 1) * size
         for i, record in enumerate(records):
