@@ -142,6 +142,10 @@ def test_no_coordinator_adds_no_middleware() -> None:
     assert sum(isinstance(m, CoordinatorMiddleware) for m in layers(shared)) == 1
 
 
+#: Held handlers wait for this; the test sets it before its server stops.
+RELEASE = web.AppKey("release", asyncio.Event)
+
+
 # --- 12.1 close() while other threads (or tasks) are in calls --------------------------------
 
 def _hammer(client: voiceapi.VoiceClient, outcomes: list[str], stop: threading.Event) -> None:
@@ -369,10 +373,10 @@ async def test_last_attempt_is_clipped_to_the_retry_budget() -> None:
     async def never(request: web.Request) -> web.Response:
         nonlocal seen
         seen += 1
-        await asyncio.sleep(30)
-        return web.Response()
+        return await _never(request)
 
     app = web.Application()
+    app[RELEASE] = asyncio.Event()
     app.router.add_route("*", "/{tail:.*}", never)
     async with serve(app) as base:
         async with voiceapi.AsyncVoiceClient(api_key="k", base_url=base, timeout=0.7,
@@ -381,6 +385,7 @@ async def test_last_attempt_is_clipped_to_the_retry_budget() -> None:
             with pytest.raises(voiceapi.APITimeoutError):
                 await client.preset_voices.list()
             took = time.monotonic() - start
+        app[RELEASE].set()  # let the held handlers end, so the server stops at once
     assert seen == 2
     assert took < 1.0 + 0.25  # not 1.4 s: the second attempt got only what was left
 
@@ -470,7 +475,7 @@ async def _redirect_loop(request: web.Request) -> web.Response:
 
 
 async def _never(request: web.Request) -> web.Response:
-    await asyncio.sleep(30)
+    await asyncio.wait_for(request.app[RELEASE].wait(), 30)
     return web.Response()
 
 
@@ -479,6 +484,7 @@ async def test_exception_chains_never_carry_secrets(fault: str) -> None:
     server = await asyncio.start_server(_bad_http, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     app = web.Application()
+    app[RELEASE] = asyncio.Event()
     app.router.add_route("*", "/{tail:.*}", _redirect_loop if fault == "redirect" else _never)
     try:
         async with serve(app) as app_base:
@@ -499,6 +505,7 @@ async def test_exception_chains_never_carry_secrets(fault: str) -> None:
                             assert secret not in text
                         if fault == "malformed":  # the case that leaked before
                             assert "request_info" not in text
+            app[RELEASE].set()
     finally:
         server.close()
         await server.wait_closed()
