@@ -47,6 +47,7 @@ class LoopThread:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._thread_ident: int | None = None
         self._closing = False
         self._closed = False
         _runners.add(self)
@@ -75,12 +76,11 @@ class LoopThread:
             thread.start()
             if not started.wait(30):
                 raise RuntimeError("the client's event-loop thread did not start")
-            self._loop, self._thread = loop, thread
+            self._loop, self._thread, self._thread_ident = loop, thread, thread.ident
         return self._loop
 
     def in_loop_thread(self) -> bool:
-        thread = self._thread
-        return thread is not None and thread.ident == threading.get_ident()
+        return self._thread_ident == threading.get_ident()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the private loop and block until it is done.
@@ -95,8 +95,8 @@ class LoopThread:
                 # step on the loop, so none is left queued behind a stopped loop.
                 if self._closing:
                     raise ClientClosedError(_CLOSED)
-                loop = self._ensure_loop()
-                if self.in_loop_thread():
+                loop = self._loop or self._ensure_loop()
+                if self._thread_ident == threading.get_ident():
                     raise RuntimeError(
                         "a VoiceClient method was called from the client's own event-loop "
                         "thread (e.g. from a middleware); that would deadlock. Use "
@@ -172,7 +172,7 @@ class LoopThread:
         self._lock = threading.Lock()  # it may have been held by another thread at fork time
         if self._loop is not None:
             FORK_ORPHANS.append(self._loop)
-        self._loop = self._thread = None
+        self._loop = self._thread = self._thread_ident = None
         if self._on_fork is not None:
             FORK_ORPHANS.extend(self._on_fork())
 
@@ -188,10 +188,12 @@ if sys.platform != "win32":
         """
 
         def _read_from_self(self) -> None:
-            with contextlib.suppress(InterruptedError, BlockingIOError):
+            try:
                 data = self._ssock.recv(4096)  # type: ignore[attr-defined]
-                if data:
-                    self._process_self_data(data)  # type: ignore[attr-defined]
+            except (InterruptedError, BlockingIOError):
+                return
+            if data:
+                self._process_self_data(data)  # type: ignore[attr-defined]
 
     def _new_loop() -> asyncio.AbstractEventLoop:
         return _HandOffLoop()
