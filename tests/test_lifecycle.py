@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import inspect
 import io
 import itertools
 import json
@@ -764,3 +765,30 @@ def test_retry_decisions_are_one_pure_function() -> None:
     assert step(expired, retries_used=3).retry  # a re-sign is not a retry
     assert not step(limited, retry_rate_limits=False).retry
     assert not step(ambiguous, time_left=0.4).retry  # the wait would pass the budget
+
+
+@pytest.mark.parametrize("closing", [False, True])
+def test_a_call_aborted_before_it_started_releases_its_caller(closing: bool) -> None:
+    from voiceapi._sync_runner import _Call
+
+    async def work() -> int:
+        return 1
+
+    loop = asyncio.new_event_loop()
+    call: _Call[int] = _Call(work())
+    pending: set[_Call[object]] = set()
+
+    def start_then_abort() -> None:  # Ctrl-C or close() lands before the task's first step
+        call.start(loop, pending)
+        call.abort()
+
+    try:
+        loop.call_soon(start_then_abort)
+        loop.run_until_complete(asyncio.sleep(0.01))
+    finally:
+        loop.close()
+    assert call.done.acquire(blocking=False)  # the caller is not left waiting
+    assert not pending and inspect.getcoroutinestate(call.coro) == "CORO_CLOSED"
+    with pytest.raises(voiceapi.ClientClosedError if closing else asyncio.CancelledError):
+        call.outcome(closing)
+    gc.collect()  # an unclosed coroutine would warn here (an error under -W error)
