@@ -77,7 +77,7 @@ def test_new_standard_voice_output_is_tolerated() -> None:
 
 
 @pytest.mark.parametrize("body", [b"", b"nope", b"[]", b'{"task_id":"1","id":"2"}', b"{}",
-                                  b'{"task_id":"1"}', b'{"id":"1","outputs":5}'])
+                                  b'{"task_id":""}', b'{"id":"1","outputs":5}'])
 def test_malformed_bodies_are_typed_errors(body: bytes) -> None:
     with pytest.raises(voiceapi.WebhookVerificationError):
         voiceapi.parse_callback(body, {})
