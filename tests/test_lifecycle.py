@@ -792,3 +792,37 @@ def test_a_call_aborted_before_it_started_releases_its_caller(closing: bool) -> 
     with pytest.raises(voiceapi.ClientClosedError if closing else asyncio.CancelledError):
         call.outcome(closing)
     gc.collect()  # an unclosed coroutine would warn here (an error under -W error)
+
+
+async def test_sync_client_errors_carry_no_secrets_and_keep_the_budget() -> None:
+    """The same promises through VoiceClient (run in a thread: the servers live on this loop)."""
+    server = await asyncio.start_server(_bad_http, "127.0.0.1", 0)
+    malformed = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    app = web.Application()
+    app[RELEASE] = asyncio.Event()
+    app.router.add_route("*", "/{tail:.*}", _never)
+
+    def call(base: str, **kw: float) -> tuple[voiceapi.VoiceAPIError, str, float]:
+        with voiceapi.VoiceClient("ak", SECRET, base_url=base, retry_policy=FAST_RETRY,
+                                  **kw) as client:  # type: ignore[arg-type]
+            token = client.async_client.transport.config.credentials.authorization()
+            start = time.monotonic()
+            try:
+                client.preset_voices.list()
+            except voiceapi.VoiceAPIError as exc:
+                return exc, token, time.monotonic() - start
+        raise AssertionError("the call should have failed")
+
+    try:
+        async with serve(app) as hanging:
+            err, token, _ = await asyncio.to_thread(call, malformed, timeout=0.3, max_retries=1)
+            text = "\n".join(_everything(err))
+            for secret in (SECRET, token, token.removeprefix("Bearer ")):
+                assert secret not in text
+            err, _, took = await asyncio.to_thread(call, hanging, timeout=0.7, retry_budget=1.0)
+            assert isinstance(err, voiceapi.APITimeoutError)
+            assert took < 1.0 + 0.25
+            app[RELEASE].set()
+    finally:
+        server.close()
+        await server.wait_closed()
