@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import re
 import traceback
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -99,6 +99,7 @@ def test_transport_only_raises_sdk_errors(status: int, payload: Any, content_typ
 
 
 SECRET = "sk-SECRET-do-not-leak-0123456789abcdef"
+SDK_DIR = Path(voiceapi.__file__).parent
 API_KEY = "ak-APIKEY-do-not-leak-0123456789abcdef"
 
 
@@ -106,10 +107,8 @@ def _our_frames_text(exc: BaseException) -> str:
     """The SDK's frames of the traceback, with their locals (the test's own frames hold the
     secret on purpose)."""
     te = traceback.TracebackException.from_exception(exc, capture_locals=True)
-    # By the package's real folder, not a path substring: a checkout named "voiceapi" (what
-    # `git clone .../voiceapi.git` gives) would otherwise count the test's own frames as ours.
-    package = os.path.realpath(os.path.dirname(voiceapi.__file__)) + os.sep
-    ours = [f for f in te.stack if os.path.realpath(f.filename).startswith(package)]
+    # By package directory, not by a path substring: the checkout itself may be named voiceapi.
+    ours = [f for f in te.stack if Path(f.filename).is_relative_to(SDK_DIR)]
     assert ours, "expected SDK frames in the traceback"
     return "\n".join(f"{f.filename}:{f.lineno} {f.locals!r}" for f in ours)
 
