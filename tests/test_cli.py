@@ -253,10 +253,12 @@ def test_every_help_shows_json_and_an_example(command: str) -> None:
 def test_output_options_after_the_subcommand(temu: KlingEmulator) -> None:
     """Bug 1: the README's own `voiceapi list --all --json`."""
     run(temu, "create", "--name", "a", "--url", temu.sample_url())
+    temu.advance(3600)  # the task has ended: both listings below see the same record
     after = run(temu, "list", "--all", "--json")
     before = run(temu, "--json", "list", "--all")
     assert after.exit_code == 0 and after.stdout == before.stdout
-    assert json.loads(after.stdout.splitlines()[0])["voices"] == []
+    [voice] = json.loads(after.stdout.splitlines()[0])["voices"]
+    assert voice["voice_name"] == "a" and voice["status"] == "succeed"
     assert json.loads(run(temu, "presets", "--json", "--page-size", "2").stdout)[1]["voice_id"]
 
 
