@@ -156,9 +156,9 @@ async def test_fast_failures_keep_the_poll_floor() -> None:
             results = await client.custom_voices.create_many(items_for(emu, 10, seconds=3))
             wall = time.monotonic() - started
     assert all(isinstance(r.error, voiceapi.TaskFailedError) for r in results)
-    # Polls no closer than the 0.5 s floor: at most one per half second, plus the first.
-    assert emu.count("list") <= wall / 0.5 + 1
-    assert emu.count("list") <= 6
+    # Polls no closer than the 0.5 s floor (one early look after a 1303 aside): 375 before.
+    assert emu.count("list") <= wall / 0.5 + 2
+    assert emu.count("list") <= 8
 
 
 # --- 6. the journal is checked, locked, and its directory must exist -------------------------
