@@ -566,3 +566,14 @@ async def test_a_journal_cut_short_by_a_crash_still_works(tmp_path: Path) -> Non
             final = await client.custom_voices.create_many(items, journal=str(path),
                                                            poll_interval=0.03)
     assert all(r.ok for r in final) and emu.task_count == 3
+
+
+async def test_a_failing_coordinator_stops_the_batch_with_its_error(emu: KlingEmulator) -> None:
+    class Broken(LocalCoordinator):
+        async def accepted(self, key: str, task_id: str, status: str) -> None:
+            raise ConnectionError("coordinator store unreachable")
+
+    async with Broken() as coord, client_for(emu) as client:
+        with pytest.raises(ConnectionError, match="unreachable"):
+            await asyncio.wait_for(client.custom_voices.create_many(
+                items_for(emu, 3), coordinator=coord, poll_interval=0.02), 10)
