@@ -32,6 +32,7 @@ from ._errors import (
     RateLimitError,
     ServerError,
     UnexpectedResponseError,
+    printable,
 )
 from ._models import BalanceDeduction, TaskStatus, Voice, VoiceTask
 
@@ -185,8 +186,11 @@ def decode_envelope(
     request_id = rid if isinstance(rid, str) else None
     if code == 0 and 200 <= status < 300:
         return envelope.get("data"), request_id
+    if request_id is not None:
+        request_id = printable(request_id, 200)
     msg = envelope.get("message")
-    message = msg if isinstance(msg, str) and msg else f"Kling error {code}"
+    # The message goes into str(exc), logs and terminals: made safe first (errors.printable).
+    message = printable(msg) if isinstance(msg, str) and msg else f"Kling error {code}"
     if code == 0:
         code_or_none = None
         message = f"HTTP {status} with code 0"
