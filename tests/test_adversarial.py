@@ -284,6 +284,29 @@ def test_not_found_and_duplicate_readings_survive_the_escaping() -> None:
         assert check(info.value)
 
 
+
+@pytest.mark.parametrize("message", ["external_task_id " * 200_000, "already exists " * 200_000,
+                                     "Task " + " " * 2_000_000 + "x", "duplicate " * 200_000])
+def test_not_found_and_duplicate_recognition_is_linear(message: str) -> None:
+    """The old duplicate pattern ("id.*already exists|already exists.*id") backtracked
+    quadratically: 340 kB of repeated ids took 50 s of CPU on the event loop. Megabytes now
+    take milliseconds (a regression hangs until the suite's timeout)."""
+    from voiceapi._decode import is_duplicate_external_id, is_not_found
+
+    exc = voiceapi.InvalidRequestError(message, code=1201, http_status=400)
+    assert not is_duplicate_external_id(exc)
+    assert not is_not_found(exc)
+
+
+async def test_a_huge_hostile_error_message_does_not_stall_a_create() -> None:
+    message = "External_task_id " * 20_000  # 340 kB; no "already exists" anywhere
+    async with raw_server(answering(400, env(code=1201, message=message))) as (base, seen), \
+            client_for(base) as client:
+        with pytest.raises(voiceapi.InvalidRequestError) as info:
+            await client.custom_voices.create(voice_name="n", voice_url=URL)
+    assert not isinstance(info.value, voiceapi.ConflictError)
+    assert seen.count("POST") == 1
+
 # --- fuzzing through a real socket ---------------------------------------------------------------
 
 JSON = st.recursive(

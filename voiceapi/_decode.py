@@ -79,9 +79,18 @@ def error_class_for(code: int | None, http_status: int) -> type[APIError]:
 _NOT_FOUND_MESSAGE = re.compile(
     r"\btask\s+(?:is\s+)?(?:not\s+found|does\s*n[o']t\s+exist)\b", re.IGNORECASE)
 _ID = r"external[\s_-]?task[\s_-]?id"
-_ALREADY_EXISTS_MESSAGE = re.compile(
-    rf"\b{_ID}\b.*\balready\s+exists?\b|\balready\s+exists?\b.*\b{_ID}\b|"
-    rf"\bduplicated?\s+{_ID}\b", re.IGNORECASE | re.DOTALL)
+# "The id … already exists" in either order, or "duplicate(d) external_task_id". Three plain
+# searches rather than one pattern with ".*" between the parts: that pattern backtracks
+# quadratically (a 340 kB message of repeated ids took 50 s, blocking the event loop).
+_EXTERNAL_ID = re.compile(rf"\b{_ID}\b", re.IGNORECASE)
+_ALREADY_EXISTS = re.compile(r"\balready\s+exists?\b", re.IGNORECASE)
+_DUPLICATE_ID = re.compile(rf"\bduplicated?\s+{_ID}\b", re.IGNORECASE)
+
+
+def _says_already_exists(message: str) -> bool:
+    return (_ALREADY_EXISTS.search(message) is not None
+            and _EXTERNAL_ID.search(message) is not None) or \
+        _DUPLICATE_ID.search(message) is not None
 
 
 def is_not_found(exc: BaseException) -> bool:
@@ -97,8 +106,7 @@ def is_not_found(exc: BaseException) -> bool:
         return True
     message = exc.message
     return exc.code in (1200, 1201) and isinstance(message, str) and \
-        _NOT_FOUND_MESSAGE.search(message) is not None and not _ALREADY_EXISTS_MESSAGE.search(
-            message)
+        _NOT_FOUND_MESSAGE.search(message) is not None and not _says_already_exists(message)
 
 
 def is_duplicate_external_id(exc: BaseException) -> bool:
@@ -108,7 +116,7 @@ def is_duplicate_external_id(exc: BaseException) -> bool:
     """
     message = getattr(exc, "message", None)
     return isinstance(exc, InvalidRequestError) and exc.code in (1200, 1201) and \
-        isinstance(message, str) and _ALREADY_EXISTS_MESSAGE.search(message) is not None
+        isinstance(message, str) and _says_already_exists(message)
 
 
 # --- the envelope ---------------------------------------------------------------------------
