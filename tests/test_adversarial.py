@@ -298,6 +298,21 @@ def test_not_found_and_duplicate_recognition_is_linear(message: str) -> None:
     assert not is_not_found(exc)
 
 
+
+@pytest.mark.parametrize("text", ["eyJ" * 400_000, "Bearer " * 200_000, "eyJa." * 200_000,
+                                  "bearer" + " " * 1_000_000 + "x"])
+def test_making_server_text_printable_is_linear(text: str) -> None:
+    """Without the look-behind, "eyJeyJ…" was matched from every "eyJ" (120 kB: 8 s)."""
+    shown = E.printable(text)
+    assert len(shown) < E.SERVER_TEXT_MAX + 100 and "more characters" in shown
+
+
+def test_a_token_split_by_the_cut_is_still_masked() -> None:
+    token = "eyJhbGciOiJIUzI1NiJ9.eyJpc3MiOiJhayJ9.c2lnbmF0dXJlLXNlY3JldA"
+    for pad in range(E.SERVER_TEXT_MAX - len(token), E.SERVER_TEXT_MAX + 2):
+        shown = E.printable("x" * pad + " " + token + " tail")
+        assert "c2lnbmF0dXJl" not in shown and "eyJpc3Mi" not in shown
+
 async def test_a_huge_hostile_error_message_does_not_stall_a_create() -> None:
     message = "External_task_id " * 20_000  # 340 kB; no "already exists" anywhere
     async with raw_server(answering(400, env(code=1201, message=message))) as (base, seen), \

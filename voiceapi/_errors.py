@@ -17,10 +17,14 @@ from typing import Any, Protocol
 # masked, control characters (ANSI escapes, forged log lines) and lone surrogates (which make
 # a UTF-8 log handler raise) are escaped, and the length is capped.
 _BEARER = re.compile(r"(?i)\b(bearer)(\s+)[^\s\"',;]+")
-_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+# The look-behind lets a match start only where a token starts: without it "eyJeyJeyJ…" is
+# scanned from every "eyJ" in it, which is quadratic (120 kB took 8 s).
+_JWT = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 #: Longest server text kept in an error; a real Kling message is one short sentence.
 SERVER_TEXT_MAX = 1000
+#: Longer than any token we send (a JWT is ~200 characters): a token the cut splits is seen whole.
+_TOKEN_MARGIN = 2000
 
 
 def _escape(match: re.Match[str]) -> str:
@@ -30,10 +34,12 @@ def _escape(match: re.Match[str]) -> str:
 
 def printable(text: str, limit: int = SERVER_TEXT_MAX) -> str:
     """Server text made safe for ``str(exc)``, logs and terminals (see above)."""
-    # Masked before the cut, so a token split by the cut is still masked as a whole.
-    text = _JWT.sub("***", _BEARER.sub(r"\1\2***", text))
-    if len(text) > limit:
-        text = f"{text[:limit]}… ({len(text) - limit} more characters)"
+    size = len(text)
+    # Masked before the final cut, so a token split by it is still masked as a whole; the
+    # first cut keeps the work bounded whatever the server sent.
+    text = _JWT.sub("***", _BEARER.sub(r"\1\2***", text[:limit + _TOKEN_MARGIN]))
+    if size > limit:
+        text = f"{text[:limit]}… ({size - limit} more characters)"
     return _UNSHOWABLE.sub(_escape, text)
 
 
