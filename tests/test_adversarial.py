@@ -496,6 +496,30 @@ async def test_a_late_answer_never_becomes_the_answer_to_a_later_call() -> None:
     assert got == ["n0", "n1", "n2", "n3"]
 
 
+
+async def test_informational_answers_before_the_real_one_are_skipped() -> None:
+    """CDNs send 103 Early Hints before the answer; reading the 103 as the answer would fail a
+    create that landed."""
+    async def hints(method: str, target: str, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+                     b"HTTP/1.1 100 Continue\r\n\r\n" + http(200, env(task_json())))
+        return True
+
+    async with raw_server(hints) as (base, seen), client_for(base) as client:
+        task = await client.custom_voices.create(voice_name="n", voice_url=URL)
+    assert task.task_id == "930801301486305328" and seen.count("POST") == 1
+
+
+async def test_a_redirect_is_not_followed_and_says_where_it_pointed() -> None:
+    async with raw_server(answering(301, b"", headers=(
+            ("Location", "https://api.example/\x1b[2J"),))) as (base, seen), \
+            client_for(base, max_retries=3) as client:
+        with pytest.raises(voiceapi.APIError) as info:
+            await client.custom_voices.create(voice_name="n", voice_url=URL)
+    assert "redirect to 'https://api.example/" in str(info.value) and "base_url" in str(info.value)
+    assert "\x1b" not in str(info.value)
+    assert seen.lines[0].startswith("POST /v1/general/custom-voices") and len(seen.lines) == 1
+
 async def test_a_proxy_answering_200_with_html_never_makes_a_create_resend_blind() -> None:
     async with raw_server(answering(200, b"<html>Sign in to the Wi-Fi</html>",
                                     content_type="text/html")) as (base, seen), \

@@ -187,6 +187,12 @@ def decode_envelope(
                 f"(content-type {headers.get('Content-Type', 'unknown')!r}, {len(body)} bytes)",
                 http_status=status)
         cls = error_class_for(None, status)
+        location = headers.get("Location") if 300 <= status < 400 else None
+        if location:
+            # Kling never redirects (and we never follow): most often http:// was typed for
+            # https://, or base_url points at a web page rather than the API host.
+            raise cls(f"HTTP {status} redirect to {printable(location, 200)!r}: the API never "
+                      "redirects; check base_url", http_status=status)
         raise cls(f"HTTP {status} without a Kling JSON envelope (likely from a proxy)",
                   http_status=status)
     assert isinstance(envelope, dict)
