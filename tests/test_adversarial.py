@@ -825,3 +825,14 @@ async def test_a_re_signed_token_differs_from_the_refused_one() -> None:
         seen_ref.append(seen)
         await client.custom_voices.get("1")
     assert len(set(seen.auth)) == 2
+
+
+@pytest.mark.xfail(strict=True, reason="finding A15 (_custom_voices.py): wait() with a timeout or "
+                   "poll_interval of the wrong type raises a bare TypeError")
+@pytest.mark.parametrize("kw", [{"timeout": "5"}, {"poll_interval": None}], ids=str)
+async def test_wait_settings_of_the_wrong_type_are_validation_errors(kw: dict[str, Any]) -> None:
+    async with raw_server(answering(200, env(task_json()))) as (base, seen), \
+            client_for(base) as client:
+        with pytest.raises(voiceapi.ValidationError):
+            await client.custom_voices.wait("1", **kw)
+    assert seen.lines == []
