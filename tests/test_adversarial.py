@@ -836,3 +836,32 @@ async def test_wait_settings_of_the_wrong_type_are_validation_errors(kw: dict[st
         with pytest.raises(voiceapi.ValidationError):
             await client.custom_voices.wait("1", **kw)
     assert seen.lines == []
+
+
+async def test_a_cancelled_slot_waiter_stays_cancelled_when_a_slot_frees_in_the_same_tick(
+        ) -> None:
+    """Finding L1, on the lifecycle branch (not on main when written): its ``Limits`` queue
+    for ``max_concurrent_requests``. A waiter cancelled (e.g. by a timeout) in the same loop
+    iteration in which the slot holder leaves has its turn popped by ``leave()``; its own
+    clean-up then calls ``deque.remove`` on it and raises a bare ValueError instead of
+    CancelledError (so ``asyncio.timeout`` cannot turn it into TimeoutError)."""
+    from voiceapi import _middlewares
+
+    limits_class: Any = getattr(_middlewares, "Limits", None)
+    if limits_class is None:
+        pytest.skip("no Limits class here (main still uses LimitMiddleware with a Semaphore)")
+    limits = limits_class(max_concurrent=1, per_second=None)
+    await limits.enter()  # the holder
+    waiter = asyncio.create_task(limits.enter())
+    await asyncio.sleep(0)  # queued behind the holder
+    waiter.cancel()
+    limits.leave()  # the holder finishes in the same tick
+    outcomes: list[BaseException | None] = await asyncio.gather(waiter, return_exceptions=True)
+    outcome = outcomes[0]
+    if isinstance(outcome, ValueError):
+        pytest.xfail("finding L1 (_middlewares.Limits.enter): ValueError instead of "
+                     "CancelledError")
+    assert isinstance(outcome, asyncio.CancelledError)
+    assert limits.active == 0
+    await asyncio.wait_for(limits.enter(), 1)  # the slot is usable again
+    assert limits.active == 1
