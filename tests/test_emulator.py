@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -470,8 +473,8 @@ async def test_strict_real_profile_turns_on_every_real_reading(
         http: aiohttp.ClientSession) -> None:
     async with KlingEmulator(profile="strict-real") as emu:
         assert (emu.strict_auth, emu.max_page_size, emu.deleted_voices, emu.voice_status,
-                emu.numeric_money, emu.unique_external_ids) == (True, 500, "mark", True,
-                                                               False, True)
+                emu.numeric_money, emu.unique_external_ids, emu.check_url_extension) == (
+            True, 500, "mark", True, False, True, False)
         assert (await call(http, emu, "GET", CV, headers={"Authorization": ""}))[1]["code"] \
             == 1002
         assert (await call(http, emu, "GET", CV, params={"pageSize": "501"}))[0] == 400
@@ -496,6 +499,9 @@ async def test_explicit_options_win_over_the_profile() -> None:
     ({"list_order": "random"}, "list_order"), ({"deleted_voices": "hide"}, "deleted_voices"),
     ({"voice_status": "yes"}, "voice_status"), ({"numeric_money": 1}, "numeric_money"),
     ({"unique_external_ids": "no"}, "unique_external_ids"), ({"strict_auth": 0}, "strict_auth"),
+    ({"check_url_extension": None, "profile": "x"}, "profile"),
+    ({"check_url_extension": "off"}, "check_url_extension"),
+    ({"pending_voices": "none"}, "pending_voices"),
     ({"profile": "real"}, "profile"), ({"concurrency": 0}, "concurrency"),
     ({"task_seconds": -1}, "task_seconds"), ({"qps": "fast"}, "qps"),
     ({"max_recorded_requests": -1}, "max_recorded_requests"),
@@ -761,3 +767,218 @@ def test_the_testing_package_loads_names_on_first_use() -> None:
     assert set(testing.__all__) <= set(dir(testing))
     with pytest.raises(AttributeError, match="no_such_name"):
         testing.no_such_name  # noqa: B018
+
+
+# --- hypothesis profiles (tests/conftest.py) --------------------------------------------------
+
+def test_hypothesis_profile_follows_the_environment() -> None:
+    from hypothesis import settings
+
+    from tests.conftest import load_hypothesis_profile, scaled_examples
+
+    before = os.environ.get("HYPOTHESIS_PROFILE", "").strip() or "quick"
+    assert settings().max_examples == settings.get_profile(before).max_examples
+    try:
+        assert load_hypothesis_profile({}) == "quick"
+        assert (settings().max_examples, settings().deadline) == (200, None)
+        assert scaled_examples(12) == 12
+        assert load_hypothesis_profile({"HYPOTHESIS_PROFILE": "thorough"}) == "thorough"
+        assert settings().max_examples == 2000 and scaled_examples(12) == 120
+        with pytest.raises(pytest.UsageError, match="HYPOTHESIS_PROFILE"):
+            load_hypothesis_profile({"HYPOTHESIS_PROFILE": "slow"})
+    finally:
+        load_hypothesis_profile({"HYPOTHESIS_PROFILE": before})
+
+
+def test_every_python_block_of_the_readme_section_runs(kling_emulator: KlingEmulator) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Testing your code with the emulator", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 4
+    for block in blocks:
+        namespace: dict[str, Any] = {}
+        exec(block, namespace)
+        if "test_my_uploader" in namespace:
+            asyncio.run(namespace["test_my_uploader"]())
+        if "test_sync_code" in namespace:
+            namespace["test_sync_code"](kling_emulator)
+
+
+SIGNED = "https://cdn.test/o/abc123?X-Amz-Signature=f00"
+
+
+@pytest.mark.parametrize("url", [SIGNED, "https://x.test/a.ogg"])
+async def test_url_extension_checked_by_default(http: aiohttp.ClientSession, url: str) -> None:
+    async with KlingEmulator() as emu:
+        status, body = await call(http, emu, "POST", CV, json={"voice_name": "v",
+                                                               "voice_url": url})
+        assert (status, body["code"]) == (400, 1201) and "voice_url" in body["message"]
+        assert emu.task_count == 0
+
+
+@pytest.mark.parametrize(("url", "outcome"), [
+    (SIGNED, ""), ("https://cdn.test/clip-12s", ""), ("https://cdn.test/k/ab123s", ""),
+    ("https://x.test/a.ogg", "format is not supported"),
+    ("https://cdn.test/clip-3s", "between 5s and 30s"),
+])
+async def test_without_url_extension_check_the_media_is_judged(
+        http: aiohttp.ClientSession, url: str, outcome: str) -> None:
+    async with KlingEmulator(check_url_extension=False) as emu:
+        status, created = await call(http, emu, "POST", CV, json={"voice_name": "v",
+                                                                  "voice_url": url})
+        assert status == 200
+        emu.advance(emu.task_seconds + 1)
+        _, got = await call(http, emu, "GET", f"{CV}/{created['data']['task_id']}")
+    data = got["data"]
+    assert data["task_status"] == ("failed" if outcome else "succeed")
+    assert outcome in data["task_status_msg"]
+
+
+@pytest.mark.parametrize("url", ["ftp://x.test/a.wav", "https:///a.wav", "a.wav"])
+async def test_voice_url_needs_http_and_a_host(http: aiohttp.ClientSession, url: str) -> None:
+    async with KlingEmulator(check_url_extension=False) as emu:
+        status, body = await call(http, emu, "POST", CV, json={"voice_name": "v",
+                                                               "voice_url": url})
+    assert (status, body["code"]) == (400, 1201) and "http(s)" in body["message"]
+
+
+async def test_sample_cache_is_bounded(emu: KlingEmulator, http: aiohttp.ClientSession) -> None:
+    from voiceapi.testing._emulator import _cached_wav
+
+    for i in range(20):
+        async with http.get(f"{emu.base_url}/samples/n{i}-{5 + i / 10:g}s.wav") as resp:
+            assert resp.status == 200
+    assert _cached_wav.cache_info().currsize <= 16
+
+
+async def test_every_reading_serves_a_consistent_listing(
+        reading_emu: KlingEmulator, http: aiohttp.ClientSession) -> None:
+    emu = reading_emu
+    emu.concurrency = 50
+    for i in range(5):
+        assert (await _create(http, emu, f"v{i}", f"ext-{i}"))[0] == 200
+    emu.advance(emu.task_seconds + 1)
+    seen: list[dict[str, Any]] = []
+    for page in range(1, 10):  # bounded walk; ends on a short page
+        _, body = await call(http, emu, "GET", CV, params={"pageNum": str(page),
+                                                           "pageSize": "2"})
+        seen += body["data"]
+        if len(body["data"]) < 2:
+            break
+    assert sorted(t["task_id"] for t in seen) == sorted(t["task_id"] for t in emu.tasks())
+    for task in seen:
+        assert task["task_status"] == "succeed"
+        assert float(task["final_unit_deduction"]) == 0.05
+        assert int(task["updated_at"]) >= int(task["created_at"])
+        (voice,) = task["task_result"]["voices"]
+        assert voice.get("status", "succeed") == "succeed"
+
+
+def test_main_on_a_busy_port_says_so_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert run_emulator_main(["--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot serve on 127.0.0.1:{port}:") and err.count("\n") == 1
+
+
+async def test_a_failed_start_leaves_nothing_running() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        emu = KlingEmulator(port=busy.getsockname()[1])
+        with pytest.raises(OSError):
+            await emu.start()
+    assert emu._runner is None and emu._ticker is None
+    with pytest.raises(RuntimeError, match="not running"):
+        emu.base_url  # noqa: B018
+
+
+async def test_stop_does_not_wait_for_a_slow_answer(http: aiohttp.ClientSession) -> None:
+    emu = KlingEmulator()
+    await emu.start()
+    emu.inject("presets", "slow", delay=600)
+    pending = asyncio.ensure_future(call(http, emu, "GET", "/v1/general/presets-voices"))
+    for _ in range(500):  # bounded: until the request is being answered
+        if emu.count("presets"):
+            break
+        await asyncio.sleep(0.01)
+    assert emu.count("presets") == 1
+    await asyncio.wait_for(emu.stop(), 20)  # a 600 s answer is dropped, not awaited
+    with pytest.raises(aiohttp.ClientError):
+        await asyncio.wait_for(pending, 20)
+
+
+async def test_bugs_in_the_emulators_own_routes_are_recorded(
+        emu: KlingEmulator, http: aiohttp.ClientSession) -> None:
+    _break(emu, "stats", RuntimeError("stats bug"))
+    async with http.get(emu.base_url + "/_emulator/stats") as resp:
+        assert resp.status == 500
+    (error,) = emu.internal_errors
+    assert error.startswith("GET /_emulator/stats (emulator route):") and "stats bug" in error
+    emu.internal_errors.clear()
+
+
+@pytest.mark.parametrize(("reading", "shape"), [
+    ("empty", {"voices": []}), ("null", {"voices": None}), ("absent", None)])
+async def test_pending_voices_shapes(http: aiohttp.ClientSession, reading: str,
+                                     shape: dict[str, Any] | None) -> None:
+    async with KlingEmulator(pending_voices=reading) as emu:
+        _, created = await _create(http, emu, "v")
+        _, bad = await call(http, emu, "POST", CV, json={
+            "voice_name": "bad", "voice_url": emu.sample_url(3)})
+        _, pending = await call(http, emu, "GET", f"{CV}/{created['data']['task_id']}")
+        emu.advance(emu.task_seconds + 1)
+        _, failed = await call(http, emu, "GET", f"{CV}/{bad['data']['task_id']}")
+        _, done = await call(http, emu, "GET", f"{CV}/{created['data']['task_id']}")
+    for unfinished in (pending["data"], failed["data"]):
+        assert unfinished.get("task_result") == shape
+    assert failed["data"]["task_status"] == "failed"
+    assert len(done["data"]["task_result"]["voices"]) == 1  # a voice once it succeeded
+
+
+def test_our_suite_fails_a_test_whose_emulator_hit_a_bug_once(tmp_path: Path) -> None:
+    """tests/conftest.py checks the ``emu`` fixture and every emulator a test starts itself,
+    reporting each bug once."""
+    (tmp_path / "test_ours.py").write_text(textwrap.dedent('''
+        from voiceapi.testing import KlingEmulator
+
+        def bug(emu, text):
+            try:
+                raise RuntimeError(text)
+            except RuntimeError:
+                emu._record_internal_error("forced")
+
+        async def test_fixture(emu):
+            bug(emu, "fixture bug")
+
+        async def test_own_emulator():
+            async with KlingEmulator() as mine:
+                bug(mine, "own bug")
+
+        async def test_clean(emu):
+            async with KlingEmulator():
+                pass
+    '''))
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+                          "-c", str(root / "pyproject.toml"), "-p", "tests.conftest",
+                          str(tmp_path)], capture_output=True, text=True, timeout=120,
+                         cwd=root)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "3 passed, 2 errors" in out.stdout
+    assert out.stdout.count("RuntimeError: fixture bug") == 1
+    assert out.stdout.count("RuntimeError: own bug") == 1
+    assert "ExceptionGroup" not in out.stdout
+
+
+def test_every_reading_option_has_a_command_line_flag() -> None:
+    from voiceapi.testing import build_parser
+    from voiceapi.testing._options import READING_DEFAULTS
+
+    text = build_parser().format_help()
+    for name in [*READING_DEFAULTS, "profile"]:
+        assert "--" + name.replace("_", "-") in text
+    assert "/_emulator/stats" in text

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import functools
 import hashlib
 import heapq
 import hmac
@@ -73,6 +74,10 @@ DROPPED = "dropped"
 _BASE = "/v1/general"
 #: The emulator's own inspection route (not part of the Kling API).
 STATS_PATH = "/_emulator/stats"
+#: Seconds a stopping emulator lets in-flight answers finish (a ``slow`` fault may hold one for
+#: long; a server going away drops it, and SIGTERM to the standalone runner stays prompt).
+_SHUTDOWN_GRACE = 0.5
+_MEDIA_EXTS = (".mp3", ".wav", ".mp4", ".mov")
 _FETCH_FAILED = "Something went wrong when we tried to get the contents of the file."
 _PRESET_NAMES = (
     "Warm Narrator", "Bright Host", "Calm Teacher", "Deep Trailer", "Friendly Guide",
@@ -162,6 +167,12 @@ def make_wav(seconds: float, rate: int = 8000) -> bytes:
     return buf.getvalue()
 
 
+@functools.lru_cache(maxsize=16)
+def _cached_wav(seconds: float) -> bytes:
+    """Samples by duration; bounded, so requests for many names cannot fill the memory."""
+    return make_wav(seconds)
+
+
 def wav_seconds(data: bytes) -> float:
     with wave.open(io.BytesIO(data), "rb") as w:
         return w.getnframes() / float(w.getframerate())
@@ -211,6 +222,8 @@ class KlingEmulator:
         voice_status: bool | None = None,
         numeric_money: bool | None = None,
         unique_external_ids: bool | None = None,
+        check_url_extension: bool | None = None,
+        pending_voices: str | None = None,
         webhook_secret: str | None = None,
         callback_retries: int = 0,
         qps: float | None = None,
@@ -223,7 +236,8 @@ class KlingEmulator:
             "strict_auth": strict_auth, "max_page_size": max_page_size,
             "list_order": list_order, "deleted_voices": deleted_voices,
             "voice_status": voice_status, "numeric_money": numeric_money,
-            "unique_external_ids": unique_external_ids})
+            "unique_external_ids": unique_external_ids,
+            "check_url_extension": check_url_extension, "pending_voices": pending_voices})
         check_number("concurrency", concurrency, minimum=1, integer=True)
         check_number("task_seconds", task_seconds, minimum=0)
         check_number("processing_after", processing_after, minimum=0, allow_none=True)
@@ -249,6 +263,8 @@ class KlingEmulator:
         self.voice_status: bool = readings["voice_status"]
         self.numeric_money: bool = readings["numeric_money"]
         self.unique_external_ids: bool = readings["unique_external_ids"]
+        self.check_url_extension: bool = readings["check_url_extension"]
+        self.pending_voices: str = readings["pending_voices"]
         self.reject_both_sources = reject_both_sources
         self.unique_voice_names = unique_voice_names
         self.webhook_secret = webhook_secret
@@ -278,7 +294,6 @@ class KlingEmulator:
         self._faults: dict[str, collections.deque[_Fault]] = collections.defaultdict(
             collections.deque)
         self._qps_window: collections.deque[float] = collections.deque()
-        self._samples: dict[str, bytes] = {}
         # Newest last; bounded so a long-running mock-server does not grow without end.
         self.requests: collections.deque[RecordedRequest] = collections.deque(
             maxlen=max_recorded_requests)
@@ -320,10 +335,16 @@ class KlingEmulator:
     async def start(self) -> None:
         app = web.Application(client_max_size=self.max_body_bytes)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self._port)
-        await site.start()
+        runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                               shutdown_timeout=_SHUTDOWN_GRACE)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self._port)
+        try:
+            await site.start()
+        except BaseException:  # e.g. the port is taken: leave nothing half-started behind
+            await runner.cleanup()
+            raise
+        self._runner = runner
         server = site._server
         assert isinstance(server, asyncio.base_events.Server)
         self._site_port = server.sockets[0].getsockname()[1]
@@ -550,6 +571,12 @@ class KlingEmulator:
             "created_at": stamp(self._now_ms(t.created)),
             "updated_at": stamp(self._now_ms(changed)),
         }
+        if status != "succeed" and self.pending_voices != "empty":
+            # "Empty or absent until succeed" (kling-api.md §4.2): play the other shapes too.
+            if self.pending_voices == "absent":
+                del out["task_result"]
+            else:
+                out["task_result"] = {"voices": None}
         if status in ("succeed", "failed"):
             units = "0.05" if status == "succeed" else "0"
             if self.numeric_money:
@@ -567,9 +594,7 @@ class KlingEmulator:
         m = re.fullmatch(r"[\w.-]*?(\d+(?:\.\d+)?)s\.(wav|mp3|mp4|mov)", name)
         if not m or float(m.group(1)) > 120:
             return None
-        if name not in self._samples:
-            self._samples[name] = make_wav(float(m.group(1)))
-        return self._samples[name]
+        return _cached_wav(float(m.group(1)))
 
     def _media_failure(self, voice_url: str | None, video_id: str | None) -> str:
         """Why the sample is unusable ("" when it is fine): these become failed tasks."""
@@ -600,7 +625,14 @@ class KlingEmulator:
             except (wave.Error, EOFError):
                 return "The audio could not be decoded"
         else:
-            m = re.search(r"(\d+(?:\.\d+)?)s\.[a-z0-9]+$", name.lower())
+            ext = name.lower().rpartition(".")[2] if "." in name else ""
+            if ext and "." + ext not in _MEDIA_EXTS:
+                # Reached only without check_url_extension: the media, not the URL, is judged.
+                return "The file format is not supported: use mp3, wav, mp4 or mov"
+            # "-12s.wav"; without an extension only a separated token ("clip-12s") counts, so
+            # a random CDN key ending in digits and "s" is not read as a duration.
+            m = re.search(r"(\d+(?:\.\d+)?)s\.[a-z0-9]+$" if ext else
+                          r"(?:^|[-_])(\d+(?:\.\d+)?)s$", name.lower())
             seconds = float(m.group(1)) if m else 10.0
         if not 5.0 <= seconds <= 30.0:
             return f"The audio must be between 5s and 30s long; this one is {seconds:g}s"
@@ -652,15 +684,28 @@ class KlingEmulator:
         ident = urllib.parse.unquote(path.rsplit("/", 1)[1]) if route == "get" else None
         return route, ident
 
-    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        raw_path = request.raw_path.split("?", 1)[0]
-        if request.method == "GET" and raw_path.startswith("/samples/"):
+    def _side_route(self, method: str, raw_path: str) -> web.Response | None:
+        """The emulator's own routes (samples, trial clips, stats), or None for API paths."""
+        if method != "GET":
+            return None
+        if raw_path.startswith("/samples/"):
             return self._serve_sample(raw_path[len("/samples/"):])
-        if request.method == "GET" and raw_path.startswith("/trial/"):
-            return web.Response(body=make_wav(6.0), content_type="audio/wav")
-        if request.method == "GET" and raw_path == STATS_PATH:
+        if raw_path.startswith("/trial/"):
+            return web.Response(body=_cached_wav(6.0), content_type="audio/wav")
+        if raw_path == STATS_PATH:
             # Unauthenticated and uncounted: for tests and benchmarks in other processes.
             return web.json_response(self.stats())
+        return None
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        raw_path = request.raw_path.split("?", 1)[0]
+        try:
+            side = self._side_route(request.method, raw_path)
+        except Exception:  # an emulator bug here too must not pass unseen
+            self._record_internal_error(f"{request.method} {raw_path} (emulator route)")
+            return web.Response(status=500, text="emulator error")
+        if side is not None:
+            return side
         route, ext = "unknown", None
         record = RecordedRequest(request.method, raw_path, route, 0, None, None)
         self.requests.append(record)  # on arrival, so in-flight requests are counted too
@@ -857,8 +902,9 @@ class KlingEmulator:
             raise _ApiError(1201, "voice_url and video_id are mutually exclusive")
         if voice_url is not None:
             parsed = urllib.parse.urlsplit(voice_url)
-            if parsed.scheme not in ("http", "https") or not parsed.path.lower().endswith(
-                    (".mp3", ".wav", ".mp4", ".mov")):
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise _ApiError(1201, "voice_url must be an http(s) URL")
+            if self.check_url_extension and not parsed.path.lower().endswith(_MEDIA_EXTS):
                 raise _ApiError(1201, "voice_url must be an http(s) URL of a mp3/wav/mp4/mov "
                                       "file")
         if video_id is not None and not video_id.isdigit():

@@ -21,14 +21,18 @@ READING_DEFAULTS: dict[str, Any] = {
     "voice_status": True,
     "numeric_money": False,
     "unique_external_ids": True,
+    "check_url_extension": True,
+    "pending_voices": "empty",
 }
 
 #: Named bundles of readings. ``strict-real`` is what the newest evidence says the real server
 #: does (kling-api.md §11.1): one auth code (1002) for every credential problem, page sizes
 #: above 500 refused, deleted voices kept in lists with ``status: "deleted"``, voices carrying
 #: ``status``, money fields as decimal strings (as documented and seen live, so
-#: ``numeric_money`` stays off), and a repeated ``external_task_id`` refused. List order is not
-#: part of it: nothing documents it, so tests choose ``list_order`` explicitly.
+#: ``numeric_money`` stays off), a repeated ``external_task_id`` refused, and no check of the
+#: URL's file extension (the mp3/wav/mp4/mov rule is about the media: signed and CDN URLs often
+#: have no extension; a wrong format becomes a failed task). List order is not part of it:
+#: nothing documents it, so tests choose ``list_order`` explicitly.
 PROFILES: dict[str, dict[str, Any]] = {
     "strict-real": {
         "strict_auth": True,
@@ -37,10 +41,14 @@ PROFILES: dict[str, dict[str, Any]] = {
         "voice_status": True,
         "numeric_money": False,
         "unique_external_ids": True,
+        "check_url_extension": False,
     },
 }
 
 LIST_ORDERS = ("newest", "oldest")
+#: How a task that has not succeeded shows its voices: ``task_result.voices`` as ``[]``, as
+#: ``null``, or no ``task_result`` at all (the docs say "empty or absent until succeed").
+PENDING_VOICES = ("empty", "null", "absent")
 DELETED_VOICES = ("mark", "drop")
 #: The most any page-size refusal can allow: the documented voice-list bound.
 PAGE_SIZE_CEILING = 1000
@@ -63,7 +71,8 @@ def resolve_readings(profile: str | None, given: dict[str, Any]) -> dict[str, An
 
 
 def _check_readings(opts: dict[str, Any]) -> None:
-    for name in ("strict_auth", "voice_status", "numeric_money", "unique_external_ids"):
+    for name in ("strict_auth", "voice_status", "numeric_money", "unique_external_ids",
+                 "check_url_extension"):
         if not isinstance(opts[name], bool):
             raise ValueError(f"{name} must be True or False, got {opts[name]!r}")
     size = opts["max_page_size"]
@@ -73,6 +82,9 @@ def _check_readings(opts: dict[str, Any]) -> None:
                          f"(the real server allows 500 or 1000), got {size!r}")
     if opts["list_order"] not in LIST_ORDERS:
         raise ValueError(f"list_order must be one of {LIST_ORDERS}, got {opts['list_order']!r}")
+    if opts["pending_voices"] not in PENDING_VOICES:
+        raise ValueError(f"pending_voices must be one of {PENDING_VOICES}, "
+                         f"got {opts['pending_voices']!r}")
     if opts["deleted_voices"] not in DELETED_VOICES:
         raise ValueError(f"deleted_voices must be one of {DELETED_VOICES}, "
                          f"got {opts['deleted_voices']!r}")
@@ -117,12 +129,16 @@ def build_parser(prog: str = "python -m voiceapi.testing") -> argparse.ArgumentP
     add("--max-page-size", type=int, help="largest pageSize accepted (500 or 1000)")
     add("--list-order", choices=LIST_ORDERS, help="list order (default newest)")
     add("--deleted-voices", choices=DELETED_VOICES, help="keep deleted voices (mark) or drop")
+    add("--pending-voices", choices=PENDING_VOICES,
+        help="voices of an unfinished task: [] (empty), null, or absent")
     flag = argparse.BooleanOptionalAction
     add("--strict-auth", action=flag, help="answer 1002 for every auth problem")
     add("--voice-status", action=flag, help="voices carry status (default on)")
     add("--numeric-money", action=flag, help="money as numbers, timestamps as strings")
     add("--unique-external-ids", action=flag, help="refuse a repeated external_task_id "
         "(default on)")
+    add("--check-url-extension", action=flag, help="refuse a voice_url whose path does not "
+        "end in .mp3/.wav/.mp4/.mov (default on)")
     add("--reject-both-sources", action=flag, help="refuse voice_url and video_id together")
     add("--unique-voice-names", action=flag, help="refuse a repeated voice_name")
     add("--max-body-bytes", type=int, help="largest request body")
