@@ -15,6 +15,10 @@ DEFAULT_ORPHAN_GRACE_SECONDS = 60.0
 #: A poller (leader) whose last observations are older than this is presumed gone, and the
 #: next worker that wants fresh observations takes over.
 DEFAULT_STALE_SECONDS = 5.0
+#: ...but a worker that observes more often takes over sooner: after this many of its own
+#: observe intervals without fresh observations (and never sooner than MIN_STALE_SECONDS).
+STALE_INTERVALS = 3.0
+MIN_STALE_SECONDS = 0.1
 #: The longest ``wait_for_slot`` sleeps without a pub/sub wake-up: polling is the safety net
 #: for a lost message (pub/sub is at-most-once).
 WAKE_POLL_SECONDS = 1.0

@@ -173,11 +173,15 @@ class RedisCoordinator:
         self._backoff_until = 0.0  # monotonic; a shared backoff seen by acquire
         self._lookup: LookupFunction | None = None
         self._last_resolve = float("-inf")
+        self._last_observe = float("-inf")
+        self._observe_every: float | None = None  # this worker's observe interval (EMA)
         self._tasks: list[asyncio.Task[None]] = []
         self._start_lock = asyncio.Lock()
         self._started = False
         self._closed = False
         self._outage_logged = False
+        #: Orphans this worker adopted so far (for progress reports and tests).
+        self.adoptions = 0
         if namespace is None and credentials_of is not None:
             self.bind(credentials_of)
 
@@ -480,6 +484,7 @@ class RedisCoordinator:
              dump_entry(task.task_id, task.task_status.value), D.STATE_TTL_SECONDS * 1000])
         if int(adopted):
             log.info("adopted orphaned task %s (%s)", task.task_id, key)
+            self.adoptions += 1
             self._held.add(key)
             self._adopted[key] = task.task_id
         return int(adopted)
@@ -499,7 +504,7 @@ class RedisCoordinator:
         result = await self._run(
             "OBSERVE", self._k("tracked", "obs_at", "leader"),
             [self.worker_id, int(self._lease * 1000 * D.TRACKED_TTL_LEASES), leader_ms,
-             int(self._stale * 1000), *sorted(ids)])
+             int(self._stale_now() * 1000), *sorted(ids)])
         if int(result[0]) == 1:  # we poll for everyone
             await self._maybe_resolve_orphans(lookup)
             everyone = {_text(x) for x in result[1:]} | ids | set(self._adopted.values())
@@ -512,6 +517,24 @@ class RedisCoordinator:
             if task is not None and task.is_terminal:
                 await self.finished(key, task_id, task.task_status.value)
         return {i: seen[i] for i in mine if i in seen}
+
+    def _stale_now(self) -> float:
+        """How old the poller's last observations may be before this worker polls itself.
+
+        A poller whose own batch has nothing left to follow stops calling ``observe``; waiting
+        the full ``stale_after`` would stall every other worker. So a worker takes over once
+        the observations are a few of ITS OWN observe intervals old (never later than
+        ``stale_after``): total polling stays at about one poll per interval.
+        """
+        now = time.monotonic()
+        gap, self._last_observe = now - self._last_observe, now
+        if gap < self._stale:
+            self._observe_every = gap if self._observe_every is None else \
+                0.7 * self._observe_every + 0.3 * gap
+        if self._observe_every is None:
+            return self._stale
+        return min(self._stale, max(D.MIN_STALE_SECONDS,
+                                    D.STALE_INTERVALS * self._observe_every))
 
     async def _publish(self, seen: Mapping[str, VoiceTask]) -> None:
         args: list[str] = []
