@@ -235,11 +235,13 @@ async def drive(client: voiceapi.AsyncVoiceClient, coord: Coordinator,
                 restart()
             open_ids = {task_of[k] for k in task_of if k not in final}
             seen = await coord.observe(open_ids, poll, lookup) if open_ids else {}
+            ended = []
             for key, task_id in list(task_of.items()):
                 task = seen.get(task_id)
                 if key not in final and task is not None and task.is_terminal:
                     final[key] = task
-                    await coord.finished(key, task_id, task.task_status.value)
+                    ended.append(coord.finished(key, task_id, task.task_status.value))
+            await asyncio.gather(*ended)  # free the slots at once, not one round trip each
             if not open_ids and pending:
                 await coord.wait_for_slot(poll_interval)
             else:
@@ -280,12 +282,15 @@ async def _run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
                              orphan_grace=cfg.get("orphan_grace", 60.0),
                              stale_after=cfg.get("stale_after", 5.0))
 
-    def client(retries: int) -> voiceapi.AsyncVoiceClient:
-        return voiceapi.AsyncVoiceClient(cfg["access_key"], cfg["secret_key"],
-                                         base_url=cfg["base_url"], max_retries=retries,
-                                         middlewares=[coordinated(coord)])
-
-    async with coord, client(cfg.get("max_retries", 3)) as reader, client(0) as creator:
+    # Reads go through the client's own coordinator= hook; creates through a client that
+    # neither retries nor shares a 1303 (the submitter learns from it; see `coordinated`).
+    reader = voiceapi.AsyncVoiceClient(cfg["access_key"], cfg["secret_key"],
+                                       base_url=cfg["base_url"],
+                                       max_retries=cfg.get("max_retries", 3), coordinator=coord)
+    creator = voiceapi.AsyncVoiceClient(cfg["access_key"], cfg["secret_key"],
+                                        base_url=cfg["base_url"], max_retries=0,
+                                        middlewares=[coordinated(coord)])
+    async with coord, reader, creator:
         print(json.dumps({"started": True}), flush=True)
         final = await drive(reader, coord, items, poll_interval=cfg.get("poll", 0.3),
                             timeout=cfg.get("timeout", 120.0), creator=creator)

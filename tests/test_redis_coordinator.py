@@ -464,3 +464,22 @@ async def test_redis_down_at_start_fails_at_enter() -> None:
         with pytest.raises(CoordinationError, match="unreachable"):
             async with RedisCoordinator(url, namespace="x"):
                 pass
+
+
+# --- README ---------------------------------------------------------------------------------
+
+def test_readme_scaling_out_examples_compile_and_import() -> None:
+    import ast
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    body = readme.split("## Scaling out", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", body, flags=re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        code = compile(block, "README.md", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        namespace: dict[str, Any] = {}
+        exec(code, namespace)  # defines the functions; running them needs a Kling account
+        assert namespace["RedisCoordinator"] is RedisCoordinator
+    assert "VOICEAPI_REQUIRE_REDIS=1" in body and "CoordinationError" in body

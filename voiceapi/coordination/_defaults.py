@@ -24,7 +24,7 @@ MIN_STALE_SECONDS = 0.1
 WAKE_POLL_SECONDS = 1.0
 #: A learned shared cap probes one step up after this many accepts per slot since the last
 #: 1303 (the in-process scheduler probes sooner; here 1303s cost every worker).
-PROBE_ACCEPTS_PER_SLOT = 8
+PROBE_ACCEPTS_PER_SLOT = 12
 #: How long the shared cap, journal and observations outlive their last use (seconds).
 STATE_TTL_SECONDS = 7 * 24 * 3600
 #: A tracked task id that no worker re-registers for this many leases is dropped from polling.
