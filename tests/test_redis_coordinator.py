@@ -483,3 +483,27 @@ def test_readme_scaling_out_examples_compile_and_import() -> None:
         exec(code, namespace)  # defines the functions; running them needs a Kling account
         assert namespace["RedisCoordinator"] is RedisCoordinator
     assert "VOICEAPI_REQUIRE_REDIS=1" in body and "CoordinationError" in body
+
+
+async def test_a_cancelled_acquire_never_leaks_a_slot(make: Make) -> None:
+    coord = make(max_in_flight=1)
+    await coord.renew()  # connected and started: cancels land on the script call itself
+    outcomes: set[object] = set()
+    for turns in range(120):  # cancel at every point from "not sent" to "answer read"
+        job = asyncio.create_task(coord.acquire(f"k{turns}"))
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        job.cancel()
+        try:
+            outcomes.add(await job)
+            await coord.release(f"k{turns}")
+        except asyncio.CancelledError:
+            outcomes.add("cancelled")
+        for _ in range(100):  # the give-back runs in the background; bounded wait for it
+            if not coord._chores:
+                break
+            await asyncio.sleep(0.01)
+        snap = await coord.snapshot()
+        assert snap["slots"] == [], (turns, snap)
+    assert "cancelled" in outcomes
+    assert await coord.acquire("last") is Grant.CREATE  # the only slot is still free

@@ -31,7 +31,7 @@ import socket
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -176,9 +176,11 @@ class RedisCoordinator:
         self._last_observe = float("-inf")
         self._observe_every: float | None = None  # this worker's observe interval (EMA)
         self._tasks: list[asyncio.Task[None]] = []
+        self._chores: set[asyncio.Task[None]] = set()
         self._start_lock = asyncio.Lock()
         self._started = False
         self._closed = False
+        self._closing = False
         self._outage_logged = False
         #: Orphans this worker adopted so far (for progress reports and tests).
         self.adoptions = 0
@@ -243,8 +245,11 @@ class RedisCoordinator:
         """Stop renewing and listening, hand the poller role over. Slots still held (tasks
         still running at Kling, e.g. after ``wait=False``) are deliberately NOT freed: their
         leases lapse into orphans that another worker resolves by lookup."""
-        if self._closed:
+        if self._closing:
             return
+        self._closing = True
+        if self._chores:  # give-backs scheduled by cancelled calls finish first
+            await asyncio.wait(self._chores, timeout=D.WAKE_POLL_SECONDS * 3)
         self._closed = True
         for task in self._tasks:
             task.cancel()
@@ -334,6 +339,15 @@ class RedisCoordinator:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        async def guarded() -> None:
+            with contextlib.suppress(CoordinationError):
+                await work
+
+        task = asyncio.get_running_loop().create_task(guarded())
+        self._chores.add(task)  # a strong reference until done: tasks are weakly held
+        task.add_done_callback(self._chores.discard)
+
     def _wake(self) -> None:
         event, self._wake_event = self._wake_event, asyncio.Event()
         event.set()
@@ -370,10 +384,20 @@ class RedisCoordinator:
         return self._fixed if self._fixed is not None else C.BATCH_MAX_SLOTS
 
     async def acquire(self, key: str) -> Grant:
-        grant, cap, backoff_ms = await self._run(
-            "ACQUIRE", self._k("slots", "orphans", "owners", "journal", "cap", "backoff:create"),
-            [key, self.worker_id, int(self._lease * 1000), self._ceiling,
-             self._fixed or C.BATCH_INITIAL_SLOTS, D.STATE_TTL_SECONDS * 1000])
+        held_before = key in self._held
+        try:
+            grant, cap, backoff_ms = await self._run(
+                "ACQUIRE",
+                self._k("slots", "orphans", "owners", "journal", "cap", "backoff:create"),
+                [key, self.worker_id, int(self._lease * 1000), self._ceiling,
+                 self._fixed or C.BATCH_INITIAL_SLOTS, D.STATE_TTL_SECONDS * 1000])
+        except asyncio.CancelledError:
+            # Redis may have granted the slot before the answer was lost to the cancel. The
+            # caller will not create under it, so give it back (in the background: we are
+            # being cancelled) instead of letting it sit until lease + orphan grace.
+            if not held_before:
+                self._background(self._free(key, "release", ""))
+            raise
         self._cap = int(cap)
         if int(backoff_ms) > 0:
             self._backoff_until = time.monotonic() + int(backoff_ms) / 1000
