@@ -8,9 +8,8 @@ utilisation side by side: each process on its own (``create_many``), and all thr
 
 The same module is the harness of ``tests/test_redis_scaleout.py``:
 
-* ``python -m benchmarks.scaleout emulator [--concurrency N] [--task-seconds S] [--qps Q]``
-  serves the emulator and a ``GET /stats`` route (request counts by route and code, peak in
-  progress, tasks per external id), and prints one JSON line with the URLs and keys;
+* :func:`emulator_process` runs ``python -m voiceapi.testing`` (what the server saw:
+  ``GET /_emulator/stats``);
 * ``python -m benchmarks.scaleout worker CONFIG_JSON`` runs one worker and prints one JSON line
   with its results.
 
@@ -34,66 +33,22 @@ import uuid
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
-from aiohttp import web
-
 import voiceapi
 from voiceapi import TaskStatus, VoiceTask
 from voiceapi._constants import PATH_CUSTOM_VOICES
 from voiceapi._coordinator import Coordinator, Grant
 from voiceapi._decode import is_duplicate_external_id, is_not_found
-from voiceapi.testing import KlingEmulator
 
 # --- the emulator in its own process -----------------------------------------------------------
-
-
-def _stats(emu: KlingEmulator) -> dict[str, Any]:
-    tasks = emu.tasks()
-    by: collections.Counter[str] = collections.Counter()
-    for r in list(emu.requests):
-        by[f"{r.route}:{r.code if r.code is not None else r.status}"] += 1
-    per_ext = collections.Counter(
-        collections.Counter(t.get("task_info", {}).get("external_task_id")
-                            for t in tasks).values())
-    created = [t["created_at"] for t in tasks if isinstance(t.get("created_at"), int)]
-    updated = [t["updated_at"] for t in tasks if isinstance(t.get("updated_at"), int)]
-    span = (max(updated) - min(created)) / 1000 if created and updated else 0.0
-    return {"requests": dict(by), "total_requests": len(emu.requests), "span_seconds": span,
-            "peak_in_progress": emu.peak_in_progress, "in_progress": emu.in_progress(),
-            "task_count": emu.task_count,
-            "tasks_per_external_id": {str(k): v for k, v in sorted(per_ext.items())}}
-
-
-async def _serve_emulator(concurrency: int, task_seconds: float, qps: float | None) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with KlingEmulator(concurrency=concurrency, task_seconds=task_seconds,
-                             qps=qps) as emu:
-        app = web.Application()
-
-        async def stats(_: web.Request) -> web.Response:
-            return web.json_response(_stats(emu))
-
-        app.router.add_get("/stats", stats)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        print(json.dumps({"base_url": emu.base_url, "access_key": emu.access_key,
-                          "secret_key": emu.secret_key,
-                          "stats_url": f"http://127.0.0.1:{port}/stats"}), flush=True)
-        await stop.wait()
-        await runner.cleanup()
 
 
 @contextlib.contextmanager
 def emulator_process(*, concurrency: int = 5, task_seconds: float = 0.3,
                      qps: float | None = None) -> Iterator[dict[str, str]]:
-    """Start the emulator process; yields its JSON line; stops it by PID."""
-    cmd = [sys.executable, "-m", "benchmarks.scaleout", "emulator",
-           "--concurrency", str(concurrency), "--task-seconds", str(task_seconds)]
+    """``python -m voiceapi.testing`` in its own process (no shared loop or GIL with the
+    workers); yields its JSON line plus ``stats_url``; stops it by PID."""
+    cmd = [sys.executable, "-m", "voiceapi.testing", "--concurrency", str(concurrency),
+           "--task-seconds", str(task_seconds)]
     if qps is not None:
         cmd += ["--qps", str(qps)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=_ROOT)
@@ -102,7 +57,9 @@ def emulator_process(*, concurrency: int = 5, task_seconds: float = 0.3,
         line = proc.stdout.readline()
         if not line:
             raise RuntimeError("the emulator process did not start")
-        yield json.loads(line)
+        info: dict[str, str] = json.loads(line)
+        info["stats_url"] = info["base_url"] + "/_emulator/stats"
+        yield info
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -112,6 +69,22 @@ def emulator_process(*, concurrency: int = 5, task_seconds: float = 0.3,
             proc.wait(timeout=15)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def answers(stats: dict[str, Any], code: int) -> int:
+    """Requests the emulator answered with this Kling code, over every route."""
+    return sum(codes.get(str(code), 0) for codes in stats["by_route_code"].values())
+
+
+async def task_span(emu: dict[str, str]) -> float:
+    """Seconds from the first task created to the last one finished, as the server saw them
+    (read after the stats, so these requests are not counted)."""
+    async with voiceapi.AsyncVoiceClient(emu["access_key"], emu["secret_key"],
+                                         base_url=emu["base_url"]) as client:
+        tasks = [t async for t in client.custom_voices.iter_all(page_size=500)]
+    created = [t.created_at for t in tasks if t.created_at is not None]
+    updated = [t.updated_at for t in tasks if t.updated_at is not None]
+    return (max(updated) - min(created)).total_seconds() if created and updated else 0.0
 
 
 async def fetch_stats(url: str) -> dict[str, Any]:
@@ -344,16 +317,14 @@ def _measure(redis_url: str | None, *, processes: int, items: int, task_seconds:
                "namespace": f"bench-{uuid.uuid4().hex[:8]}", "prefix": uuid.uuid4().hex[:8],
                "sample_url": "https://example.com/sample-10s.wav",
                "item_ids": list(range(items)), "local": redis_url is None}
-        started = time.monotonic()
         procs = [start_worker(cfg) for _ in range(processes)]
         results = [worker_result(p, timeout=600) for p in procs]
-        wall = time.monotonic() - started
         stats = asyncio.run(fetch_stats(emu["stats_url"]))
-    refusals = sum(n for k, n in stats["requests"].items() if k.endswith(":1303"))
+        span = asyncio.run(task_span(emu))
     voices = stats["task_count"]
-    ideal = voices * task_seconds / cap
-    return {"1303": refusals, "requests_per_voice": stats["total_requests"] / max(voices, 1),
-            "utilisation": min(1.0, ideal / wall), "tasks": voices,
+    ideal = items * task_seconds / cap
+    return {"1303": answers(stats, 1303), "requests_per_voice": stats["requests"] / items,
+            "utilisation": min(1.0, ideal / span) if span else 0.0, "tasks": voices,
             "ok_per_process": min(r["ok"] for r in results), "peak": stats["peak_in_progress"]}
 
 
@@ -383,16 +354,10 @@ def main(*, processes: int = 3, items: int = 150, task_seconds: float = 0.5,
 def _cli() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scaleout")
     sub = parser.add_subparsers(dest="cmd")
-    emu = sub.add_parser("emulator")
-    emu.add_argument("--concurrency", type=int, default=5)
-    emu.add_argument("--task-seconds", type=float, default=0.3)
-    emu.add_argument("--qps", type=float, default=None)
     work = sub.add_parser("worker")
     work.add_argument("config")
     args = parser.parse_args()
-    if args.cmd == "emulator":
-        asyncio.run(_serve_emulator(args.concurrency, args.task_seconds, args.qps))
-    elif args.cmd == "worker":
+    if args.cmd == "worker":
         cfg = json.loads(args.config)
         run = _run_local_worker if cfg.get("local") else _run_worker
         print(json.dumps(asyncio.run(run(cfg))), flush=True)
