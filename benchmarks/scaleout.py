@@ -316,7 +316,8 @@ def _measure(redis_url: str | None, *, processes: int, items: int, task_seconds:
                "secret_key": emu["secret_key"], "redis_url": redis_url,
                "namespace": f"bench-{uuid.uuid4().hex[:8]}", "prefix": uuid.uuid4().hex[:8],
                "sample_url": "https://example.com/sample-10s.wav",
-               "item_ids": list(range(items)), "local": redis_url is None}
+               "item_ids": list(range(items)), "local": redis_url is None,
+               "poll": task_seconds / 10}  # both sides poll at the same pace
         procs = [start_worker(cfg) for _ in range(processes)]
         results = [worker_result(p, timeout=600) for p in procs]
         stats = asyncio.run(fetch_stats(emu["stats_url"]))
