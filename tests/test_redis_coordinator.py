@@ -507,3 +507,17 @@ async def test_a_cancelled_acquire_never_leaks_a_slot(make: Make) -> None:
         assert snap["slots"] == [], (turns, snap)
     assert "cancelled" in outcomes
     assert await coord.acquire("last") is Grant.CREATE  # the only slot is still free
+
+
+async def test_adopt_counts_a_running_task_found_on_a_rerun(make: Make) -> None:
+    a, b = make(max_in_flight=1), make(max_in_flight=1)
+    await a.adopt("k-old", "t-old", "processing")  # a rerun re-attaches to a running task
+    assert a.in_flight == 1
+    assert (await b.known(["k-old"]))["k-old"] == JournalEntry("t-old", "processing")
+    assert await b.acquire("k-new") is Grant.WAIT  # it holds the account's only slot
+    await b.adopt("k-old", "t-old", "processing")  # already held by a live worker: journal only
+    assert b.in_flight == 0
+    await b.finished("k-old", "t-old", "succeed")  # whoever sees it end frees it
+    assert await b.acquire("k-new") is Grant.CREATE
+    await a.renew()
+    assert a.in_flight == 0  # a learns at its next renewal that the slot is gone

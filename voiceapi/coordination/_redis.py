@@ -164,8 +164,8 @@ class RedisCoordinator:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._scripts = {name: self._redis.register_script(getattr(S, name)) for name in (
             "ACQUIRE", "ACCEPTED", "REFUSED", "FREE", "RENEW", "ORPHANS", "ADOPT",
-            "FREE_MISSING_ORPHAN", "RATE", "BACKOFF", "OBSERVE", "PUBLISH_OBSERVATIONS",
-            "RESIGN")}
+            "FREE_MISSING_ORPHAN", "HOLD_RUNNING", "RATE", "BACKOFF", "OBSERVE",
+            "PUBLISH_OBSERVATIONS", "RESIGN")}
         self._held: set[str] = set()
         self._adopted: dict[str, str] = {}  # key -> task id, orphans this worker follows
         self._cap = max_in_flight if max_in_flight is not None else C.BATCH_INITIAL_SLOTS
@@ -512,6 +512,17 @@ class RedisCoordinator:
             self._held.add(key)
             self._adopted[key] = task.task_id
         return int(adopted)
+
+    async def adopt(self, key: str, task_id: str, status: str) -> None:
+        """A task found still running under ``key`` (a rerun re-attaching to it) occupies a
+        slot at Kling whoever created it: hold and count it until :meth:`finished` or
+        :meth:`release` (an extra to the protocol; the batch calls it when present)."""
+        held = await self._run(
+            "HOLD_RUNNING", self._k("slots", "orphans", "owners", "journal"),
+            [key, self.worker_id, int(self._lease * 1000), dump_entry(task_id, status),
+             D.STATE_TTL_SECONDS * 1000])
+        if int(held):
+            self._held.add(key)
 
     @property
     def adopted(self) -> Mapping[str, str]:

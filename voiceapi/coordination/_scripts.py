@@ -167,6 +167,22 @@ redis.call('PEXPIRE', KEYS[4], ARGV[5])
 return 1
 """
 
+# A task found running (a rerun re-attaching to it) already holds a slot at Kling: count it.
+# KEYS: slots orphans owners journal
+# ARGV: key me lease_ms journal_value state_ttl_ms
+# -> 1 when this worker now holds it, 0 when another live worker already does
+HOLD_RUNNING = _PRELUDE + """
+local key, me = ARGV[1], ARGV[2]
+redis.call('HSET', KEYS[4], key, ARGV[4])
+redis.call('PEXPIRE', KEYS[4], ARGV[5])
+local owner = redis.call('HGET', KEYS[3], key)
+if redis.call('ZSCORE', KEYS[1], key) and owner and owner ~= me then return 0 end
+redis.call('ZREM', KEYS[2], key)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), key)
+redis.call('HSET', KEYS[3], key, me)
+return 1
+"""
+
 # KEYS: orphans owners
 # ARGV: key grace_ms channel
 # -> 1 when freed: the orphan is unknown at Kling and older than the grace period
