@@ -79,7 +79,7 @@ def test_bad_settings_are_typed_errors() -> None:
     with pytest.raises(voiceapi.ValidationError):
         RedisCoordinator("http://localhost:6379")
     with pytest.raises(voiceapi.ValidationError):
-        RedisCoordinator("redis://localhost", lease_seconds=0)
+        RedisCoordinator("redis://localhost", lease_seconds=0.001)
     with pytest.raises(voiceapi.ValidationError):
         RedisCoordinator("redis://localhost", max_in_flight=0)
     with pytest.raises(voiceapi.ValidationError):
@@ -124,11 +124,20 @@ async def test_namespace_is_a_hash_of_the_key_never_the_key(
 
 async def test_is_a_coordinator_and_accepts_an_existing_client(
         server: RedisServer, ns: str) -> None:
-    r = aioredis.Redis.from_url(server.url)
+    r = aioredis.Redis.from_url(server.url, decode_responses=True)  # str answers work too
     async with RedisCoordinator(r, namespace=ns) as coord:
         assert isinstance(coord, Coordinator)
         assert await coord.acquire("k1") is Grant.CREATE
-        await coord.release("k1")
+        await coord.accepted("k1", "t1", "submitted")
+        assert await coord.known(["k1"]) == {"k1": JournalEntry("t1", "submitted")}
+
+        async def poll(ids: Collection[str]) -> Mapping[str, VoiceTask]:
+            return {i: task(i, TaskStatus.SUCCEED) for i in ids}
+
+        seen = await coord.observe(["t1"], poll, no_lookup)
+        assert seen["t1"].task_status is TaskStatus.SUCCEED
+        await coord.finished("k1", "t1", "succeed")
+        assert (await coord.snapshot())["slots"] == []
     assert await r.ping()  # a client we were given is not closed by us
     await r.aclose()
 

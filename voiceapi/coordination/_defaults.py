@@ -9,6 +9,8 @@ from __future__ import annotations
 #: How long a slot stays held without renewal. A worker renews every third of it, so a worker
 #: that misses two renewals in a row (a long GC pause, a stalled loop) still keeps its slots.
 DEFAULT_LEASE_SECONDS = 30.0
+#: Shorter leases would renew in a near busy loop (tests use a fraction of a second).
+MIN_LEASE_SECONDS = 0.1
 #: An orphan (a dead worker's slot) that Kling does not know is freed only after this long: the
 #: dead worker's create may still be on the wire. At least the SDK's per-attempt timeout.
 DEFAULT_ORPHAN_GRACE_SECONDS = 60.0

@@ -126,8 +126,8 @@ class RedisCoordinator:
         orphan_grace: float = D.DEFAULT_ORPHAN_GRACE_SECONDS,
         stale_after: float = D.DEFAULT_STALE_SECONDS,
     ) -> None:
-        if not lease_seconds > 0:
-            raise ValidationError("lease_seconds must be > 0")
+        if not lease_seconds >= D.MIN_LEASE_SECONDS:  # renewal runs every third of it
+            raise ValidationError(f"lease_seconds must be >= {D.MIN_LEASE_SECONDS}")
         if max_in_flight is not None and not 1 <= max_in_flight <= C.BATCH_MAX_SLOTS:
             raise ValidationError(f"max_in_flight must be between 1 and {C.BATCH_MAX_SLOTS}")
         if max_requests_per_second is not None and not max_requests_per_second > 0:
