@@ -530,3 +530,32 @@ async def test_adopt_counts_a_running_task_found_on_a_rerun(make: Make) -> None:
     assert await b.acquire("k-new") is Grant.CREATE
     await a.renew()
     assert a.in_flight == 0  # a learns at its next renewal that the slot is gone
+
+
+async def test_many_orphans_are_looked_up_a_few_at_a_time(make: Make) -> None:
+    dead = make(lease_seconds=0.3, max_in_flight=30)
+    keys = [f"k{i}" for i in range(20)]
+    for key in keys:
+        assert await dead.acquire(key) is Grant.CREATE
+    await dead.aclose()
+    live = make(lease_seconds=0.3, max_in_flight=30)
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        await live.renew()  # sweeps lapsed leases
+        if len((await live.snapshot())["orphans"]) == 20:
+            break
+    running = 0
+    peak = 0
+
+    async def lookup(key: str) -> VoiceTask | None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.01)
+        running -= 1
+        return task(f"t-{key}", TaskStatus.SUCCEED, key)
+
+    assert await live.resolve_orphans(lookup) == 20
+    assert 1 < peak <= 8
+    assert (await live.snapshot())["orphans"] == []
+    assert set(await live.known(keys)) == set(keys)

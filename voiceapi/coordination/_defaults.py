@@ -14,6 +14,8 @@ MIN_LEASE_SECONDS = 0.1
 #: An orphan (a dead worker's slot) that Kling does not know is freed only after this long: the
 #: dead worker's create may still be on the wire. At least the SDK's per-attempt timeout.
 DEFAULT_ORPHAN_GRACE_SECONDS = 60.0
+#: Orphans looked up at Kling at once when a dead worker left many.
+ORPHAN_LOOKUPS_AT_ONCE = 8
 #: A poller (leader) whose last observations are older than this is presumed gone, and the
 #: next worker that wants fresh observations takes over.
 DEFAULT_STALE_SECONDS = 5.0

@@ -477,22 +477,27 @@ class RedisCoordinator:
         found") leaves the orphan for a later attempt: freeing it could duplicate the task.
         """
         raw = await self._run("ORPHANS", self._k("slots", "orphans"), [])
-        flat = [_text(x) for x in raw]
+        keys = [_text(x) for x in raw][:-1:2]
         settled = 0
-        for key in flat[:-1:2]:
-            claim = self._k(f"resolving:{key}")[0]
-            async with self._guard():
-                mine = await self._redis.set(claim, self.worker_id, nx=True,
-                                             px=int(self._lease * 1000))
-            if not mine:
-                continue  # another worker is looking this one up
-            try:
-                task = await lookup(key)
-            except Exception as exc:  # any failure: not "not found", so try again later
-                log.warning("orphan %s: lookup failed (%s); will retry", key, type(exc).__name__)
-                continue
-            settled += await self._settle_orphan(key, task)
+        # A dead worker may leave many orphans: a few lookups at a time, not one by one.
+        for start in range(0, len(keys), D.ORPHAN_LOOKUPS_AT_ONCE):
+            chunk = keys[start:start + D.ORPHAN_LOOKUPS_AT_ONCE]
+            settled += sum(await asyncio.gather(*(self._resolve_one(k, lookup) for k in chunk)))
         return settled
+
+    async def _resolve_one(self, key: str, lookup: LookupFunction) -> int:
+        claim = self._k(f"resolving:{key}")[0]
+        async with self._guard():
+            mine = await self._redis.set(claim, self.worker_id, nx=True,
+                                         px=int(self._lease * 1000))
+        if not mine:
+            return 0  # another worker is looking this one up
+        try:
+            task = await lookup(key)
+        except Exception as exc:  # any failure: not "not found", so try again later
+            log.warning("orphan %s: lookup failed (%s); will retry", key, type(exc).__name__)
+            return 0
+        return await self._settle_orphan(key, task)
 
     async def _settle_orphan(self, key: str, task: VoiceTask | None) -> int:
         if task is None:
