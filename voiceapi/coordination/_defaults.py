@@ -6,6 +6,8 @@ uses them; the shared batch figures (initial slots, ceiling) still come from the
 
 from __future__ import annotations
 
+from .._constants import DEFAULT_TIMEOUT
+
 #: How long a slot stays held without renewal. A worker renews every third of it, so a worker
 #: that misses two renewals in a row (a long GC pause, a stalled loop) still keeps its slots.
 DEFAULT_LEASE_SECONDS = 30.0
@@ -13,7 +15,7 @@ DEFAULT_LEASE_SECONDS = 30.0
 MIN_LEASE_SECONDS = 0.1
 #: An orphan (a dead worker's slot) that Kling does not know is freed only after this long: the
 #: dead worker's create may still be on the wire. At least the SDK's per-attempt timeout.
-DEFAULT_ORPHAN_GRACE_SECONDS = 60.0
+DEFAULT_ORPHAN_GRACE_SECONDS = DEFAULT_TIMEOUT
 #: Orphans looked up at Kling at once when a dead worker left many.
 ORPHAN_LOOKUPS_AT_ONCE = 8
 #: A poller (leader) whose last observations are older than this is presumed gone, and the
