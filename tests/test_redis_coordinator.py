@@ -559,3 +559,36 @@ async def test_many_orphans_are_looked_up_a_few_at_a_time(make: Make) -> None:
     assert 1 < peak <= 8
     assert (await live.snapshot())["orphans"] == []
     assert set(await live.known(keys)) == set(keys)
+
+
+# --- plain client calls through AsyncVoiceClient(coordinator=...) ---------------------------
+
+async def test_clients_share_the_rate_and_a_1303_backoff_through_the_coordinator(
+        server: RedisServer, ns: str) -> None:
+    from voiceapi.testing import KlingEmulator
+
+    async with KlingEmulator(concurrency=1, task_seconds=30) as emu:
+        async with RedisCoordinator(server.url, namespace=ns, max_requests_per_second=20) as ca, \
+                RedisCoordinator(server.url, namespace=ns, max_requests_per_second=20) as cb:
+            def client(coord: RedisCoordinator) -> voiceapi.AsyncVoiceClient:
+                return voiceapi.AsyncVoiceClient(emu.access_key, emu.secret_key,
+                                                 base_url=emu.base_url, max_retries=0,
+                                                 coordinator=coord)
+
+            async with client(ca) as a, client(cb) as b:
+                started = time.monotonic()
+                await asyncio.gather(*(c.custom_voices.list() for c in (a, b) * 10))
+                # 20 reads at 20/s account-wide: about a second (each alone: half that).
+                assert time.monotonic() - started >= 0.9
+                url = emu.sample_url(10)
+                await a.custom_voices.create(voice_name="v1", voice_url=url)
+                with pytest.raises(voiceapi.RateLimitError) as info:
+                    await a.custom_voices.create(voice_name="v2", voice_url=url)
+                assert info.value.code == 1303  # the account is full: shared with b
+                started = time.monotonic()
+                await b.custom_voices.list()  # reads are not held back by a 1303
+                assert time.monotonic() - started < 0.5
+                with pytest.raises(voiceapi.RateLimitError):
+                    await b.custom_voices.create(voice_name="v3", voice_url=url)
+                assert time.monotonic() - started >= 0.9  # b's create waited out the backoff
+    assert emu.count("create", code=1303) == 2
