@@ -592,3 +592,16 @@ async def test_clients_share_the_rate_and_a_1303_backoff_through_the_coordinator
                     await b.custom_voices.create(voice_name="v3", voice_url=url)
                 assert time.monotonic() - started >= 0.9  # b's create waited out the backoff
     assert emu.count("create", code=1303) == 2
+
+
+async def test_a_1303_while_slots_are_held_is_left_to_the_slots(make: Make) -> None:
+    a, b = make(), make()
+    assert await a.acquire("k0") is Grant.CREATE  # a batch task holds a slot
+    await b.rate_limited(1303, 0.8)  # the same refusal the batch learns from in refused()
+    started = time.monotonic()
+    await b.before_request(create=True)
+    assert time.monotonic() - started < 0.4  # no blanket pause: a slot frees when k0 ends
+    await a.release("k0")
+    await b.rate_limited(1303, 0.6)  # nothing held: the only remedy is to wait
+    await b.before_request(create=True)
+    assert time.monotonic() - started >= 0.5

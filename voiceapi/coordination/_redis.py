@@ -619,8 +619,9 @@ class RedisCoordinator:
             delay = min(retry_after, C.RETRY_AFTER_MAX)
         else:
             delay = C.RATE_LIMIT_MIN_DELAY * (1 + random.random() * D.BACKOFF_JITTER)
-        name = "backoff:create" if code == 1303 else "backoff:all"
-        await self._run("BACKOFF", self._k(name), [int(delay * 1000)])
+        keys = self._k("backoff:create", "slots", "orphans") if code == 1303 else \
+            self._k("backoff:all")
+        await self._run("BACKOFF", keys, [int(delay * 1000)])
 
     # --- inspection (tests, benchmarks, operators) ---------------------------------------------
 

@@ -214,9 +214,12 @@ redis.call('SET', KEYS[1], tat + interval, 'PX', tat + interval - now + 1000)
 return {tat - now, 1}
 """
 
-# KEYS: backoff
-# ARGV: delay_ms -> the backoff's end, server ms
+# KEYS: backoff [slots orphans]
+# ARGV: delay_ms -> the backoff's end, server ms (0: not set)
+# With slots given (a 1303), the backoff is shared only when no slot is held: while batch tasks
+# run, a slot frees when one ends, and the batch already learned from the refusal (refused()).
 BACKOFF = _PRELUDE + """
+if #KEYS == 3 and used(KEYS[2], KEYS[3]) > 0 then return 0 end
 local until_ms = now + tonumber(ARGV[1])
 if until_ms > tonumber(redis.call('GET', KEYS[1]) or '0') then
   redis.call('SET', KEYS[1], until_ms, 'PX', tonumber(ARGV[1]) + 1000)
