@@ -659,8 +659,6 @@ async def test_a_credential_with_control_characters_is_a_validation_error(key: s
     assert seen.lines == []
 
 
-@pytest.mark.xfail(strict=True, reason="finding A6 (_custom_voices.py/_retry.py): the reconcile "
-                   "lookup of a create gets a fresh retry_budget, so the create runs past its own")
 async def test_retry_budget_caps_a_create_including_its_lookup() -> None:
     async def slow(method: str, target: str, writer: asyncio.StreamWriter) -> bool:
         # The POST is dropped unanswered late in the budget; lookups never answer.
@@ -676,8 +674,6 @@ async def test_retry_budget_caps_a_create_including_its_lookup() -> None:
     assert elapsed < 1.0 + 0.5  # the budget plus scheduling noise; today ~1.8 s
 
 
-@pytest.mark.xfail(strict=True, reason="finding A7 (_custom_voices.py): iter_all walks all 1000 "
-                   "pages when a server ignores pageNum, and ends silently at the bound")
 async def test_iter_all_stops_when_a_page_brings_nothing_new() -> None:
     page = [task_json(task_id=str(i)) for i in range(5)]
     async with raw_server(answering(200, env(page))) as (base, seen), \
@@ -830,8 +826,6 @@ async def test_a_re_signed_token_differs_from_the_refused_one() -> None:
     assert len(set(seen.auth)) == 2
 
 
-@pytest.mark.xfail(strict=True, reason="finding A15 (_custom_voices.py): wait() with a timeout or "
-                   "poll_interval of the wrong type raises a bare TypeError")
 @pytest.mark.parametrize("kw", [{"timeout": "5"}, {"poll_interval": None}], ids=str)
 async def test_wait_settings_of_the_wrong_type_are_validation_errors(kw: dict[str, Any]) -> None:
     async with raw_server(answering(200, env(task_json()))) as (base, seen), \
