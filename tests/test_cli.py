@@ -710,3 +710,73 @@ def test_the_suite_passes_in_a_checkout_named_voiceapi(tmp_path: Path) -> None:
                          env=_env())
     assert out.returncode == 0, out.stdout[-2000:]
     assert "1 passed" in out.stdout
+
+
+# --- voiceapi batch --redis (issue 14) ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    from tests._redis_server import running_redis
+
+    with running_redis() as server:
+        yield server.url
+
+
+def test_batch_processes_share_one_account_through_redis(tmp_path: Path, redis_url: str) -> None:
+    """Two `voiceapi batch --redis` processes given the same manifest: every voice is created
+    once, both report every item ready, and the shared state lives under the namespace."""
+    import redis
+
+    namespace = f"cli-{os.getpid()}-{time.monotonic_ns()}"
+    with KlingEmulator(concurrency=3, task_seconds=0.3) as emu:
+        path = _manifest(tmp_path, emu, [f"s{i},{emu.sample_url()}," for i in range(12)])
+        procs = [_cli_proc(["--json", "batch", str(path), "--redis", redis_url, "--namespace",
+                            namespace, "--journal", str(tmp_path / f"w{n}.journal")], _env(emu))
+                 for n in range(2)]
+        outs = [p.communicate(timeout=120) for p in procs]
+        for proc, (stdout, stderr) in zip(procs, outs, strict=True):
+            assert proc.returncode == 0, stderr
+            assert json.loads(stdout)["succeeded"] == 12
+        exts = [t["task_info"]["external_task_id"] for t in emu.tasks()]
+        assert len(exts) == 12 == len(set(exts))  # work shared, nothing created twice
+        assert emu.peak_in_progress <= 3
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert client.keys(f"{{voiceapi:{namespace}}}*")
+    finally:
+        client.close()
+
+
+def test_batch_redis_usage_errors(tmp_path: Path, temu: KlingEmulator) -> None:
+    path = _manifest(tmp_path, temu, [f"ok,{temu.sample_url()},"])
+    alone = run(temu, "batch", str(path), "--namespace", "n")
+    assert alone.exit_code == 2 and "--namespace: not used without --redis" in alone.stderr
+    bad = run(temu, "batch", str(path), "--redis", "http://127.0.0.1:6379")
+    assert bad.exit_code == 2 and "redis://" in bad.stderr and "Traceback" not in bad.output
+    dry = run(temu, "batch", str(path), "--dry-run", "--redis", "redis://127.0.0.1:1")
+    assert dry.exit_code == 2 and "--redis: not used with --dry-run" in dry.stderr
+    assert temu.count("create") == 0
+
+
+def test_batch_redis_unreachable_is_one_clear_error(tmp_path: Path, temu: KlingEmulator) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = _manifest(tmp_path, temu, [f"ok,{temu.sample_url()},"])
+    result = run(temu, "batch", str(path), "--redis", f"redis://:hunter2@127.0.0.1:{port}/0")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.startswith("error: ") and "hunter2" not in result.output
+    assert temu.count("create") == 0
+
+
+def test_batch_redis_without_the_extra_names_it(tmp_path: Path) -> None:
+    path = _write(tmp_path / "m.csv", "voice_name,voice_url\na,https://x.test/a.wav\n")
+    code = ("import sys; sys.modules['redis'] = None\n"
+            "from voiceapi._cli import main\n"
+            f"main(['batch', {str(path)!r}, '--redis', 'redis://127.0.0.1:1'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, env=_env(KLING_API_KEY="k",
+                                              KLING_BASE_URL="http://127.0.0.1:9"), check=False)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: --redis needs the redis extra: pip install " \
+                                 "'voiceapi[redis]'"
