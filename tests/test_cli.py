@@ -502,11 +502,11 @@ def test_tables_align_wide_characters_bound_messages_and_show_deleted_voices() -
     with KlingEmulator(task_seconds=0.05, deleted_voices="mark") as emu:
         names = ["北京话播音员", "🎙️ host", "[red]plain"]
         for name in names:
-            assert run(emu, "create", "--name", name, "--url", emu.sample_url(),
-                       "--wait").exit_code == 0
+            assert run(emu, "create", "--name", name, "--url", emu.sample_url()).exit_code == 0
         emu_long = "reason " * 30
         run(emu, "create", "--name", "bad", "--url",
-            f"https://x.test/a-12s.wav?kling_fail={emu_long.replace(' ', '+')}", "--wait")
+            f"https://x.test/a-12s.wav?kling_fail={emu_long.replace(' ', '+')}")
+        emu.advance(3600)  # every task has ended
         first = json.loads(run(emu, "--json", "get", "--external-id",
                                emu.tasks_by_name(names[0])[0]["task_info"]["external_task_id"])
                            .stdout)
@@ -674,8 +674,8 @@ def test_listing_under_each_reading_of_the_api(reading: dict[str, Any]) -> None:
     server's page size, order, deleted-voice handling or number format."""
     with KlingEmulator(task_seconds=0.05, **reading) as emu:
         for i in range(3):
-            assert run(emu, "create", "--name", f"r{i}", "--url", emu.sample_url(),
-                       "--wait").exit_code == 0
+            assert run(emu, "create", "--name", f"r{i}", "--url", emu.sample_url()).exit_code == 0
+        emu.advance(3600)  # every task has ended
         tasks = [json.loads(x) for x in run(emu, "--json", "list", "--all").stdout.splitlines()]
         assert sorted(t["voices"][0]["voice_name"] for t in tasks) == ["r0", "r1", "r2"]
         gone = next(t for t in tasks if t["voices"][0]["voice_name"] == "r1")
