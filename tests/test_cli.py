@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import os
 import pty
@@ -780,3 +781,20 @@ def test_batch_redis_without_the_extra_names_it(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert out.stderr.strip() == "error: --redis needs the redis extra: pip install " \
                                  "'voiceapi[redis]'"
+
+
+def test_a_journal_the_batch_cannot_open_is_one_error(
+        tmp_path: Path, temu: KlingEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folder was writable when checked; then the disk filled up before the batch opened
+    the journal (an OSError from the batch, not from the CLI's own checks)."""
+    from voiceapi._local_coordinator import FileJournal
+
+    def full(self: FileJournal, path: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(FileJournal, "__init__", full)
+    path = _manifest(tmp_path, temu, [f"ok,{temu.sample_url()},"])
+    result = run(temu, "batch", str(path), "--journal", str(tmp_path / "j"))
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"error: No space left on device: {tmp_path / 'j'}"
+    assert temu.count("create") == 0

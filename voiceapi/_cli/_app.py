@@ -157,6 +157,10 @@ def _run(state: State, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted{': ' + state.doing if state.doing else ''}", err=True)
         raise SystemExit(C.CLI_EXIT_INTERRUPTED) from None
+    except OSError as exc:  # a local file went away mid-command (journal folder, full disk)
+        if isinstance(exc, BrokenPipeError):
+            raise
+        error(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
     raise SystemExit(C.CLI_EXIT_API_ERROR)
 
 
