@@ -158,3 +158,74 @@ def test_server_time_corrects_the_token_clock() -> None:
     again = creds.authorization()
     assert creds.invalidate(again, server_time=clock.now + 1)  # within the allowance: no skew
     assert _claims(creds.authorization())["nbf"] == int(clock.now) - 5
+
+
+def test_base_url_is_parsed_and_normalised() -> None:
+    config = make_config(api_key="k", base_url=" HTTPS://Gateway.example:8443/kling/ ", env={})
+    assert config.base_url == "https://Gateway.example:8443/kling"
+
+
+@pytest.mark.parametrize(("env", "needle"), [
+    ({"KLING_BASE_URL": "http://h?tenant=a"}, "KLING_BASE_URL must not have a query"),
+    ({"KLING_BASE_URL": "http://:8080"}, "KLING_BASE_URL must name a host"),
+    ({"KLING_BASE_URL": "http://h:99999"}, "KLING_BASE_URL is not a valid URL"),
+    ({"KLING_BASE_URL": "http://h ost"}, "KLING_BASE_URL must not contain spaces"),
+])
+def test_a_bad_base_url_from_the_environment_is_named_as_such(
+        env: dict[str, str], needle: str) -> None:
+    with pytest.raises(voiceapi.ValidationError, match=needle):
+        make_config(api_key="k", env=env)
+
+
+@pytest.mark.parametrize(("kwargs", "password"), [
+    ({"base_url": "https://me:hunter2@api.example"}, "hunter2"),
+    ({"proxy": "http://me:hunter2@"}, "hunter2"),  # no host
+    ({"proxy": "socks5://me:hunter2@proxy:1080"}, "hunter2"),  # aiohttp's proxy= is HTTP only
+])
+def test_url_errors_never_quote_a_password(kwargs: dict[str, str], password: str) -> None:
+    with pytest.raises(voiceapi.ValidationError) as info:
+        make_config(api_key="k", env={}, **kwargs)  # type: ignore[arg-type]
+    assert password not in str(info.value)
+
+
+def test_a_proxy_with_credentials_and_a_host_is_kept() -> None:
+    proxy = "http://me:pw@proxy.local:3128"
+    assert make_config(api_key="k", proxy=f" {proxy}\n", env={}).proxy == proxy
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"max_retries": 10**400}, {"timeout": float("nan")}, {"retry_budget": float("inf")},
+    {"max_requests_per_second": 0}, {"timeout": True}, {"max_retries": 2.5},
+    {"ssl": "yes"},
+], ids=str)
+def test_numbers_out_of_any_use_are_validation_errors(kwargs: dict[str, object]) -> None:
+    with pytest.raises(voiceapi.ValidationError):
+        make_config(api_key="k", env={}, **kwargs)  # type: ignore[arg-type]
+
+
+def test_any_real_number_type_is_accepted() -> None:
+    from fractions import Fraction
+
+    config = make_config(api_key="k", timeout=Fraction(3, 2),  # type: ignore[arg-type]
+                         max_requests_per_second=2, env={})
+    assert config.timeout == 1.5 and config.max_requests_per_second == 2.0
+
+
+@pytest.mark.parametrize(("kwargs", "env", "needle"), [
+    ({"api_key": "key\nrest"}, {}, "api_key"),
+    ({}, {"KLING_API_KEY": "key\x00rest"}, "KLING_API_KEY"),
+    ({"access_key": "ak", "secret_key": "sk\r\nX: 1"}, {}, "secret_key"),
+    ({"access_key": "ak\ud800", "secret_key": "sk"}, {}, "access_key"),
+])
+def test_a_key_with_control_characters_is_refused_without_quoting_it(
+        kwargs: dict[str, str], env: dict[str, str], needle: str) -> None:
+    with pytest.raises(voiceapi.ValidationError, match=needle) as info:
+        make_config(env=env, **kwargs)  # type: ignore[arg-type]
+    assert "rest" not in str(info.value) and "X: 1" not in str(info.value)
+
+
+def test_credentials_built_directly_check_their_keys_too() -> None:
+    with pytest.raises(voiceapi.ValidationError, match="secret_key"):
+        JWTCredentials("ak", "s\x00k")
+    with pytest.raises(voiceapi.ValidationError, match="api_key must be a string"):
+        APIKeyCredentials(5)  # type: ignore[arg-type]

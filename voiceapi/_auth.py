@@ -8,15 +8,36 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from ._constants import JWT_NBF_SKEW_SECONDS, JWT_REFRESH_MARGIN_SECONDS, JWT_TTL_SECONDS
+from ._errors import ValidationError
 
 if TYPE_CHECKING:
     from jwt.api_jws import PyJWS
+
+
+# Control characters (C0, DEL, C1) and lone surrogates: in a key they are a paste or file-reading
+# accident (an inner newline, a NUL), and each would fail every call deep in the transport
+# (aiohttp refuses them in headers; UTF-8 cannot encode a surrogate for the HMAC key).
+_UNUSABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def check_key(value: object, name: str) -> str:
+    """``value`` as a usable key string, or a ValidationError that never quotes it (it is a
+    secret): only its type, or the position of the first unusable character, is shown."""
+    if not isinstance(value, str):
+        raise ValidationError(f"{name} must be a string, got {type(value).__name__}")
+    bad = _UNUSABLE.search(value)
+    if bad is not None:
+        raise ValidationError(
+            f"{name} contains a control character or invalid text at position {bad.start()} "
+            f"(U+{ord(bad.group()):04X}); check how it was read (an inner line break, a NUL)")
+    return value
 
 
 @functools.cache
@@ -56,7 +77,7 @@ class APIKeyCredentials:
     __slots__ = ("_header",)
 
     def __init__(self, api_key: str) -> None:
-        self._header = f"Bearer {api_key}"
+        self._header = f"Bearer {check_key(api_key, 'api_key')}"
 
     def authorization(self) -> str:
         return self._header
@@ -87,8 +108,8 @@ class JWTCredentials:
         refresh_margin: int = JWT_REFRESH_MARGIN_SECONDS,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._access_key = access_key
-        self._secret_key = secret_key
+        self._access_key = check_key(access_key, "access_key")
+        self._secret_key = check_key(secret_key, "secret_key")
         self._ttl = ttl
         self._margin = min(refresh_margin, ttl // 2)
         self._clock = clock
