@@ -739,8 +739,6 @@ async def test_emulator_accepts_an_extension_less_signed_url(emu: KlingEmulator)
     assert task.task_id
 
 
-@pytest.mark.xfail(strict=True, reason="finding A12 (_transport.py): MAX_RESPONSE_BYTES is checked "
-                   "on the compressed size; a small gzip answer expands without limit in memory")
 async def test_a_compressed_answer_is_capped_after_decompression(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import gzip
