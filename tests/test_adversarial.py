@@ -729,8 +729,6 @@ def test_cli_tables_escape_server_text() -> None:
     assert len(result.stdout.strip().splitlines()) == 3  # header, rule, one row
 
 
-@pytest.mark.xfail(strict=True, reason="finding A10 (testing/_emulator.py): the emulator refuses "
-                   "extension-less voice_urls, which the SDK (and the real server) accept")
 async def test_emulator_accepts_an_extension_less_signed_url(emu: KlingEmulator) -> None:
     async with voiceapi.AsyncVoiceClient(emu.access_key, emu.secret_key, base_url=emu.base_url,
                                          retry_policy=FAST_RETRY, timeout=5) as client:
