@@ -789,8 +789,6 @@ async def test_get_refuses_an_answer_about_another_task() -> None:
             await client.custom_voices.get("1")
 
 
-@pytest.mark.xfail(strict=True, reason="finding A14 (_auth.py): a token re-signed after 1004 in "
-                   "the same second (no clock skew to learn) is byte-identical to the refused one")
 async def test_a_re_signed_token_differs_from_the_refused_one() -> None:
     import email.utils
 

@@ -229,3 +229,17 @@ def test_credentials_built_directly_check_their_keys_too() -> None:
         JWTCredentials("ak", "s\x00k")
     with pytest.raises(voiceapi.ValidationError, match="api_key must be a string"):
         APIKeyCredentials(5)  # type: ignore[arg-type]
+
+
+def test_a_token_re_signed_after_a_refusal_is_never_the_refused_one() -> None:
+    clock = FakeClock()
+    creds = JWTCredentials("ak", SECRET, clock=clock)
+    refused = creds.authorization()
+    assert creds.invalidate(refused)  # 1004, no Date: nothing to learn about the clock
+    fresh = creds.authorization()  # the same second
+    assert fresh != refused
+    assert _claims(fresh)["nbf"] == int(clock.now) - 5 + 1
+    # Other calls that were refused the old token do not re-sign again: one new token for all.
+    for _ in range(5):
+        assert creds.invalidate(refused)
+        assert creds.authorization() == fresh

@@ -96,8 +96,8 @@ class JWTCredentials:
     Thread-safe: the sync facade and many threads may share one client.
     """
 
-    __slots__ = ("_access_key", "_clock", "_expires", "_header", "_lock", "_margin", "_secret_key",
-                 "_skew", "_ttl")
+    __slots__ = ("_access_key", "_clock", "_expires", "_header", "_lock", "_margin",
+                 "_refused_second", "_secret_key", "_signed_second", "_skew", "_ttl")
 
     def __init__(
         self,
@@ -119,6 +119,11 @@ class JWTCredentials:
         # Seconds to add to our clock for the token's claims, learned when the server
         # refuses a token on time grounds (our clock is off from Kling's).
         self._skew = 0.0
+        # The whole second the current token's claims are built on, and that of the last token
+        # the server refused: claims have 1 s resolution, so a re-sign within the same second
+        # would produce the very bytes that were refused.
+        self._signed_second: int | None = None
+        self._refused_second: int | None = None
 
     @property
     def access_key(self) -> str:
@@ -140,7 +145,11 @@ class JWTCredentials:
             return header
         with self._lock:
             if self._header is None or now >= self._expires - self._margin:
-                self._header = f"Bearer {self.sign(now + self._skew)}"
+                second = int(now + self._skew)
+                if second == self._refused_second:
+                    second += 1  # still within nbf's allowance, and a token of its own
+                self._header = f"Bearer {self.sign(second)}"
+                self._signed_second = second
                 self._expires = int(now) + self._ttl
             return self._header
 
@@ -153,6 +162,7 @@ class JWTCredentials:
             # Only drop the token that failed: concurrent 1004s must not each re-sign.
             if self._header == header_value:
                 self._header = None
+                self._refused_second = self._signed_second
                 if server_time is not None:
                     skew = server_time - self._clock()
                     # The Date header has 1 s resolution; below the nbf allowance, ignore it.
