@@ -21,8 +21,10 @@ from ._errors import (
     APITimeoutError,
     ClientClosedError,
     EventLoopError,
+    SentCredential,
     UnexpectedResponseError,
     VoiceAPIError,
+    printable,
 )
 from ._logs import configure_from_env
 from ._middlewares import (
@@ -204,6 +206,13 @@ class Transport:
             seconds = timeout.total if timeout is not None else self.config.timeout
             error = APITimeoutError(
                 f"{request.method} {request.path}: no answer within {seconds:g}s")
+        except aiohttp.ClientHttpProxyError as exc:
+            # The proxy refused the CONNECT tunnel (407: proxy credentials; 5xx: it could not
+            # reach Kling): nothing reached the API, so even a create needs no lookup.
+            error = APIConnectionError(
+                f"{request.method} {request.path}: the proxy refused the connection: HTTP "
+                f"{exc.status} {printable(exc.message, 200)}", maybe_sent=False,
+                http_status=exc.status)
         except aiohttp.ClientConnectorError as exc:
             error = APIConnectionError(
                 f"{request.method} {request.path}: cannot connect: {exc.os_error}",
@@ -224,7 +233,8 @@ class Transport:
                 error = ClientClosedError("the client was closed during this call")
             raise error
         data_out, request_id = decode_envelope(
-            status, headers, body, retry_after_max=self.retry_policy.retry_after_max)
+            status, headers, body, retry_after_max=self.retry_policy.retry_after_max,
+            sent=SentCredential(request.headers.get("Authorization")))
         return Response(status=status, headers=headers, data=data_out, request_id=request_id)
 
     async def aclose(self) -> None:
