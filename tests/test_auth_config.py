@@ -243,3 +243,14 @@ def test_a_token_re_signed_after_a_refusal_is_never_the_refused_one() -> None:
     for _ in range(5):
         assert creds.invalidate(refused)
         assert creds.authorization() == fresh
+
+
+def test_a_pinned_certificate_fingerprint_is_accepted_as_ssl() -> None:
+    """Not in the annotation, but aiohttp takes it and it worked before settings were checked."""
+    import hashlib
+    from typing import Any
+
+    import aiohttp
+
+    pin: Any = aiohttp.Fingerprint(hashlib.sha256(b"cert").digest())
+    assert make_config(api_key="k", ssl=pin, env={}).ssl is pin

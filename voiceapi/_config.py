@@ -202,7 +202,8 @@ def make_config(
     elif isinstance(max_concurrent_requests, bool) or not isinstance(
             max_concurrent_requests, int) or max_concurrent_requests < 1:
         raise ValidationError("max_concurrent_requests must be an integer >= 1")
-    if ssl is not None and not isinstance(ssl, (bool, _ssl.SSLContext)):
+    if ssl is not None and not isinstance(ssl, (bool, _ssl.SSLContext)) and \
+            type(ssl).__name__ != "Fingerprint":  # aiohttp.Fingerprint (pinning) works too
         raise ValidationError(f"ssl must be an ssl.SSLContext, True, False or None, got "
                               f"{type(ssl).__name__}")
     return ClientConfig(
