@@ -690,9 +690,8 @@ async def test_a_create_answered_without_a_task_id_is_looked_up() -> None:
     assert task.task_id == "930801301486305328" and seen.count("POST") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="finding A9 (_cli.py): tables print server text raw, so "
-                   "a voice name or message can carry terminal escapes and fake rows")
 def test_cli_tables_escape_server_text() -> None:
+    """Finding A9 (fixed in voiceapi/_cli/_output.py): server text in tables is escaped."""
     import http.server
 
     from click.testing import CliRunner
