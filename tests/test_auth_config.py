@@ -254,3 +254,11 @@ def test_a_pinned_certificate_fingerprint_is_accepted_as_ssl() -> None:
 
     pin: Any = aiohttp.Fingerprint(hashlib.sha256(b"cert").digest())
     assert make_config(api_key="k", ssl=pin, env={}).ssl is pin
+
+
+def test_keys_read_with_a_trailing_newline_are_stripped_not_refused() -> None:
+    config = make_config(api_key=" key-from-file\r\n", env={})
+    assert config.credentials.authorization() == "Bearer key-from-file"
+    config = make_config(env={"KLING_ACCESS_KEY": "ak\n", "KLING_SECRET_KEY": "\tsk\n"})
+    assert isinstance(config.credentials, JWTCredentials)
+    assert config.credentials.access_key == "ak"

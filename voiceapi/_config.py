@@ -69,12 +69,13 @@ def _clean(value: object, name: str) -> str | None:
 
 
 def _key(value: object, name: str, env_name: str, env: Mapping[str, str]) -> str | None:
-    """An explicit key argument, or (``value`` None) the environment's, checked for characters
-    that would fail every call; the error says where the bad value came from."""
-    if value is not None:
-        return _clean(check_key(value, name), name)
-    raw = env.get(env_name)
-    return None if raw is None else _clean(check_key(raw, env_name), env_name)
+    """An explicit key argument, or (``value`` None) the environment's: stripped (a key read
+    from a file often ends in a newline), then checked for characters that would fail every
+    call; the error says where the bad value came from."""
+    if value is None:
+        value, name = env.get(env_name), env_name
+    key = _clean(value, name)
+    return None if key is None else check_key(key, name)
 
 
 def resolve_credentials(
