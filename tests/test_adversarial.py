@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import voiceapi
-from tests.conftest import FAST_RETRY, task_json
+from tests.conftest import FAST_RETRY, scaled_examples, task_json
 from voiceapi import _errors as E
 from voiceapi import _validation as V
 from voiceapi._decode import decode_envelope
@@ -372,7 +372,8 @@ def _framed(status: int, body: bytes, content_type: str, framing: str) -> tuple[
     return http(status, body, content_type=content_type) + fake, True
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=scaled_examples(60), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(status=st.sampled_from([200, 200, 201, 400, 401, 404, 429, 500, 502]),
        payload=ENVELOPE, framing=FRAMING,
        content_type=st.sampled_from(["application/json", "text/html", ""]),
