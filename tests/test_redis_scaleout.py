@@ -25,6 +25,9 @@ from benchmarks.scaleout import (
 
 from ._redis_server import RedisServer, running_redis
 
+# Real worker processes for tens of seconds each: CI runs them (VOICEAPI_SLOW_TESTS=1).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RedisServer]:
