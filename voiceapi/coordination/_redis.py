@@ -181,17 +181,35 @@ class RedisCoordinator:
         self._started = False
         self._closed = False
         self._closing = False
+        self._entered = False  # opened with ``async with``: the user closes it
+        self._clients: set[int] = set()  # clients bound to us and not closed yet
         self._outage_logged = False
         #: Orphans this worker adopted so far (for progress reports and tests).
         self.adoptions = 0
         if namespace is None and credentials_of is not None:
-            self.bind(credentials_of)
+            self._bind_account(credentials_of)
 
     # --- identity ---------------------------------------------------------------------------
 
     def bind(self, client_or_credentials: Any) -> None:
         """Learn the account from a client (``AsyncVoiceClient(..., coordinator=coord)`` calls
-        this) when no ``namespace`` was given. Binding clients of two accounts is an error."""
+        this) when no ``namespace`` was given. Binding clients of two accounts is an error.
+
+        A coordinator that was not opened with ``async with`` is closed together with the last
+        client bound to it (:meth:`client_closed`): a blocking ``VoiceClient`` runs it on the
+        client's private loop, which nobody else can reach to close it.
+        """
+        self._bind_account(client_or_credentials)
+        self._clients.add(id(client_or_credentials))
+
+    async def client_closed(self, client: Any) -> None:
+        """A bound client closed (``AsyncVoiceClient.aclose`` calls this). The last one closes
+        a coordinator nobody entered with ``async with``; one the user entered is theirs."""
+        self._clients.discard(id(client))
+        if not self._clients and not self._entered:
+            await self.aclose()
+
+    def _bind_account(self, client_or_credentials: Any) -> None:
         if self._namespace is not None and not self._namespace_from_credentials:
             return  # an explicit namespace wins
         namespace = namespace_for(_credentials_of(client_or_credentials))
@@ -231,6 +249,7 @@ class RedisCoordinator:
     # --- lifecycle --------------------------------------------------------------------------
 
     async def __aenter__(self) -> RedisCoordinator:
+        self._entered = True
         async with self._guard():
             await self._redis.ping()  # fail here, not mid-batch
         if self._namespace is not None:
