@@ -165,7 +165,7 @@ class RedisCoordinator:
         self._scripts = {name: self._redis.register_script(getattr(S, name)) for name in (
             "ACQUIRE", "ACCEPTED", "REFUSED", "FREE", "RENEW", "ORPHANS", "ADOPT",
             "FREE_MISSING_ORPHAN", "HOLD_RUNNING", "RATE", "BACKOFF", "OBSERVE",
-            "PUBLISH_OBSERVATIONS", "RESIGN")}
+            "PUBLISH_OBSERVATIONS", "FREE_ENDED", "RESIGN")}
         self._held: set[str] = set()
         self._adopted: dict[str, str] = {}  # key -> task id, orphans this worker follows
         self._cap = max_in_flight if max_in_flight is not None else C.BATCH_INITIAL_SLOTS
@@ -569,6 +569,7 @@ class RedisCoordinator:
             everyone = {_text(x) for x in result[1:]} | ids | set(self._adopted.values())
             seen = dict(await poll(everyone)) if everyone else {}
             await self._publish(seen)
+            await self._free_ended(seen)
         else:
             seen = await self._read_observations(ids)
         for key, task_id in list(self._adopted.items()):
@@ -601,6 +602,21 @@ class RedisCoordinator:
             args += [task_id, dump_task(task)]
         await self._run("PUBLISH_OBSERVATIONS", self._k("obs", "obs_at", "tracked"),
                         [self._k("events")[0], D.STATE_TTL_SECONDS * 1000, *args])
+
+    async def _free_ended(self, seen: Mapping[str, VoiceTask]) -> None:
+        """Free the slots of every task this poll saw end, for all workers at once: the holder
+        would free it only after reading the observations (a poll interval later), and the
+        cap's turnover is what bounds a shared account's throughput."""
+        args: list[str] = []
+        for task_id, task in seen.items():
+            if task.is_terminal and task.external_task_id:
+                args += [task.external_task_id, task_id,
+                         dump_entry(task_id, task.task_status.value)]
+        if args:
+            freed = await self._run("FREE_ENDED", self._k("slots", "orphans", "owners", "journal"),
+                                    [self._k("events")[0], D.STATE_TTL_SECONDS * 1000, *args])
+            if int(freed):
+                self._wake()
 
     async def _read_observations(self, ids: Collection[str]) -> dict[str, VoiceTask]:
         obs = self._k("obs")[0]
