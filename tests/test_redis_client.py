@@ -96,10 +96,10 @@ def test_blocking_clients_in_two_threads_share_one_account(server: RedisServer) 
     given the same items: every item is created once, both get every result, and the
     account's cap is never exceeded."""
     cap = 2
-    with KlingEmulator(concurrency=cap, task_seconds=0.2) as emu:
+    with KlingEmulator(concurrency=cap, task_seconds=0.1) as emu:
         url = emu.sample_url(10)
         items = [{"voice_name": f"v{i}", "voice_url": url,
-                  "external_task_id": f"sync-{uuid.uuid4().hex[:6]}-{i}"} for i in range(8)]
+                  "external_task_id": f"sync-{uuid.uuid4().hex[:6]}-{i}"} for i in range(6)]
         outcomes: list[list[voiceapi.BatchResult]] = []
         errors: list[BaseException] = []
 
