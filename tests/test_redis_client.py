@@ -134,3 +134,44 @@ def test_blocking_clients_in_two_threads_share_one_account(server: RedisServer) 
         with pytest.raises(CoordinationError, match="closed"):
             asyncio.run(coord.acquire("k"))
     assert asyncio.run(_namespaces(server.url))
+
+
+async def test_a_batch_cancelled_mid_run_is_finished_once_by_the_next_worker(
+        server: RedisServer) -> None:
+    """Cancel one worker's create_many while its creates are on the wire, close it (its leases
+    lapse into orphans), then another worker runs the same items: each exists exactly once,
+    and nothing stays held."""
+    ns = f"t-{uuid.uuid4().hex[:8]}"
+    async with KlingEmulator(concurrency=3, task_seconds=0.3) as emu:
+        emu.inject("create", "slow", times=3, delay=0.4)
+        url = emu.sample_url(10)
+        items = [{"voice_name": f"v{i}", "voice_url": url, "external_task_id": f"{ns}-{i}"}
+                 for i in range(9)]
+
+        def client(coord: RedisCoordinator) -> voiceapi.AsyncVoiceClient:
+            return voiceapi.AsyncVoiceClient(emu.access_key, emu.secret_key,
+                                             base_url=emu.base_url, coordinator=coord)
+
+        first = RedisCoordinator(server.url, namespace=ns, max_in_flight=3, lease_seconds=0.3,
+                                 orphan_grace=0.5)
+        async with first, client(first) as a:
+            batch = asyncio.ensure_future(a.custom_voices.create_many(items,
+                                                                      poll_interval=0.05))
+            for _ in range(100):  # bounded: until a create is on the wire
+                if emu.count("create"):
+                    break
+                await asyncio.sleep(0.01)
+            batch.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await batch
+        second = RedisCoordinator(server.url, namespace=ns, max_in_flight=3, lease_seconds=0.3,
+                                  orphan_grace=0.5)
+        async with second, client(second) as b:
+            left = await second.snapshot()  # the cancelled creates' slots were left held
+            assert len(left["slots"]) + len(left["orphans"]) >= 1, left
+            results = await b.custom_voices.create_many(items, poll_interval=0.05, timeout=30)
+            snap = await second.snapshot()
+        assert [r.ok for r in results] == [True] * len(items), [r.error for r in results]
+        assert emu.stats()["tasks_per_external_id"] == {"1": len(items)}  # once each
+        assert emu.peak_in_progress <= 3
+        assert snap["slots"] == [] and snap["orphans"] == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import time
@@ -546,6 +547,34 @@ async def test_a_cancelled_acquire_never_leaks_a_slot(make: Make) -> None:
         assert snap["slots"] == [], (turns, snap)
     assert "cancelled" in outcomes
     assert await coord.acquire("last") is Grant.CREATE  # the only slot is still free
+
+
+async def test_a_cancel_that_redis_py_swallows_is_given_back(make: Make) -> None:
+    """redis-py awaits asyncio.wait_for, which on Python 3.11 returns a ready result and drops
+    a cancel that came meanwhile; a cancelled batch must still stop."""
+    coord = make(max_in_flight=1)
+    await coord.renew()
+    real = coord._scripts["ACQUIRE"]
+
+    async def swallowing(**kw: Any) -> Any:
+        answer = await real(**kw)
+        me = asyncio.current_task()
+        assert me is not None
+        me.cancel()  # the cancel arrives as the answer is ready...
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0)  # ...and is dropped, as wait_for does
+        return answer
+
+    coord._scripts["ACQUIRE"] = swallowing  # type: ignore[assignment]
+    job = asyncio.create_task(coord.acquire("k"))
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    coord._scripts["ACQUIRE"] = real
+    for _ in range(100):  # the slot granted just before the cancel is given back
+        if not coord._chores:
+            break
+        await asyncio.sleep(0.01)
+    assert (await coord.snapshot())["slots"] == []
 
 
 async def test_adopt_counts_a_running_task_found_on_a_rerun(make: Make) -> None:

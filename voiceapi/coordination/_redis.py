@@ -72,6 +72,12 @@ def _redact(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
+def _cancelling(task: asyncio.Task[Any] | None) -> int:
+    """Cancel requests pending on ``task`` (Python >= 3.11; 0 where unknown)."""
+    count = getattr(task, "cancelling", None)
+    return int(count()) if callable(count) else 0
+
+
 def namespace_for(credentials: Any) -> str:
     """A stable namespace for one Kling account, derived from its access key or API key.
 
@@ -295,6 +301,8 @@ class RedisCoordinator:
 
     @contextlib.asynccontextmanager
     async def _guard(self) -> AsyncIterator[None]:
+        task = asyncio.current_task()
+        cancels = _cancelling(task)
         try:
             yield
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
@@ -304,6 +312,11 @@ class RedisCoordinator:
         except RedisError as exc:
             raise CoordinationError(f"Redis at {self._where} refused a coordinator command "
                                     f"({type(exc).__name__}: {exc})") from exc
+        if _cancelling(task) > cancels:
+            # redis-py sends through asyncio.wait_for, which on Python 3.11 returns a result
+            # that was ready as we were cancelled and drops the cancel: a cancelled batch then
+            # ran to its end. Give the cancel back to the caller.
+            raise asyncio.CancelledError
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         await self._ensure_started()
