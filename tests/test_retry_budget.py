@@ -23,7 +23,8 @@ async def task_server() -> AsyncIterator[tuple[str, list[str]]]:
 
     async def answer(request: web.Request) -> web.Response:
         seen.append(request.path)
-        body = {"code": 0, "message": "SUCCEED", "request_id": "r", "data": task_json()}
+        task = task_json(task_id=request.path.rsplit("/", 1)[1])  # about the task asked for
+        body = {"code": 0, "message": "SUCCEED", "request_id": "r", "data": task}
         return web.json_response(body, dumps=json.dumps)
 
     app = web.Application()

@@ -148,7 +148,8 @@ async def test_ambiguous_create_is_looked_up_before_resending(
 async def test_ambiguous_create_that_landed_is_not_resent(
         mocked: aioresponses, mock_client: voiceapi.AsyncVoiceClient) -> None:
     mocked.post(CV, exception=aiohttp.ServerDisconnectedError())
-    mocked.get(f"{CV}/mine-1", payload=envelope(task_json(status="processing")))
+    mocked.get(f"{CV}/mine-1", payload=envelope(task_json(
+        status="processing", task_info={"external_task_id": "mine-1"})))
     task = await mock_client.custom_voices.create(voice_name="n", voice_url="https://x/a.wav",
                                                   external_task_id="mine-1")
     assert len(_posted(mocked, CV)) == 1
@@ -191,7 +192,7 @@ async def test_delete_without_data_is_success(mocked: aioresponses,
 
 async def test_ids_are_path_encoded(mocked: aioresponses,
                                     mock_client: voiceapi.AsyncVoiceClient) -> None:
-    mocked.get(f"{CV}/..%2Fx", payload=envelope(task_json()))
+    mocked.get(f"{CV}/..%2Fx", payload=envelope(task_json(task_info={"external_task_id": "../x"})))
     await mock_client.custom_voices.get(external_task_id="../x")
     ((_, url),) = mocked.requests
     assert url.raw_path == "/v1/general/custom-voices/..%2Fx"
@@ -321,3 +322,19 @@ async def test_oversized_answer_is_refused_unread(mocked: aioresponses) -> None:
     async with voiceapi.AsyncVoiceClient(api_key="k", base_url=BASE, max_retries=0) as client:
         with pytest.raises(voiceapi.UnexpectedResponseError, match="too large"):
             await client.custom_voices.get("930801301486305328")
+
+
+async def test_get_by_external_id_refuses_an_answer_about_another_task(
+        mocked: aioresponses, mock_client: voiceapi.AsyncVoiceClient) -> None:
+    mocked.get(f"{CV}/mine", payload=envelope(task_json(
+        task_id="5", task_info={"external_task_id": "theirs"})))
+    with pytest.raises(voiceapi.UnexpectedResponseError, match="about another one"):
+        await mock_client.custom_voices.get(external_task_id="mine")
+
+
+async def test_get_by_an_external_id_in_the_task_id_slot_is_still_answered(
+        mocked: aioresponses, mock_client: voiceapi.AsyncVoiceClient) -> None:
+    # The path takes either kind of id: an answer whose external id is the ref is about it.
+    mocked.get(f"{CV}/mine", payload=envelope(task_json(
+        task_id="5", task_info={"external_task_id": "mine"})))
+    assert (await mock_client.custom_voices.get("mine")).task_id == "5"

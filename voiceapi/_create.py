@@ -44,6 +44,7 @@ from ._errors import (
     UnexpectedResponseError,
     ValidationError,
     VoiceAPIError,
+    printable,
 )
 from ._middlewares import Response
 from ._models import TaskStatus, VoiceTask
@@ -131,13 +132,15 @@ class CreateFlow:
 
     async def lookup_response(self, ext: str) -> Response | None:
         """The task under ``ext`` as the raw answer, or None only when the server answered
-        "not found" (any other failure raises)."""
+        "not found" (any other failure raises, an answer about another task included)."""
         try:
-            return await self._requester.request("GET", task_path(ext))
+            response = await self._requester.request("GET", task_path(ext))
         except InvalidRequestError as exc:
             if is_not_found(exc):
                 return None
             raise
+        task_about(response, ext)
+        return response
 
     async def lookup(self, ext: str) -> VoiceTask | None:
         """The task under ``ext``, or None only when the server answered "not found"."""
@@ -268,6 +271,23 @@ async def _before(deadline: float, call: Awaitable[T], ext: str) -> T:
         raise APITimeoutError(f"the create of {ext!r} ran out of its retry budget") from None
 
 
+def task_about(response: Response, ref: str) -> VoiceTask:
+    """The task in the answer to a lookup of ``ref`` (a task id or an external id, the path
+    takes either), refused when it is about another task: neither its ``task_id`` nor its
+    ``external_task_id`` is ``ref``. A caching proxy or a misrouted answer must never make
+    a create adopt, or a caller act on, a task it did not ask for. An answer without an
+    external id cannot be contradicted by it (a server may leave it out)."""
+    task = parse_task(response.data, request_id=response.request_id)
+    if task.task_id != ref and task.external_task_id not in (None, "", ref):
+        raise UnexpectedResponseError(
+            f"asked for task {printable(ref, 200)!r}, the answer is about another one (task_id "
+            f"{printable(task.task_id, 200)!r}, external_task_id "
+            f"{printable(task.external_task_id or '', 200)!r}): a proxy or cache in front of "
+            "the API may be answering for it", http_status=response.status,
+            request_id=response.request_id)
+    return task
+
+
 def _unknown(ext: str, lookup_error: VoiceAPIError) -> APIConnectionError:
     return APIConnectionError(
         f"the create's answer was lost and looking it up by external_task_id {ext!r} failed "
@@ -289,4 +309,4 @@ def _created_task(response: Response, ext: str) -> VoiceTask:
 
 
 __all__ = ["INCURABLE", "CreateFlow", "Created", "build_create_body", "new_external_task_id",
-           "task_path"]
+           "task_about", "task_path"]

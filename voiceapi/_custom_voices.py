@@ -25,9 +25,10 @@ from ._create import (
     CreateFlow,
     build_create_body,
     new_external_task_id,
+    task_about,
     task_path,
 )
-from ._decode import parse_task, parse_task_list
+from ._decode import parse_task_list
 from ._errors import TaskFailedError, ValidationError, WaitTimeoutError
 from ._models import BatchResult, TaskStatus, VoiceTask
 from ._pages import PageLimit, records_of, walk_pages
@@ -113,7 +114,7 @@ class AsyncCustomVoices:
         ref = V.identifier(task_id if task_id is not None else external_task_id,
                            "task_id" if task_id is not None else "external_task_id")
         response = await self._transport.request("GET", task_path(ref))
-        return parse_task(response.data, request_id=response.request_id)
+        return task_about(response, ref)
 
     async def list(
         self, *, page_num: int = 1, page_size: int = DEFAULT_PAGE_SIZE
