@@ -66,16 +66,25 @@ class FileJournal:
                                                             str(rec.get("status")))
         if line and not line.endswith("\n"):
             # A line cut short by a crash: end it, or the next record would be glued to it.
-            fh.write("\n")
-            fh.flush()
+            self._append("\n")
 
     def record(self, ext: str, task_id: str, status: str) -> None:
         entry = JournalEntry(task_id, status)
         if self.entries.get(ext) == entry or self._fh is None:
             return
         self.entries[ext] = entry
-        self._fh.write(json.dumps({"ext": ext, "task_id": task_id, "status": status}) + "\n")
-        self._fh.flush()
+        self._append(json.dumps({"ext": ext, "task_id": task_id, "status": status}) + "\n")
+
+    def _append(self, text: str) -> None:
+        """Write and flush one line. A failure (disk full, I/O error) is a JournalError: the
+        batch must stop, not go on with a journal that could not resume it."""
+        assert self._fh is not None
+        try:
+            self._fh.write(text)
+            self._fh.flush()
+        except OSError as exc:
+            raise JournalError(f"cannot write journal {self.path}: "
+                               f"{exc.strerror or exc}") from None
 
     def close(self) -> None:
         """Release the lock and close the file (safe to call twice)."""
