@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -177,9 +178,6 @@ async def test_a_batch_cancelled_mid_run_is_finished_once_by_the_next_worker(
         assert snap["slots"] == [] and snap["orphans"] == []
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs the batch to treat CoordinationError as fatal "
-                   "(/work/notes/redis2-needs.md item 3): today it runs until its timeout")
 async def test_redis_gone_mid_batch_stops_create_many_clearly() -> None:
     with running_redis() as srv:
         async with KlingEmulator(concurrency=3, task_seconds=1.0) as emu:
@@ -197,8 +195,15 @@ async def test_redis_gone_mid_batch_stops_create_many_clearly() -> None:
                         break
                     await asyncio.sleep(0.05)
                 srv.stop()
+                stopped = time.monotonic()
                 outcome = await asyncio.gather(batch, return_exceptions=True)
-    # Either raised, or every open item carries the CoordinationError (not a timeout).
+                took = time.monotonic() - stopped
+    assert took < 6, took  # stopped on the outage, not at the batch timeout (8 s)
+    # Either raised, or every item still open carries the outage: tasks that were running get
+    # the CoordinationError, items never sent a NotSubmittedError that names it.
     if not isinstance(outcome[0], CoordinationError):
         errors = [r.error for r in outcome[0]]  # type: ignore[union-attr]
-        assert all(isinstance(e, CoordinationError) for e in errors), errors
+        assert all(isinstance(e, CoordinationError) or (
+            isinstance(e, voiceapi.NotSubmittedError) and "unreachable" in str(e))
+            for e in errors), errors
+        assert any(isinstance(e, CoordinationError) for e in errors), errors
