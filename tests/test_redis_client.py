@@ -207,3 +207,29 @@ async def test_redis_gone_mid_batch_stops_create_many_clearly() -> None:
             isinstance(e, voiceapi.NotSubmittedError) and "unreachable" in str(e))
             for e in errors), errors
         assert any(isinstance(e, CoordinationError) for e in errors), errors
+
+
+async def test_workers_sharing_items_do_not_look_each_item_up_before_creating_it(
+        server: RedisServer) -> None:
+    """The second worker sees the first one's items at Kling (a "rerun" to a lone batch); with a
+    shared journal that vouches for its keys, it creates without a lookup per item."""
+    ns = f"t-{uuid.uuid4().hex[:8]}"
+    async with KlingEmulator(concurrency=4, task_seconds=0.3) as emu:
+        url = emu.sample_url(10)
+        items = [{"voice_name": f"v{i}", "voice_url": url, "external_task_id": f"{ns}-{i}"}
+                 for i in range(16)]
+
+        async def worker(delay: float) -> list[voiceapi.BatchResult]:
+            await asyncio.sleep(delay)  # the second starts once the first created some
+            async with RedisCoordinator(server.url, namespace=ns) as coord, \
+                    voiceapi.AsyncVoiceClient(emu.access_key, emu.secret_key,
+                                              base_url=emu.base_url, coordinator=coord) as c:
+                return await c.custom_voices.create_many(items, poll_interval=0.05,
+                                                         timeout=30)
+
+        first, second = await asyncio.gather(worker(0), worker(0.1))
+    assert [r.ok for r in first + second] == [True] * 32
+    assert emu.stats()["tasks_per_external_id"] == {"1": 16}
+    # One probe per worker at most; each of the second worker's creates looked up first
+    # would add one more.
+    assert emu.count("get", code=1201) <= 2, emu.count("get", code=1201)
