@@ -379,6 +379,7 @@ def _framed(status: int, body: bytes, content_type: str, framing: str) -> tuple[
        payload=ENVELOPE, framing=FRAMING,
        content_type=st.sampled_from(["application/json", "text/html", ""]),
        cut=st.one_of(st.none(), st.integers(0, 40)))
+@pytest.mark.slow
 def test_fuzzed_answers_over_a_socket_only_raise_sdk_errors(
         status: int, payload: Any, framing: str, content_type: str, cut: int | None) -> None:
     """Every call, whatever the server sends and however it frames it, returns a model or

@@ -39,6 +39,7 @@ def assert_exactly_once(emu: KlingEmulator, results: list[voiceapi.BatchResult])
     assert {r.task.task_id for r in with_task if r.task} == {t["task_id"] for t in emu.tasks()}
 
 
+@pytest.mark.slow
 async def test_220_items_under_1303_pressure_and_faults() -> None:
     async with KlingEmulator(concurrency=5, task_seconds=0.05) as emu:
         items = items_for(emu, 220, bad_every=23)

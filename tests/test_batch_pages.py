@@ -200,6 +200,7 @@ def test_list_order_from_created_at() -> None:
 
 
 @pytest.mark.parametrize("order", ["newest", "oldest"])
+@pytest.mark.slow
 async def test_300_items_stay_cheap_in_either_order(order: str) -> None:
     async with KlingEmulator(concurrency=20, task_seconds=0.1, list_order=order,
                              max_page_size=500) as emu:

@@ -29,8 +29,10 @@ from rich.cells import cell_len
 from voiceapi._cli._app import cli, cli_words
 from voiceapi.testing import KlingEmulator
 
+# COLUMNS/LINES too: a piped table's width follows COLUMNS, which some runners set (xdist: 80).
 CLEAN_ENV: dict[str, str | None] = dict.fromkeys(
-    ("KLING_ACCESS_KEY", "KLING_SECRET_KEY", "KLING_API_KEY", "KLING_BASE_URL"))
+    ("KLING_ACCESS_KEY", "KLING_SECRET_KEY", "KLING_API_KEY", "KLING_BASE_URL", "COLUMNS",
+     "LINES"))
 
 
 @pytest.fixture
@@ -175,6 +177,7 @@ def test_demo_against_a_server_with_credentials(temu: KlingEmulator) -> None:
     assert json.loads(summary.stdout.strip().splitlines()[-1])["tasks_listed"] == 2
 
 
+@pytest.mark.slow
 def test_batch_killed_midway_resumes_without_duplicates(tmp_path: Path) -> None:
     with KlingEmulator(concurrency=3, task_seconds=0.2) as emu:
         manifest = tmp_path / "voices.jsonl"
@@ -345,6 +348,7 @@ def test_global_timeout_is_per_request_and_ignored_options_are_refused() -> None
     assert demo_url.exit_code == 2 and "needs credentials" in demo_url.stderr
 
 
+@pytest.mark.slow
 def test_mock_server_takes_the_emulator_knobs() -> None:
     proc = _cli_proc(["mock-server", "--port", "0", "--json", "--profile", "strict-real",
                       "--webhook-secret", "whsec_dGVzdA==", "--concurrency", "2"], _env())
@@ -559,6 +563,7 @@ def _stderr_on_a_terminal(args: list[str], env: dict[str, str]) -> tuple[int, by
     return proc.returncode, proc.stdout, b"".join(chunks).decode("utf-8", "replace")
 
 
+@pytest.mark.slow
 def test_progress_and_colour_appear_on_a_terminal_only(tmp_path: Path) -> None:
     with KlingEmulator(concurrency=3, task_seconds=0.2) as emu:
         path = _manifest(tmp_path, emu, [f"p{i},{emu.sample_url()}," for i in range(6)])
@@ -695,6 +700,7 @@ def test_listing_under_each_reading_of_the_api(reading: dict[str, Any]) -> None:
     assert len(table.stdout.splitlines()) == 2 + 3
 
 
+@pytest.mark.slow
 def test_the_suite_passes_in_a_checkout_named_voiceapi(tmp_path: Path) -> None:
     """Bug 10: `git clone …/voiceapi.git` gives a folder named voiceapi; path-substring checks
     (\"/voiceapi/\" in a frame's file name) then mistake the tests' frames for the SDK's."""
@@ -723,6 +729,7 @@ def redis_url() -> Iterator[str]:
         yield server.url
 
 
+@pytest.mark.slow
 def test_batch_processes_share_one_account_through_redis(tmp_path: Path, redis_url: str) -> None:
     """Two `voiceapi batch --redis` processes given the same manifest: every voice is created
     once, both report every item ready, and the shared state lives under the namespace."""

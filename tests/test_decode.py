@@ -342,6 +342,7 @@ def test_any_json_gives_tasks_or_a_typed_error(raw: Any) -> None:
 
 @settings(deadline=None)  # example count: the active hypothesis profile
 @given(page=st.lists(ODD_RECORD, max_size=5))
+@pytest.mark.slow
 def test_records_with_an_id_are_never_lost_whatever_their_other_fields(
         page: list[dict[str, Any]]) -> None:
     tasks = parse_task_list(page)

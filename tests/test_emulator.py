@@ -720,6 +720,7 @@ def test_internal_errors_are_bounded() -> None:
     assert len(emu.internal_errors) == 100
 
 
+@pytest.mark.slow
 def test_the_plugin_fixture_fails_a_test_that_hit_an_emulator_bug(tmp_path: Path) -> None:
     (tmp_path / "test_user.py").write_text(textwrap.dedent('''
         import sys, urllib.error, urllib.request
@@ -941,6 +942,7 @@ async def test_pending_voices_shapes(http: aiohttp.ClientSession, reading: str,
     assert len(done["data"]["task_result"]["voices"]) == 1  # a voice once it succeeded
 
 
+@pytest.mark.slow
 def test_our_suite_fails_a_test_whose_emulator_hit_a_bug_once(tmp_path: Path) -> None:
     """tests/conftest.py checks the ``emu`` fixture and every emulator a test starts itself,
     reporting each bug once."""

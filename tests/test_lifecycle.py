@@ -494,7 +494,7 @@ async def test_exception_chains_never_carry_secrets(fault: str) -> None:
             for ak, sk, key in (("ak", SECRET, None), (None, None, API_KEY)):
                 async with voiceapi.AsyncVoiceClient(
                         ak, sk, api_key=key, base_url=base, timeout=0.3, max_retries=1,
-                        retry_policy=FAST_RETRY) as client:
+                        retry_budget=1.0, retry_policy=FAST_RETRY) as client:
                     token = client.transport.config.credentials.authorization()
                     for call in (client.preset_voices.list(),
                                  client.custom_voices.create(voice_name="n",

@@ -102,6 +102,7 @@ def _cli_lines() -> list[str]:
             if line.strip() and not line.startswith("#")]
 
 
+@pytest.mark.slow
 def test_cli_block_runs_line_by_line(tmp_path: Path) -> None:
     """Each line of the CLI tour through bash, against the emulator. Filled in: the keys, the
     example ids (with the ones the tour's own `create` made), a voices.csv, and port 0 (8787

@@ -4,7 +4,7 @@ from ._auth import APIKeyCredentials, JWTCredentials
 from ._batch import BatchItem, BatchProgress
 from ._batch_models import JournalError, NotSubmittedError, VoiceGoneError
 from ._client import AsyncVoiceClient
-from ._coordinator import Coordinator, Grant, JournalEntry
+from ._coordinator import Coordinator, CoordinatorError, Grant, JournalEntry
 from ._errors import (
     AccountError,
     APIConnectionError,
@@ -60,6 +60,7 @@ __all__ = [
     "ClientClosedError",
     "ConflictError",
     "Coordinator",
+    "CoordinatorError",
     "EventLoopError",
     "Grant",
     "Handler",

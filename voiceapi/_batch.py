@@ -221,8 +221,9 @@ class _Run:
         if not known:
             return
         # A journal with entries means a rerun: an item created just before a crash may be
-        # missing from it, so every item is looked up before it is created.
-        self.submitter.look_first = True
+        # missing from it, so every item is looked up before it is created (unless the
+        # coordinator vouches for that: see _vouched).
+        self.submitter.look_first = not self._vouched()
         jobs = iter([(e, known[e.key]) for e in entries if e.key in known])
 
         async def worker() -> None:
@@ -300,7 +301,16 @@ class _Run:
             found = None  # unknown: the create flow still never resends without a not-found
             self.submitter.look_first = True
         if found is not None:
+            if self._vouched() and first.key in await self.coord.known([first.key]):
+                return  # created by a worker sharing our coordinator: its journal covers it
             self.submitter.look_first = True
+
+    def _vouched(self) -> bool:
+        """A shared coordinator (``vouches_for_creates``) never grants a create under a key
+        that may exist: its journal has every create, a crashed worker's slot outlives it
+        until a lookup settles it. Its workers see each other's items as "a rerun" all the
+        time, and a lookup before each create there cost a request per voice for nothing."""
+        return getattr(self.coord, "vouches_for_creates", False) is True
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -339,7 +349,7 @@ class _Run:
             if submitter.failure is not None:
                 raise submitter.failure
             next_expiry = follower.expire(now)
-            await submitter.start(len(follower.tracked))
+            await submitter.start(follower.own_slots)
             if submitter.want_poll:
                 submitter.want_poll = False
                 follower.poll_soon()

@@ -30,7 +30,14 @@ from typing import Protocol, runtime_checkable
 
 import attrs
 
+from ._errors import VoiceAPIError
 from ._models import VoiceTask
+
+
+class CoordinatorError(VoiceAPIError):
+    """A shared coordinator can no longer keep its guarantees (its store is unreachable or
+    refuses commands). The batch stops with it rather than carry on alone, which could create
+    items other workers create and overrun the account's cap."""
 
 
 class Grant(enum.Enum):
@@ -143,4 +150,5 @@ class Coordinator(Protocol):
         ...
 
 
-__all__ = ["Coordinator", "Grant", "JournalEntry", "LookupFunction", "PollFunction"]
+__all__ = ["Coordinator", "CoordinatorError", "Grant", "JournalEntry", "LookupFunction",
+           "PollFunction"]

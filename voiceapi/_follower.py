@@ -55,6 +55,13 @@ class Follower:
 
     # --- what we follow -----------------------------------------------------------------------
 
+    @property
+    def own_slots(self) -> int:
+        """Tracked tasks that hold a slot of this batch. Tasks another worker created are
+        followed too, but their slots are their creator's: counting them here kept a worker
+        sharing an account from even asking for a slot."""
+        return sum(1 for entry in self.tracked.values() if not entry.foreign)
+
     async def attach(self, entry: Entry, task: VoiceTask) -> None:
         """Follow a task the server has: just created, re-attached or found by lookup."""
         entry.task = task

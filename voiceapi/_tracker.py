@@ -14,6 +14,7 @@ from collections.abc import Collection, Mapping
 from typing import Any, Protocol
 
 from . import _constants as C
+from ._coordinator import CoordinatorError
 from ._create import INCURABLE
 from ._decode import is_not_found, parse_task
 from ._errors import ValidationError, VoiceAPIError
@@ -22,8 +23,9 @@ from ._pages import PageLimit, fetch_page
 
 NEWEST, OLDEST = "newest", "oldest"
 
-#: Errors no later poll can cure (closed client, credentials, account): never swallowed.
-FATAL = INCURABLE
+#: Errors no later poll can cure (closed client, credentials, account, a shared coordinator
+#: that lost its store): never swallowed.
+FATAL = (*INCURABLE, CoordinatorError)
 
 
 class TaskSource(Protocol):

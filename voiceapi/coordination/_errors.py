@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .._errors import VoiceAPIError
+from .._coordinator import CoordinatorError
 
 
-class CoordinationError(VoiceAPIError):
+class CoordinationError(CoordinatorError):
     """Redis could not be reached or answered wrongly, so the shared guarantees (cap, journal,
     one task per external id) cannot be kept. The batch stops rather than guess: carrying on
     alone could create duplicates or exceed the account's cap. Rerun when Redis is back: the

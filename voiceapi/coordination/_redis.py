@@ -120,6 +120,11 @@ class RedisCoordinator:
     ``orphan_grace``: how long an orphan unknown at Kling stays counted (≥ the create timeout).
     """
 
+    #: The batch need not look items up before creating them when their keys are unknown
+    #: here: every create is journaled or holds a lease that a lookup settles if its worker
+    #: dies (the batch reads this with getattr; an extra to the Coordinator protocol).
+    vouches_for_creates = True
+
     def __init__(
         self,
         url_or_client: str | aioredis.Redis,
