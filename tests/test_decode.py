@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import voiceapi
-from tests.conftest import FAST_RETRY, envelope, serve
+from tests.conftest import FAST_RETRY, envelope, scaled_examples, serve
 from voiceapi._decode import (
     converter,
     decode_envelope,
@@ -340,9 +340,9 @@ def test_any_json_gives_tasks_or_a_typed_error(raw: Any) -> None:
         assert all(isinstance(i, (voiceapi.VoiceTask, voiceapi.Voice)) for i in items)
 
 
-@settings(deadline=None)  # example count: the active hypothesis profile
+# Each example is a page of deeply nested odd records: 60 (600 thorough) keep it within budget.
+@settings(max_examples=scaled_examples(60), deadline=None)
 @given(page=st.lists(ODD_RECORD, max_size=5))
-@pytest.mark.slow
 def test_records_with_an_id_are_never_lost_whatever_their_other_fields(
         page: list[dict[str, Any]]) -> None:
     tasks = parse_task_list(page)

@@ -74,8 +74,9 @@ def test_three_processes_share_the_same_items_and_learn_the_cap_once(
     # machine (0.5 s tasks, 40-50 ms polls; 2.75-2.9 requests per voice). A slot turns over in
     # about one poll plus a create (~55 ms of every 0.5 s task); the 0.9 is a speed
     # figure tracked by `python -m benchmarks.scaleout`. The margin still catches what matters:
-    # workers that serialise or fight over the cap (separate processes: ~0.6).
-    assert utilisation >= 0.85, figures
+    # workers that serialise or fight over the cap (separate processes: ~0.6). In CI this test
+    # shares two cores with three other xdist workers: 0.78 was seen there, hence the floor.
+    assert utilisation >= 0.7, figures
     assert asyncio.run(_leftovers(server.url, cfg["namespace"])) == {"slots": 0, "orphans": 0}
 
 
