@@ -142,7 +142,8 @@ EMULATOR_READINGS: dict[str, dict[str, Any]] = {
     "oldest-first-500": {"list_order": "oldest", "max_page_size": 500},
     "deleted-dropped-no-status": {"deleted_voices": "drop", "voice_status": False},
     "numeric-money-null-voices": {"numeric_money": True, "pending_voices": "null"},
-    "no-task-result-until-done": {"pending_voices": "absent", "check_url_extension": False},
+    # The older guess: the server refuses a voice_url without a media extension.
+    "no-task-result-until-done": {"pending_voices": "absent", "check_url_extension": True},
     "repeats-accepted": {"unique_external_ids": False},
 }
 
