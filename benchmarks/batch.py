@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import voiceapi
+from voiceapi._constants import DEFAULT_MAX_RETRIES
 
 from ._emulator import Emulator, emulator
 
@@ -82,7 +83,7 @@ async def _measure(emu: Emulator, items: int, run: Runner, *, sdk_retries: bool)
     # The naive user handles 1303 itself (the SDK's own 1303 delay is on Kling's time scale).
     async with voiceapi.AsyncVoiceClient(
             api_key=emu.api_key, base_url=emu.base_url, middlewares=[counter],
-            **({} if sdk_retries else {"max_retries": 0})) as client:
+            max_retries=DEFAULT_MAX_RETRIES if sdk_retries else 0) as client:
         start = time.perf_counter()
         ok = await run(client, items_for(items, f"b{time.time_ns() % 10**6}-"))
         wall = time.perf_counter() - start

@@ -44,6 +44,7 @@ GROUPS: dict[str, tuple[str, str]] = {
 }
 LIST_PAGE = 30
 CALLGRIND = shutil.which("valgrind")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _marker() -> None:
@@ -202,7 +203,7 @@ def run_child(emu: Emulator, groups: list[str], calls: dict[str, int], rounds: i
             args = [CALLGRIND, "--tool=callgrind", "--dump-before=getppid",
                     f"--callgrind-out-file={directory / 'cg.out'}", *args]
         out = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env,
-                             check=False)
+                             check=False, cwd=ROOT)
         if out.returncode != 0:
             raise RuntimeError(f"per-call child failed: {out.stderr[-2000:]}")
         phases: list[dict[str, Any]] = json.loads(out.stdout.strip().splitlines()[-1])["phases"]

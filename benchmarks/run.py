@@ -1,338 +1,364 @@
 """Benchmarks: every headline figure is a ratio against a baseline measured in the same run.
 
-    python -m benchmarks            # full set, about 2.5 minutes on 2 cores
-    python -m benchmarks --quick    # reduced set, under 30 s
+    python -m benchmarks                 # full set, about 10 minutes on 2 cores
+    python -m benchmarks --quick         # reduced set, under a minute
     python -m benchmarks --json out.json --markdown benchmarks/RESULTS.md
+    python -m benchmarks --only percall,import   # some sections
+    python -m benchmarks.profile get     # where a get() call's instructions go
 
-The emulator runs in a separate process (``voiceapi mock-server``) so its CPU is not billed to
-the client being measured; everything talks over loopback.
+The emulator runs in its own process so its CPU is never billed to the client measured;
+everything talks over loopback. Per-call rows are counted in instructions (callgrind, which
+repeats to a fraction of a percent on a busy machine) and in CPU time, over at least 7 rounds
+with the order rotated; each cell shows the median and (min–max).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
+import datetime
+import importlib
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
 
 import voiceapi
 
-API_KEY = "bench-api-key"
+from . import batch, imports, percall, scale
+from ._emulator import emulator
+
+SECTIONS = ("percall", "batch", "scaling", "memory", "import", "scaleout")
 
 
-@contextlib.contextmanager
-def emulator(concurrency: int, task_seconds: float) -> Iterator[str]:
-    """Start ``voiceapi mock-server`` in its own process; yields its base URL."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "voiceapi", "mock-server", "--port", "0", "--concurrency",
-         str(concurrency), "--task-seconds", str(task_seconds), "--api-key", API_KEY],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.startswith("Kling emulator on "):
-            raise RuntimeError(f"emulator did not start: {line!r}")
-        yield line.split()[3]
-    finally:
-        proc.terminate()
-        proc.wait(10)
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def spread(values: list[float]) -> dict[str, float]:
+def spread(values: Sequence[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-class Counter:
-    """A middleware counting requests actually sent (every attempt)."""
+# --- sections -------------------------------------------------------------------------------
 
-    def __init__(self) -> None:
-        self.n = 0
-
-    async def __call__(self, request: voiceapi.Request,
-                       call_next: voiceapi.Handler) -> voiceapi.Response:
-        self.n += 1
-        return await call_next(request)
-
-
-# --- 1. SDK overhead vs raw aiohttp -------------------------------------------------------------
-
-async def _cpu_of(calls: int, concurrency: int, one: Callable[[], Awaitable[Any]]) -> float:
-    """Client-process CPU seconds per call."""
-    left = calls
-
-    async def worker() -> None:
-        nonlocal left
-        while left > 0:
-            left -= 1
-            await one()
-
-    start = time.process_time()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return (time.process_time() - start) / calls
-
-
-async def bench_overhead(base: str, calls: int, concurrency: int, reps: int) -> dict[str, Any]:
-    async with voiceapi.AsyncVoiceClient(api_key=API_KEY, base_url=base) as client:
-        task = await client.custom_voices.create(voice_name="bench",
-                                                 voice_url="https://x/bench-10s.wav")
-        url = f"{base}/v1/general/custom-voices/{task.task_id}"
-        headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
-        async with aiohttp.ClientSession() as session:
-            async def raw() -> Any:
-                async with session.get(url, headers=headers) as resp:
-                    body = await resp.json()
-                if body["code"] != 0:
-                    raise RuntimeError(body)
-                return body["data"]
-
-            async def sdk() -> Any:
-                return await client.custom_voices.get(task.task_id)
-
-            await _cpu_of(200, concurrency, raw)
-            await _cpu_of(200, concurrency, sdk)
-            ratios, raws, sdks = [], [], []
-            for _ in range(reps):
-                r = await _cpu_of(calls, concurrency, raw)
-                s = await _cpu_of(calls, concurrency, sdk)
-                raws.append(r * 1e6)
-                sdks.append(s * 1e6)
-                ratios.append(s / r)
-    return {"ratio": spread(ratios), "sdk_us": spread(sdks), "raw_us": spread(raws)}
-
-
-# --- 2. sync facade vs async --------------------------------------------------------------------
-
-def bench_sync(base: str, calls: int, reps: int) -> dict[str, Any]:
-    async def async_run(n: int) -> float:
-        async with voiceapi.AsyncVoiceClient(api_key=API_KEY, base_url=base) as client:
-            await client.preset_voices.list(page_size=1)
-            start = time.perf_counter()
-            for _ in range(n):
-                await client.preset_voices.list(page_size=1)
-            return (time.perf_counter() - start) / n
-
-    def sync_run(n: int) -> float:
-        with voiceapi.VoiceClient(api_key=API_KEY, base_url=base) as client:
-            client.preset_voices.list(page_size=1)
-            start = time.perf_counter()
-            for _ in range(n):
-                client.preset_voices.list(page_size=1)
-            return (time.perf_counter() - start) / n
-
-    ratios, a_us, s_us = [], [], []
-    for _ in range(reps):
-        a = asyncio.run(async_run(calls))
-        s = sync_run(calls)
-        ratios.append(s / a)
-        a_us.append(a * 1e6)
-        s_us.append(s * 1e6)
-    return {"ratio": spread(ratios), "sync_us": spread(s_us), "async_us": spread(a_us),
-            "thread_roundtrip_us": thread_roundtrip_us(calls)}
-
-
-def thread_roundtrip_us(n: int) -> float:
-    """The floor of any thread hop on this machine: two threads passing a lock back and forth
-    (two wake-ups, like a sync call's request and answer)."""
-    ping, pong = threading.Lock(), threading.Lock()
-    ping.acquire()
-    pong.acquire()
-
-    def other() -> None:
-        for _ in range(n):
-            ping.acquire()
-            pong.release()
-
-    thread = threading.Thread(target=other)
-    thread.start()
-    start = time.perf_counter()
-    for _ in range(n):
-        ping.release()
-        pong.acquire()
-    elapsed = time.perf_counter() - start
-    thread.join()
-    return elapsed / n * 1e6
-
-
-# --- 3 + 4. batch throughput and request economy -------------------------------------------------
-
-def _items(n: int, tag: str) -> list[dict[str, Any]]:
-    return [{"voice_name": f"{tag}{i}", "voice_url": f"https://x/{tag}-{i}-10s.wav"}
-            for i in range(n)]
-
-
-async def _batch_sdk(base: str, items: int, task_s: float) -> tuple[float, int, int]:
-    counter = Counter()
-    async with voiceapi.AsyncVoiceClient(api_key=API_KEY, base_url=base,
-                                         middlewares=[counter]) as client:
-        start = time.perf_counter()
-        tag = f"s{time.time_ns() % 100000}-"
-        results = await client.custom_voices.create_many(_items(items, tag))
-        wall = time.perf_counter() - start
-    return wall, counter.n, sum(r.ok for r in results)
-
-
-async def _batch_naive(base: str, items: int, task_s: float) -> tuple[float, int, int]:
-    """What most code does: gather every create (SDK retries on 1303) and wait per task."""
-    counter = Counter()
-    # The same time scale as real Kling (1 s first delay and 1 s polls for ~10 s tasks).
-    policy = voiceapi.RetryPolicy(initial_delay=task_s / 20, max_delay=task_s * 2,
-                                  rate_limit_min_delay=task_s / 10)
-    async with voiceapi.AsyncVoiceClient(api_key=API_KEY, base_url=base, max_retries=10_000,
-                                         retry_budget=3600, retry_policy=policy,
-                                         middlewares=[counter]) as client:
-        async def one(item: dict[str, Any]) -> bool:
-            task = await client.custom_voices.create(**item)
-            done = await client.custom_voices.wait(task, timeout=3600,
-                                                   poll_interval=task_s / 10)
-            return done.voice_id is not None
-
-        start = time.perf_counter()
-        ok = await asyncio.gather(*(one(i) for i in _items(items, f"n{time.time_ns() % 100000}-")))
-        wall = time.perf_counter() - start
-    return wall, counter.n, sum(ok)
-
-
-def bench_batch(items: int, cap: int, task_s: float, reps: int) -> dict[str, Any]:
-    """Both strategies, alternately, each against a fresh emulator (a fresh account)."""
-    ideal = items * task_s / cap
-    out: dict[str, Any] = {"items": items, "cap": cap, "task_seconds": task_s,
-                           "ideal_wall": ideal}
-    runs: dict[str, list[tuple[float, int, int]]] = {"create_many": [], "naive_gather": []}
-    for _ in range(reps):
-        for name, fn in (("create_many", _batch_sdk), ("naive_gather", _batch_naive)):
-            with emulator(cap, task_s) as base:
-                runs[name].append(asyncio.run(fn(base, items, task_s)))
-    for name, results in runs.items():
-        out[name] = {"wall": spread([w for w, _, _ in results]),
-                     "utilisation": spread([ideal / w for w, _, _ in results]),
-                     "requests_per_voice": spread([r / items for _, r, _ in results]),
-                     "ok": min(ok for _, _, ok in results)}
+def run_percall(quick: bool) -> dict[str, Any]:
+    groups = list(percall.GROUPS)
+    out: dict[str, Any] = {}
+    with emulator(1000, 0.05) as emu:
+        if percall.CALLGRIND:
+            log("per-call instructions (callgrind)")
+            calls = {"get": 20, "list": 3, "sync": 20} if quick else {"get": 100, "list": 10,
+                                                                        "sync": 100}
+            phases = percall.run_child(emu, groups, calls, 3 if quick else 7, callgrind=True)
+            out["instructions"] = percall.summarise(phases, "instructions")
+        log("per-call CPU time")
+        calls = {"get": 200, "list": 30, "sync": 200} if quick else {"get": 2000, "list": 300,
+                                                                      "sync": 2000}
+        phases = percall.run_child(emu, groups, calls, 7, callgrind=False)
+        out["cpu"] = percall.summarise(phases, "cpu_s")
     return out
 
 
-# --- 5. memory ------------------------------------------------------------------------------------
+def run_batch(quick: bool) -> dict[str, Any]:
+    if quick:
+        return batch.bench_batch(60, 5, 0.05, 1, log)
+    return batch.bench_batch(500, 5, 0.2, 3, log)
 
-def bench_memory(items: int) -> dict[str, Any]:
-    with emulator(items + 10, 3600) as base:
-        out = subprocess.run([sys.executable, "-m", "benchmarks.memory", base, API_KEY,
-                              str(items)], capture_output=True, text=True, timeout=600,
-                             check=True)
-    result: dict[str, Any] = json.loads(out.stdout)
+
+def run_scaling(quick: bool, max_items: int) -> dict[str, Any]:
+    sizes = [n for n in ((200, 2000) if quick else (1000, 10_000, 100_000)) if n <= max_items]
+    cap, task_s = 1000, 0.05
+    budget = 60.0 if quick else 420.0
+    rows = []
+    for wait in (True, False):
+        for n in sizes:
+            log(f"scaling: {n:,} items, wait={wait}")
+            with emulator(cap, task_s) as emu:  # a fresh account: no earlier tasks to list
+                rows.append(scale.measure(emu, n, wait=wait, max_in_flight=cap, budget=budget))
+    return {"cap": cap, "task_seconds": task_s, "budget_s": budget, "sizes": sizes,
+            "rows": rows}
+
+
+def run_memory(quick: bool) -> dict[str, Any]:
+    n = 1000 if quick else 10_000
+    log(f"memory: tracking {n:,} tasks")
+    with emulator(n + 10, 3600) as emu:  # tasks stay in progress: every one is tracked
+        return scale.measure(emu, n, wait=False, max_in_flight=n, budget=300)
+
+
+def run_import(quick: bool) -> dict[str, Any]:
+    log("import time")
+    return imports.bench_import(7, callgrind=not quick and percall.CALLGRIND is not None)
+
+
+def run_scaleout(quick: bool) -> dict[str, Any] | None:
+    """The 3-process row of the Redis coordinator (``benchmarks/scaleout.py``, owned by the
+    scale-out work); None when that module is not in this tree."""
+    try:
+        module = importlib.import_module("benchmarks.scaleout")
+    except ImportError:
+        return None
+    entry: Callable[..., Any] | None = getattr(module, "bench_scaleout", None)
+    if entry is None:
+        return {"error": "benchmarks.scaleout has no bench_scaleout(quick=...)"}
+    log("scale-out (3 processes)")
+    try:
+        result: dict[str, Any] = entry(quick=quick)
+    except Exception as exc:  # an optional row must not sink the whole run
+        return {"error": f"{type(exc).__name__}: {exc}"}
     return result
 
 
-# --- 6. import time -------------------------------------------------------------------------------
+# --- report ---------------------------------------------------------------------------------
 
-def bench_import(reps: int) -> dict[str, Any]:
-    def once(module: str) -> float:
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", f"import {module}"], check=True)
-        return time.perf_counter() - start
-
-    once("voiceapi")
-    once("aiohttp")
-    ours, theirs = [], []
-    for _ in range(reps):
-        theirs.append(once("aiohttp"))
-        ours.append(once("voiceapi"))
-    ratios = [o / t for o, t in zip(ours, theirs, strict=True)]
-    return {"ratio": spread(ratios), "voiceapi_ms": spread([o * 1000 for o in ours]),
-            "aiohttp_ms": spread([t * 1000 for t in theirs])}
+def fmt(values: Sequence[float], digits: int = 2, unit: str = "", scale_by: float = 1) -> str:
+    s = spread([v * scale_by for v in values])
+    if s["min"] == s["max"]:
+        return f"{s['median']:.{digits}f}{unit}"
+    return f"{s['median']:.{digits}f}{unit} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
 
 
-# --- report ---------------------------------------------------------------------------------------
-
-def _fmt(s: dict[str, float], unit: str = "", digits: int = 2) -> str:
-    return (f"{s['median']:.{digits}f}{unit} ({s['min']:.{digits}f}–{s['max']:.{digits}f})")
+def kilo(values: Sequence[float]) -> str:
+    return f"{statistics.median(values) / 1000:,.0f}k"
 
 
-def table(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    rows: list[tuple[str, str, str, str]] = []
-    for c, res in r["overhead"].items():
-        rows.append((f"SDK CPU per get() vs raw aiohttp, concurrency {c}",
-                     _fmt(res["ratio"], "×"), "≤ 1.25×",
-                     f"{res['sdk_us']['median']:.0f} µs vs {res['raw_us']['median']:.0f} µs"))
-    s = r["sync"]
-    rows.append(("VoiceClient vs AsyncVoiceClient, wall per call", _fmt(s["ratio"], "×"),
-                 "≤ 1.3×", f"{s['sync_us']['median']:.0f} µs vs {s['async_us']['median']:.0f} µs; "
-                 f"bare thread round trip here: {s['thread_roundtrip_us']:.0f} µs"))
-    b = r["batch"]
-    cm, nv = b["create_many"], b["naive_gather"]
-    rows.append((f"Batch slot utilisation, {b['items']} items, cap {b['cap']}",
-                 _fmt(cm["utilisation"]), "≥ 0.9",
-                 f"naive gather: {nv['utilisation']['median']:.2f}; wall "
-                 f"{cm['wall']['median']:.1f}s vs ideal {b['ideal_wall']:.1f}s vs naive "
-                 f"{nv['wall']['median']:.1f}s"))
-    rows.append(("Requests per created voice", _fmt(cm["requests_per_voice"]), "≤ 3",
-                 f"naive one-poll-per-task: {nv['requests_per_voice']['median']:.2f}"))
-    m = r["memory"]
-    rows.append((f"Peak RSS growth tracking {m['tasks']:,} tasks", f"{m['growth_mb']:.1f} MB",
-                 "≤ 50 MB", f"{m['bytes_per_task']:.0f} bytes per task"))
-    i = r["import"]
-    rows.append(("import voiceapi vs import aiohttp", _fmt(i["ratio"], "×"), "≤ 1.3×",
-                 f"{i['voiceapi_ms']['median']:.0f} ms vs {i['aiohttp_ms']['median']:.0f} ms"))
-    return rows
+PERCALL_NAMES = {"get": "get() vs raw aiohttp",
+                 "list": f"list() of {percall.LIST_PAGE} vs raw aiohttp",
+                 "sync": "VoiceClient.get() vs AsyncVoiceClient.get()"}
 
 
-def render(rows: list[tuple[str, str, str, str]]) -> str:
-    head = ("benchmark", "measured (median, min–max)", "target", "detail")
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out)
+def rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(benchmark, measured: median (min–max), detail)."""
+    out: list[tuple[str, str, str]] = []
+    pc = r.get("percall")
+    if pc:
+        for group, name in PERCALL_NAMES.items():
+            ins = pc.get("instructions", {}).get(group)
+            if ins:
+                b, m = ins["baseline"], ins["measured"]
+                out.append((f"{name}, instructions per call", fmt(ins["ratio"], unit="×"),
+                            f"{kilo(ins[m])} vs {kilo(ins[b])} instructions "
+                            f"({ins['rounds']} rounds)"))
+            cpu = pc["cpu"].get(group)
+            if cpu:
+                b, m = cpu["baseline"], cpu["measured"]
+                out.append((f"{name}, CPU per call", fmt(cpu["ratio"], unit="×"),
+                            f"{fmt(cpu[m], 0, ' µs', 1e6)} vs {fmt(cpu[b], 0, ' µs', 1e6)} "
+                            f"({cpu['rounds']} rounds)"))
+    bt = r.get("batch")
+    if bt:
+        head = f"Batch {bt['items']} items, cap {bt['cap']}, T={bt['task_seconds']:g} s"
+        labels = {"create_many": "create_many (learned cap)",
+                  "naive_poll_T": "naive: semaphore at cap, poll every T",
+                  "naive_poll_T/8": "naive: semaphore at cap, poll every T/8",
+                  "create_many_fixed_2x": f"create_many, fixed max_in_flight={2 * bt['cap']} "
+                                          "(2× the real cap)"}
+        for key, label in labels.items():
+            v = bt[key]
+            per_s = [c * bt["items"] / w for c, w in zip(v["refused_1303_per_voice"], v["wall"],
+                                                          strict=True)]
+            out.append((f"{head}: {label}", f"utilisation {fmt(v['utilisation'])}",
+                        f"{fmt(v['requests_per_voice'])} requests/voice, "
+                        f"{fmt(v['refused_1303_per_voice'])} × 1303/voice "
+                        f"({fmt(per_s, 1)}/s), wall {fmt(v['wall'], 1, ' s')} vs ideal "
+                        f"{bt['ideal_wall']:.1f} s; {v['ok']}/{bt['items']} ok, "
+                        f"{bt['reps']} runs"))
+    sc = r.get("scaling")
+    if sc:
+        for row in sc["rows"]:
+            mode = "wait=True" if row["wait"] else "wait=False"
+            label = f"create_many {row['items']:,} items, {mode}, on_progress on"
+            if not row["finished"]:
+                out.append((label, "not finished", f"stopped after its {row['budget_s']:.0f} s "
+                            "budget"))
+                continue
+            out.append((label, f"{row['cpu_per_item_us']:.0f} µs CPU/item",
+                        f"{row['rss_per_item_bytes']:,.0f} B RSS/item, wall "
+                        f"{row['wall_s']:.1f} s, cap {sc['cap']}, T={sc['task_seconds']:g}s, "
+                        f"{row['progress_reports']} progress reports"))
+    mem = r.get("memory")
+    if mem:
+        if mem["finished"]:
+            out.append((f"Memory while tracking {mem['items']:,} tasks (wait=False)",
+                        f"{mem['rss_per_item_bytes']:,.0f} B/task",
+                        f"peak RSS growth {(mem['rss_peak'] - mem['rss_before']) / 2**20:.1f} "
+                        f"MB; {mem['submitted']:,} submitted"))
+        else:
+            out.append((f"Memory while tracking {mem['items']:,} tasks", "not finished", ""))
+    im = r.get("import")
+    if im:
+        if "instructions" in im:
+            ins = im["instructions"]
+            out.append(("import voiceapi vs import aiohttp, instructions",
+                        f"{im['instructions_ratio']:.2f}×",
+                        f"{ins['voiceapi'] / 1e6:.0f}M vs {ins['aiohttp'] / 1e6:.0f}M "
+                        "(import statement only)"))
+        out.append(("import voiceapi vs import aiohttp, CPU", fmt(im["cpu_ratio"], unit="×"),
+                    f"{fmt(im['cpu_s']['voiceapi'], 0, ' ms', 1e3)} vs "
+                    f"{fmt(im['cpu_s']['aiohttp'], 0, ' ms', 1e3)}"))
+    so = r.get("scaleout")
+    if so:
+        if "error" in so:
+            out.append(("Scale-out, 3 processes", "not measured", so["error"]))
+        else:
+            for label, value, detail in so.get("rows", []):
+                out.append((str(label), str(value), str(detail)))
+    return out
+
+
+Target = tuple[str, str, str, bool | None, str]
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def targets(r: dict[str, Any]) -> list[Target]:
+    """(target, measured, limit, passed — None when not measured, reason for a miss)."""
+    out: list[Target] = []
+    pc = r.get("percall")
+    if pc:
+        for group, name, limit in (("get", "get() vs raw aiohttp", 1.15),
+                                   ("list", f"list() of {percall.LIST_PAGE} vs raw aiohttp", 1.5),
+                                   ("sync", "VoiceClient vs AsyncVoiceClient", 1.15)):
+            ins = pc.get("instructions", {}).get(group)
+            unit = "instructions"
+            res = ins or pc["cpu"][group]
+            if ins is None:
+                unit = "CPU (valgrind missing)"
+            ratio = _median(res["ratio"])
+            b, m = res["baseline"], res["measured"]
+            extra = _median(res[m]) - _median(res[b])
+            amount = f"{extra / 1000:,.0f}k instructions" if ins else f"{extra * 1e6:.0f} µs"
+            out.append((f"{name}, {unit}", f"{ratio:.2f}×", f"≤ {limit}×", ratio <= limit,
+                        "" if ratio <= limit else
+                        f"+{amount} per call over the baseline; `python -m benchmarks.profile "
+                        f"{group}` shows where"))
+    bt = r.get("batch")
+    if bt:
+        cm = bt["create_many"]
+        u, rpv = _median(cm["utilisation"]), _median(cm["requests_per_voice"])
+        out.append((f"create_many utilisation, {bt['items']} items, cap {bt['cap']}",
+                    f"{u:.2f}", "≥ 0.95", u >= 0.95,
+                    "" if u >= 0.95 else f"wall {_median(cm['wall']):.1f} s vs ideal "
+                    f"{bt['ideal_wall']:.1f} s"))
+        out.append((f"create_many requests per voice, {bt['items']} items, cap {bt['cap']}",
+                    f"{rpv:.2f}", "≤ 2.8", rpv <= 2.8,
+                    "" if rpv <= 2.8 else "list polls per voice above budget"))
+        fx = bt["create_many_fixed_2x"]
+        per_s = _median([c * bt["items"] / w for c, w in zip(fx["refused_1303_per_voice"],
+                                                              fx["wall"], strict=True)])
+        out.append((f"fixed max_in_flight={2 * bt['cap']} on a cap of {bt['cap']}: 1303 per "
+                    "second of wall", f"{per_s:.1f}/s", "≤ 3/s", per_s <= 3,
+                    "" if per_s <= 3 else
+                    f"{_median(fx['refused_1303_per_voice']):.1f} × 1303 per voice: the fixed "
+                    "cap is not lowered on 1303"))
+    sc = r.get("scaling")
+    if sc and len(sc["sizes"]) >= 2:
+        small, big = sc["sizes"][0], sc["sizes"][-1]
+        for wait in (True, False):
+            by = {row["items"]: row for row in sc["rows"] if row["wait"] == wait}
+            label = (f"create_many CPU/item at {big:,} vs {small:,} items, progress on, "
+                     f"wait={wait}")
+            lo, hi = by.get(small), by.get(big)
+            if not lo or not hi or not lo["finished"] or not hi["finished"]:
+                out.append((label, "not finished", "≤ 1.2×", False,
+                            f"{big:,} items did not finish within {sc['budget_s']:.0f} s"))
+                continue
+            ratio = hi["cpu_per_item_us"] / lo["cpu_per_item_us"]
+            out.append((label, f"{ratio:.2f}×", "≤ 1.2×", ratio <= 1.2,
+                        "" if ratio <= 1.2 else
+                        f"{hi['cpu_per_item_us']:.0f} µs vs {lo['cpu_per_item_us']:.0f} µs per "
+                        "item: per-item work grows with the batch"))
+    mem = r.get("memory")
+    if mem and mem["finished"]:
+        b = mem["rss_per_item_bytes"]
+        out.append((f"RSS per tracked task ({mem['items']:,} tracked)", f"{b:,.0f} B",
+                    "≤ 1,536 B", b <= 1536,
+                    "" if b <= 1536 else "per-task state (item, body, task, result) too large"))
+    im = r.get("import")
+    if im:
+        ratio = im.get("instructions_ratio") or _median(im["cpu_ratio"])
+        unit = "instructions" if "instructions_ratio" in im else "CPU"
+        out.append((f"import voiceapi vs import aiohttp, {unit}", f"{ratio:.2f}×", "≤ 1.15×",
+                    ratio <= 1.15,
+                    "" if ratio <= 1.15 else "modules imported beyond aiohttp; "
+                    "`python -m benchmarks.profile import` lists them"))
+    return out
+
+
+def render(r: dict[str, Any]) -> str:
+    lines = ["| benchmark | measured: median (min–max) | detail |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows(r)]
+    lines += ["", "| target | measured | limit | result | reason for a miss |",
+              "|---|---|---|---|---|"]
+    for name, measured, limit, passed, reason in targets(r):
+        verdict = "n/a" if passed is None else ("pass" if passed else "**miss**")
+        lines.append(f"| {name} | {measured} | {limit} | {verdict} | {reason} |")
+    return "\n".join(lines)
 
 
 def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")),
+                       cpu)
+    except OSError:
+        pass
     return (f"{platform.python_implementation()} {platform.python_version()}, "
-            f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU(s), "
+            f"{platform.system()} {platform.machine()} ({cpu}), {os.cpu_count()} CPU(s), "
             f"voiceapi {voiceapi.__version__}, aiohttp {aiohttp.__version__}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="reduced set, under 30 s")
+    parser.add_argument("--quick", action="store_true", help="reduced set, under a minute")
     parser.add_argument("--json", dest="json_path", help="write the raw results here")
-    parser.add_argument("--markdown", help="write the table (with machine info) here")
+    parser.add_argument("--markdown", help="write the tables (with machine info) here")
+    parser.add_argument("--only", help=f"comma-separated sections of {','.join(SECTIONS)}")
+    parser.add_argument("--max-items", type=int, default=100_000,
+                        help="largest batch in the scaling row (default 100,000)")
     args = parser.parse_args(argv)
+    only = set(args.only.split(",")) if args.only else set(SECTIONS)
+    if only - set(SECTIONS):
+        parser.error(f"unknown sections: {', '.join(sorted(only - set(SECTIONS)))}")
     q = args.quick
     started = time.perf_counter()
-    results: dict[str, Any] = {"machine": machine(), "quick": q, "overhead": {}}
-    with emulator(1000, 3600) as base:
-        for c in (1, 50):
-            print(f"overhead at concurrency {c}…", file=sys.stderr)
-            results["overhead"][str(c)] = asyncio.run(
-                bench_overhead(base, 600 if q else 5000, c, 1 if q else 3))
-        print("sync facade…", file=sys.stderr)
-        results["sync"] = bench_sync(base, 300 if q else 2000, 1 if q else 3)
-    print("batch…", file=sys.stderr)
-    results["batch"] = bench_batch(100 if q else 500, 5, 0.1 if q else 0.2, 1 if q else 3)
-    print("memory…", file=sys.stderr)
-    results["memory"] = bench_memory(2000 if q else 10_000)
-    print("import time…", file=sys.stderr)
-    results["import"] = bench_import(3 if q else 10)
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    results: dict[str, Any] = {"machine": machine(), "date": when, "quick": q}
+    sections: dict[str, Callable[[], Any]] = {
+        "percall": lambda: run_percall(q),
+        "batch": lambda: run_batch(q),
+        "scaling": lambda: run_scaling(q, args.max_items),
+        "memory": lambda: run_memory(q),
+        "import": lambda: run_import(q),
+        "scaleout": lambda: run_scaleout(q),
+    }
+    for name, section in sections.items():
+        if name in only:
+            results[name] = section()
     results["seconds"] = time.perf_counter() - started
-    text = render(table(results))
-    print(f"\n{machine()}; {'quick' if q else 'full'} run in {results['seconds']:.0f}s\n")
+    results["targets"] = [dict(zip(("target", "measured", "limit", "passed", "reason"), t,
+                                   strict=True)) for t in targets(results)]
+    text = render(results)
+    command = "python -m benchmarks" + (" --quick" if q else "") + (
+        f" --only {args.only}" if args.only else "")
+    print(f"\n{machine()}\n{when}; `{command}` in {results['seconds']:.0f} s\n")
     print(text)
     if args.json_path:
         with open(args.json_path, "w") as fh:
             json.dump(results, fh, indent=2)
     if args.markdown:
         with open(args.markdown, "w") as fh:
-            fh.write(f"# Benchmark results\n\nMachine: {machine()}.\n"
-                     f"Command: `python -m benchmarks{' --quick' if q else ''}` "
-                     f"({results['seconds']:.0f} s).\n\n{text}\n")
+            fh.write(f"# Benchmark results\n\nMachine: {machine()}.\nDate: {when}.\n"
+                     f"Command: `{command}` ({results['seconds']:.0f} s).\n\n{text}\n")
     return 0
 
 
