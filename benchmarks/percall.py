@@ -200,7 +200,9 @@ def run_child(emu: Emulator, groups: list[str], calls: dict[str, int], rounds: i
         if callgrind:
             if CALLGRIND is None:
                 raise RuntimeError("valgrind is not installed")
+            # Names uncompressed: each dump must be readable on its own by callgrind_annotate.
             args = [CALLGRIND, "--tool=callgrind", "--dump-before=getppid",
+                    "--compress-strings=no", "--compress-pos=no",
                     f"--callgrind-out-file={directory / 'cg.out'}", *args]
         out = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env,
                              check=False, cwd=ROOT)
