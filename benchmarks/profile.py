@@ -68,7 +68,8 @@ def self_costs(dump: Path) -> dict[str, int]:
             if line.startswith("ob="):
                 obj = line[3:].strip().rsplit("/", 1)[-1]
             elif line.startswith("fn="):
-                fn = f"{line[3:].strip()} [{obj}]"
+                # "f'2" is f at recursion depth 2: one row per function.
+                fn = f"{line[3:].strip().split(chr(39))[0]} [{obj}]"
             elif line.startswith("calls="):
                 skip_next = True  # the next cost line is the callee's inclusive cost
             elif line[:1].isdigit() or line[:1] in "+-*":
