@@ -127,7 +127,9 @@ def test_api_key_from_env() -> None:
     ({"api_key": "k", "base_url": "ftp://x"}, "base_url"),
     ({"api_key": "k", "timeout": 0}, "timeout"),
     ({"api_key": "k", "max_retries": -1}, "max_retries"),
-    ({"api_key": "k", "max_in_flight": 0}, "max_in_flight"),
+    ({"api_key": "k", "max_concurrent_requests": 0}, "max_concurrent_requests"),
+    ({"api_key": "k", "max_concurrent_requests": 2.5}, "max_concurrent_requests"),
+    ({"api_key": "k", "retry_budget": 0}, "retry_budget"),
 ])
 def test_bad_configuration_is_a_validation_error(kwargs: dict[str, object], needle: str) -> None:
     with pytest.raises(voiceapi.ValidationError, match=needle):

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import voiceapi
-from tests.conftest import FAST_RETRY
+from tests.conftest import FAST_RETRY, scaled_examples
 from voiceapi._batch import BatchItem, BatchProgress, SlotLimit, derive_external_task_id
 from voiceapi.testing import KlingEmulator
 
@@ -180,7 +180,7 @@ FAULTS = st.lists(st.tuples(st.sampled_from(["create", "list", "get"]),
                             st.integers(1, 3)), max_size=6)
 
 
-@settings(max_examples=12, deadline=None,
+@settings(max_examples=scaled_examples(12), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(schedule=FAULTS, cap=st.integers(1, 4))
 def test_random_fault_schedules_never_duplicate(schedule: list[tuple[str, str, int]],

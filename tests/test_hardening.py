@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import voiceapi
-from tests.conftest import BASE, FAST_RETRY, envelope, serve, task_json
+from tests.conftest import BASE, FAST_RETRY, envelope, scaled_examples, serve, task_json
 from voiceapi._decode import decode_envelope, parse_task, parse_task_list, parse_voices
 from voiceapi.testing import KlingEmulator
 
@@ -44,7 +44,7 @@ def _body(draw_json: Any) -> bytes:
     return json.dumps(draw_json, allow_nan=True).encode()
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(deadline=None)  # examples: the hypothesis profile (tests/conftest.py)
 @given(status=st.sampled_from([200, 201, 204, 400, 401, 403, 404, 429, 500, 502, 503, 504]),
        body=st.one_of(JSON.map(_body), st.binary(max_size=60),
                       st.builds(lambda d, n: _body(d)[:n], JSON, st.integers(0, 40))),
@@ -60,7 +60,7 @@ def test_decoder_only_raises_sdk_errors(status: int, body: bytes, headers: dict[
             parse(data)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(deadline=None)  # examples: the hypothesis profile (tests/conftest.py)
 @given(raw=st.one_of(TASKISH, JSON))
 def test_task_parser_only_raises_sdk_errors(raw: Any) -> None:
     try:
@@ -74,7 +74,7 @@ ONE = f"{BASE}/v1/general/custom-voices/1"
 LIST = re.compile(r"^https://kling\.test/v1/general/custom-voices\?.*$")
 
 
-@settings(max_examples=150, deadline=None,
+@settings(max_examples=scaled_examples(150), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(status=st.sampled_from([200, 400, 429, 500, 502]), payload=JSON,
        content_type=st.sampled_from(["application/json", "text/html", "text/plain", ""]),

@@ -270,7 +270,9 @@ async def test_log_lines_per_attempt_without_secrets(
         assert secret not in text and token not in text and "Bearer" not in text
 
 
-async def test_max_in_flight_caps_concurrent_requests(mocked: aioresponses) -> None:
+@pytest.mark.parametrize("old_name", [False, True])
+async def test_max_concurrent_requests_caps_concurrent_requests(mocked: aioresponses,
+                                                                old_name: bool) -> None:
     gate = asyncio.Event()
     live = peak = 0
 
@@ -283,7 +285,12 @@ async def test_max_in_flight_caps_concurrent_requests(mocked: aioresponses) -> N
         return CallbackResult(payload=envelope([]))
 
     mocked.get(LIST, callback=held, repeat=True)
-    async with voiceapi.AsyncVoiceClient(api_key="k", base_url=BASE, max_in_flight=2) as client:
+    if old_name:  # the deprecated alias still works, and says so
+        with pytest.warns(DeprecationWarning, match="max_concurrent_requests"):
+            client = voiceapi.AsyncVoiceClient(api_key="k", base_url=BASE, max_in_flight=2)
+    else:
+        client = voiceapi.AsyncVoiceClient(api_key="k", base_url=BASE, max_concurrent_requests=2)
+    async with client:
         calls = [asyncio.ensure_future(client.custom_voices.list()) for _ in range(6)]
         for _ in range(50):  # let every call reach the limiter or the server
             await asyncio.sleep(0)

@@ -77,7 +77,7 @@ def test_new_standard_voice_output_is_tolerated() -> None:
 
 
 @pytest.mark.parametrize("body", [b"", b"nope", b"[]", b'{"task_id":"1","id":"2"}', b"{}",
-                                  b'{"task_id":"1"}', b'{"id":"1","outputs":5}'])
+                                  b'{"task_id":""}', b'{"id":"1","outputs":5}'])
 def test_malformed_bodies_are_typed_errors(body: bytes) -> None:
     with pytest.raises(voiceapi.WebhookVerificationError):
         voiceapi.parse_callback(body, {})
@@ -91,7 +91,8 @@ async def test_signed_callbacks_end_to_end_with_confirmation() -> None:
     async with KlingEmulator(task_seconds=0.1, webhook_secret=secret) as emu:
         async with voiceapi.AsyncVoiceClient(api_key=emu.api_key, base_url=emu.base_url,
                                              retry_policy=FAST_RETRY) as client:
-            async with voiceapi.CallbackServer(webhook_secret=secret, confirm=client) as cb:
+            async with voiceapi.CallbackServer(
+                    webhook_secret=secret, confirm=client.custom_voices.get) as cb:
                 def listen(task: voiceapi.VoiceTask) -> None:
                     updates.append(task)
                     if task.is_terminal:

@@ -30,7 +30,15 @@ from ._retry import RetryPolicy
 from ._sync import VoiceClient
 from ._webhooks import CallbackReceiver, CallbackServer, parse_callback, verify_signature
 
-__version__ = "0.1.0"
+
+def __getattr__(name: str) -> str:
+    # Looked up on first use: reading package metadata costs more than the rest of the import.
+    if name == "__version__":
+        from ._config import package_version
+
+        return package_version()
+    raise AttributeError(f"module 'voiceapi' has no attribute {name!r}")
+
 
 __all__ = [
     "APIConnectionError",

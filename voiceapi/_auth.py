@@ -123,6 +123,10 @@ class JWTCredentials:
                 self._expires = int(now) + self._ttl
             return self._header
 
+    def after_fork(self) -> None:
+        """In a fork child: the lock may have been held by a parent thread that is gone."""
+        self._lock = threading.Lock()
+
     def invalidate(self, header_value: str, server_time: float | None = None) -> bool:
         with self._lock:
             # Only drop the token that failed: concurrent 1004s must not each re-sign.

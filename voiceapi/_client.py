@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ssl as _ssl
+import warnings
 from collections.abc import Sequence
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -16,6 +18,21 @@ from ._preset_voices import AsyncPresetVoices
 from ._retry import RetryPolicy
 from ._transport import Transport
 
+if TYPE_CHECKING:
+    from ._coordinator import Coordinator
+
+
+def concurrency_limit(max_concurrent_requests: int | None, max_in_flight: int | None, *,
+                      stacklevel: int) -> int | None:
+    """The client's old ``max_in_flight=`` still works, with a DeprecationWarning: it shared a
+    name with ``create_many(max_in_flight=...)``, which limits tasks in progress at Kling."""
+    if max_in_flight is None:
+        return max_concurrent_requests
+    warnings.warn("AsyncVoiceClient/VoiceClient(max_in_flight=...) is renamed "
+                  "max_concurrent_requests=...; create_many(max_in_flight=...) is unchanged",
+                  DeprecationWarning, stacklevel=stacklevel + 1)
+    return max_in_flight if max_concurrent_requests is None else max_concurrent_requests
+
 
 class AsyncVoiceClient:
     """The asyncio client for the Kling Custom Voice API.
@@ -24,6 +41,8 @@ class AsyncVoiceClient:
     back to ``KLING_ACCESS_KEY``/``KLING_SECRET_KEY``/``KLING_API_KEY``. The constructor does no
     I/O: the HTTP session is created on first use, on the running loop, and closed by
     ``async with`` or :meth:`aclose`. A ``session`` you pass in is used and never closed by us.
+    A ``coordinator`` (e.g. ``voiceapi.coordination.RedisCoordinator``) shares the account's
+    request rate and 1302/1303 backoff with other processes, for plain calls and batches alike.
     """
 
     def __init__(
@@ -38,25 +57,35 @@ class AsyncVoiceClient:
         retry_budget: float = C.DEFAULT_RETRY_BUDGET,
         retry_policy: RetryPolicy | None = None,
         max_requests_per_second: float | None = None,
-        max_in_flight: int | None = None,
+        max_concurrent_requests: int | None = None,
         middlewares: Sequence[Middleware] = (),
         session: aiohttp.ClientSession | None = None,
         ssl: _ssl.SSLContext | bool | None = None,
         proxy: str | None = None,
+        coordinator: Coordinator | None = None,
+        max_in_flight: int | None = None,
     ) -> None:
+        max_concurrent_requests = concurrency_limit(max_concurrent_requests, max_in_flight,
+                                                    stacklevel=2)
         self._config: ClientConfig = make_config(
             access_key, secret_key, api_key=api_key, base_url=base_url, timeout=timeout,
             max_retries=max_retries, retry_budget=retry_budget,
-            max_requests_per_second=max_requests_per_second, max_in_flight=max_in_flight,
-            ssl=ssl, proxy=proxy)
+            max_requests_per_second=max_requests_per_second,
+            max_concurrent_requests=max_concurrent_requests, ssl=ssl, proxy=proxy)
         self._transport = Transport(self._config, session=session, middlewares=middlewares,
-                                    retry_policy=retry_policy)
+                                    retry_policy=retry_policy, coordinator=coordinator)
         self.custom_voices = AsyncCustomVoices(self._transport)
         self.preset_voices = AsyncPresetVoices(self._transport)
 
     @property
     def base_url(self) -> str:
         return self._config.base_url
+
+    @property
+    def transport(self) -> Transport:
+        """The request pipeline (advanced use: ``transport.coordinator``,
+        ``transport.retry_policy``; the sync facade uses its fork hook)."""
+        return self._transport
 
     @property
     def closed(self) -> bool:

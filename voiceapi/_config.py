@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import ssl
 from collections.abc import Mapping
@@ -21,14 +22,32 @@ class ClientConfig:
     max_retries: int = C.DEFAULT_MAX_RETRIES
     retry_budget: float = C.DEFAULT_RETRY_BUDGET
     max_requests_per_second: float | None = None
-    max_in_flight: int | None = None
+    max_concurrent_requests: int = C.DEFAULT_MAX_CONCURRENT_REQUESTS
     ssl: ssl.SSLContext | bool | None = None
     proxy: str | None = None
-    user_agent: str = C.USER_AGENT
 
     def __repr__(self) -> str:  # credentials repr already hides secrets; say so explicitly anyway
         return (f"ClientConfig(base_url={self.base_url!r}, credentials={self.credentials!r}, "
                 f"timeout={self.timeout!r}, max_retries={self.max_retries!r})")
+
+
+@functools.cache
+def package_version() -> str:
+    """The installed distribution's version: one source of truth, ``pyproject.toml``.
+
+    Read on first use, not at import (importlib.metadata costs a few ms); a source tree that
+    was never installed reports ``0+unknown`` rather than a made-up number.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("voiceapi")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def user_agent() -> str:
+    return f"voiceapi-python/{package_version()}"
 
 
 def _clean(value: str | None) -> str | None:
@@ -71,7 +90,7 @@ def make_config(
     max_retries: int = C.DEFAULT_MAX_RETRIES,
     retry_budget: float = C.DEFAULT_RETRY_BUDGET,
     max_requests_per_second: float | None = None,
-    max_in_flight: int | None = None,
+    max_concurrent_requests: int | None = None,
     ssl: ssl.SSLContext | bool | None = None,
     proxy: str | None = None,
     env: Mapping[str, str] | None = None,
@@ -87,10 +106,15 @@ def make_config(
         raise ValidationError("max_retries must be >= 0")
     if max_requests_per_second is not None and not max_requests_per_second > 0:
         raise ValidationError("max_requests_per_second must be > 0")
-    if max_in_flight is not None and max_in_flight < 1:
-        raise ValidationError("max_in_flight must be >= 1")
+    if not retry_budget > 0:
+        raise ValidationError("retry_budget must be > 0")
+    if max_concurrent_requests is None:
+        max_concurrent_requests = C.DEFAULT_MAX_CONCURRENT_REQUESTS
+    elif isinstance(max_concurrent_requests, bool) or not isinstance(
+            max_concurrent_requests, int) or max_concurrent_requests < 1:
+        raise ValidationError("max_concurrent_requests must be an integer >= 1")
     return ClientConfig(
         base_url=url.rstrip("/"), credentials=creds, timeout=float(timeout),
         max_retries=int(max_retries), retry_budget=float(retry_budget),
-        max_requests_per_second=max_requests_per_second, max_in_flight=max_in_flight,
-        ssl=ssl, proxy=proxy)
+        max_requests_per_second=max_requests_per_second,
+        max_concurrent_requests=max_concurrent_requests, ssl=ssl, proxy=proxy)

@@ -70,4 +70,6 @@ BATCH_MAX_CONCURRENT_SUBMITS = 32
 # is under 1 MB, so anything near this is a misbehaving proxy, not Kling.
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
-USER_AGENT = "voiceapi-python/0.1.0"
+# Requests one client sends at once (max_concurrent_requests): enough for any batch, few
+# enough that a gather() of thousands of calls does not open thousands of sockets.
+DEFAULT_MAX_CONCURRENT_REQUESTS = 100

@@ -6,14 +6,38 @@ request id, because that triple is what Kling support asks for.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from ._models import VoiceTask
+
+def _rebuild(cls: type[VoiceAPIError], args: tuple[Any, ...],
+             state: dict[str, Any]) -> VoiceAPIError:
+    """Unpickle without calling ``__init__`` (whose keyword-only arguments pickle cannot see)."""
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, *args)
+    exc.__dict__.update(state)
+    return exc
 
 
 class VoiceAPIError(Exception):
-    """Base of every error the SDK raises on purpose."""
+    """Base of every error the SDK raises on purpose.
+
+    ``http_status`` and ``request_id`` live here (None when there is no answer, e.g. a
+    ValidationError), so code that logs or reports an error never needs isinstance chains.
+    """
+
+    http_status: int | None = None
+    request_id: str | None = None
+
+    def __init__(self, *args: Any, http_status: int | None = None,
+                 request_id: str | None = None) -> None:
+        super().__init__(*args)
+        self.http_status = http_status
+        self.request_id = request_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Errors cross process boundaries (multiprocessing, concurrent.futures); the default
+        # reduce would call __init__(*args) and lose or break the keyword-only attributes.
+        return _rebuild, (type(self), self.args, dict(self.__dict__))
 
 
 class ValidationError(VoiceAPIError, ValueError):
@@ -35,11 +59,9 @@ class APIError(VoiceAPIError):
         http_status: int | None = None,
         request_id: str | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, http_status=http_status, request_id=request_id)
         self.message = message
         self.code = code
-        self.http_status = http_status
-        self.request_id = request_id
 
     def __str__(self) -> str:
         parts = [f"code={self.code}" if self.code is not None else None,
@@ -108,8 +130,8 @@ class ServerError(APIError):
 class APIConnectionError(VoiceAPIError):
     """The request did not get an answer: DNS failure, refused, reset, broken body."""
 
-    def __init__(self, message: str, *, maybe_sent: bool = True) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, maybe_sent: bool = True, **kw: Any) -> None:
+        super().__init__(message, **kw)
         # False only when we know nothing reached the server (connect refused / DNS):
         # then even a create may be resent without looking it up first.
         self.maybe_sent = maybe_sent
@@ -120,20 +142,36 @@ class APITimeoutError(APIConnectionError):
 
 
 class UnexpectedResponseError(VoiceAPIError):
-    """A 2xx answer that is not a valid envelope, or data of an unexpected shape."""
+    """A 2xx answer that is not a valid envelope, or data of an unexpected shape.
 
-    def __init__(
-        self, message: str, *, http_status: int | None = None, request_id: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.http_status = http_status
-        self.request_id = request_id
+    ``http_status`` and ``request_id`` are the base class's.
+    """
+
+
+class _TaskLike(Protocol):
+    """What the task-carrying errors read from a task.
+
+    Errors sit below the models in the layer order, so they cannot name ``VoiceTask``; at
+    run time ``.task`` is always a ``VoiceTask``.
+    """
+
+    @property
+    def task_id(self) -> str: ...
+
+    @property
+    def task_status_msg(self) -> str: ...
+
+    @property
+    def task_status(self) -> object: ...
 
 
 class TaskFailedError(VoiceAPIError):
-    """A voice task ended in ``failed``; ``.task`` is the final task."""
+    """A voice task ended in ``failed``; ``.task`` is the final task (a ``VoiceTask``)."""
 
-    def __init__(self, task: VoiceTask) -> None:
+    #: A ``VoiceTask``; typed loosely because errors may not import the models (layering).
+    task: Any
+
+    def __init__(self, task: _TaskLike) -> None:
         msg = task.task_status_msg or "no reason given"
         super().__init__(f"voice task {task.task_id} failed: {msg}")
         self.task = task
@@ -142,8 +180,14 @@ class TaskFailedError(VoiceAPIError):
 class WaitTimeoutError(VoiceAPIError, TimeoutError):
     """``wait()`` ran out of time; ``.task`` is the last task seen (None if none was seen)."""
 
-    def __init__(self, task_id: str, timeout: float, task: VoiceTask | None) -> None:
-        status = task.task_status.value if task is not None else "unknown"
+    #: A ``VoiceTask`` or None; typed loosely because errors may not import the models.
+    task: Any
+
+    def __init__(self, task_id: str, timeout: float, task: _TaskLike | None) -> None:
+        status = str(task.task_status) if task is not None else "unknown"
+        raw = getattr(task, "raw_status", None)
+        if isinstance(raw, str) and raw != status:  # e.g. "unknown (queued)": say what it was
+            status = f"{status} ({raw[:40]})"
         super().__init__(
             f"voice task {task_id} not finished after {timeout:g}s (last status: {status})")
         self.task_id = task_id

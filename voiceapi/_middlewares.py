@@ -1,9 +1,9 @@
 """The SDK's own middleware chain around the one place that sends a request.
 
 A middleware is ``async def mw(request, call_next) -> Response``. The chain, outermost first:
-retry → auth → user middlewares → rate limit → logging → send. Auth sits inside retry so each
-attempt carries a current token; the rate limiter sits inside retry so every attempt waits for a
-slot, and the per-attempt timeout starts only in ``send``, after that wait.
+retry → [coordinator] → auth → user middlewares → limits → logging → send. Auth sits inside
+retry so each attempt carries a current token; the limits sit inside retry so every attempt
+waits for a slot, and the per-attempt timeout starts only in ``send``, after that wait.
 
 We do not use aiohttp's native client middlewares: aioresponses patches
 ``ClientSession._request`` and would bypass them, leaving retry and limits untested.
@@ -12,16 +12,21 @@ We do not use aiohttp's native client middlewares: aioresponses patches
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from ._auth import Credentials
 from ._constants import LOGGER_NAME
-from ._errors import APIError, UnexpectedResponseError, VoiceAPIError
+from ._errors import APIError, RateLimitError, UnexpectedResponseError, VoiceAPIError
+
+if TYPE_CHECKING:
+    from ._coordinator import Coordinator
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -43,6 +48,9 @@ class Request:
     #: False when the caller handles 1302/1303 itself (the batch scheduler learns from them).
     retry_rate_limits: bool = True
     attempt: int = 1
+    #: time.monotonic() by which the whole call must end (retry_budget); ``send`` clips the
+    #: attempt's timeout to it.
+    deadline: float = math.inf
 
 
 @attrs.define(slots=True)
@@ -51,7 +59,6 @@ class Response:
     headers: Mapping[str, str] = attrs.field(repr=False)
     data: Any = attrs.field(repr=False)
     request_id: str | None = None
-    elapsed: float = 0.0
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -95,29 +102,70 @@ class AuthMiddleware:
         return "AuthMiddleware()"
 
 
-class RateLimitMiddleware:
-    """Optional client-side limits: requests per second (evenly paced) and requests in flight."""
+class CoordinatorMiddleware:
+    """Shares the account's request rate and 1302/1303 backoff with other workers.
 
-    def __init__(self, *, per_second: float | None, max_in_flight: int | None) -> None:
-        self._interval = 1.0 / per_second if per_second else 0.0
-        self._next_slot = 0.0
-        self._semaphore = asyncio.Semaphore(max_in_flight) if max_in_flight else None
+    Sits inside the retry middleware, so every attempt waits its turn; and before auth, so the
+    token is signed after that wait, not before it. Only in the chain when a coordinator is set.
+    """
 
-    async def _pace(self) -> None:
-        if not self._interval:
-            return
-        now = time.monotonic()
-        slot = max(now, self._next_slot)
-        self._next_slot = slot + self._interval
-        if slot > now:
-            await asyncio.sleep(slot - now)
+    def __init__(self, coordinator: Coordinator) -> None:
+        self._coordinator = coordinator
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
-        if self._semaphore is None:
-            await self._pace()
+        # Only creates are non-idempotent; they also wait out a shared 1303 backoff.
+        await self._coordinator.before_request(create=not request.idempotent)
+        try:
             return await call_next(request)
+        except RateLimitError as exc:
+            await self._coordinator.rate_limited(exc.code, exc.retry_after)
+            raise
+
+
+class LimitMiddleware:
+    """The client's limits: requests in flight (the one place concurrency is capped) and
+    requests per second (evenly paced, first come first served).
+
+    Both waits happen before ``send`` starts the attempt's timeout, so a queued call never
+    times out for having waited its turn. A cancelled waiter gives its turn back: nothing is
+    reserved ahead of time, only the head of the queue waits for the next free instant.
+    """
+
+    def __init__(self, *, max_concurrent: int, per_second: float | None) -> None:
+        self._max_concurrent = max_concurrent
+        self._interval = 1.0 / per_second if per_second else 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every loop-bound waiter (a fork child starts with the parent's state)."""
+        self._semaphore = asyncio.Semaphore(self._max_concurrent)
+        self._next_free = 0.0  # monotonic instant the next request may start
+        self._queue: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def _pace(self) -> None:
+        now = time.monotonic()
+        if not self._queue and now >= self._next_free:  # the common case: no wait
+            self._next_free = now + self._interval
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(turn)
+        try:
+            if self._queue[0] is not turn:
+                await turn  # woken when it reaches the head of the queue
+            delay = self._next_free - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self._next_free = max(time.monotonic(), self._next_free) + self._interval
+        finally:
+            head = self._queue[0] is turn
+            self._queue.remove(turn)
+            if head and self._queue and not self._queue[0].done():
+                self._queue[0].set_result(None)
+
+    async def __call__(self, request: Request, call_next: Handler) -> Response:
         async with self._semaphore:
-            await self._pace()
+            if self._interval:
+                await self._pace()
             return await call_next(request)
 
 

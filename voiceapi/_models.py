@@ -53,7 +53,8 @@ class Voice:
 
     @property
     def is_deleted(self) -> bool:
-        return self.status is not None and self.status.lower() == "deleted"
+        """True when the server lists the voice as deleted (it may stay listed after delete)."""
+        return self.status is not None and self.status.strip().lower() == "deleted"
 
     @property
     def is_preset(self) -> bool:
@@ -77,8 +78,14 @@ class VoiceTask:
     voices: list[Voice] = attrs.field(factory=list)
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    #: Money fields are kept as the decimal strings the API documents (numbers sent by a
+    #: server are turned into the same text), never floats.
     final_unit_deduction: str | None = None
     final_balance_deduction: BalanceDeduction | None = None
+    #: ``task_status`` exactly as the server sent it (None if it sent none). Useful when
+    #: ``task_status`` is ``UNKNOWN``: a status this SDK version does not know yet. Not part of
+    #: equality, so "succeed" and "succeeded" readings of one task compare equal.
+    raw_status: str | None = attrs.field(default=None, eq=False)
 
     @property
     def is_terminal(self) -> bool:

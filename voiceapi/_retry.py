@@ -1,4 +1,5 @@
-"""The retry policy as pure functions, and the retry middleware that applies it with tenacity.
+"""The retry policy as pure functions, and the retry middleware that applies it with tenacity
+(imported only when a call needs a second attempt).
 
 Policy (DESIGN.md): connection errors, timeouts, 1302/1303, 5000–5002 and proxy 502/503/504 are
 retried with exponential backoff and full jitter, honouring Retry-After. Other 4xx never are.
@@ -17,7 +18,6 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import attrs
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from . import _constants as C
 from ._errors import (
@@ -107,10 +107,49 @@ def next_delay(
     return max(backoff_delay(retry_number, policy, rng), decision.min_delay)
 
 
-@attrs.define
-class _CallState:
-    reauthed: bool = False
-    needs_reconcile: bool = False
+@attrs.frozen
+class Step:
+    """What to do after a failed attempt (see :func:`decide`)."""
+
+    retry: bool
+    #: Seconds to wait before the next attempt.
+    delay: float = 0.0
+    #: Re-sign the token first (1003/1004); this attempt does not count against max_retries.
+    resign: bool = False
+    #: Look the call up first (an ambiguous create): if it landed, that is the answer.
+    reconcile: bool = False
+
+
+GIVE_UP = Step(retry=False)
+
+
+def decide(
+    exc: BaseException, *, idempotent: bool, can_reconcile: bool, retry_rate_limits: bool,
+    retries_used: int, max_retries: int, resigned: bool, time_left: float, policy: RetryPolicy,
+    rng: Callable[[float, float], float] = random.uniform,
+) -> Step:
+    """The whole retry policy for one failed attempt, as a pure function.
+
+    ``retries_used`` counts the retries already made (re-signs excluded); ``time_left`` is
+    what remains of the call's ``retry_budget``: a wait that would not leave it is not made.
+    """
+    decision = classify(exc, policy)
+    if not decision.retry:
+        return GIVE_UP
+    if isinstance(exc, RateLimitError) and not retry_rate_limits:
+        return GIVE_UP  # the caller (the batch scheduler) learns from 1302/1303 itself
+    if decision.reauth:
+        # Once per call: a second time refusal means the clock or key is wrong, not stale.
+        return GIVE_UP if resigned else Step(retry=True, resign=True)
+    if retries_used >= max_retries:
+        return GIVE_UP
+    reconcile = decision.ambiguous and not idempotent
+    if reconcile and not can_reconcile:
+        return GIVE_UP  # a create that may have landed is never resent blind
+    delay = next_delay(exc, retries_used + 1, policy, rng)
+    if delay >= time_left:
+        return GIVE_UP
+    return Step(retry=True, delay=delay, reconcile=reconcile)
 
 
 class RetryMiddleware:
@@ -127,63 +166,71 @@ class RetryMiddleware:
         self._sleep = sleep
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
-        # Fast path: most calls succeed first time, and building a tenacity loop per call
-        # costs more CPU than the rest of the SDK's work on a request.
+        # The budget covers the whole call, the first attempt included: ``send`` clips each
+        # attempt's timeout to the deadline, so a call never runs past it.
+        request.deadline = time.monotonic() + self._budget
         request.attempt = 1
-        started = time.monotonic()
         try:
+            # Most calls succeed first time; only a failure pays for the retry machinery.
             return await call_next(request)
         except VoiceAPIError as exc:
-            return await self._retry(request, call_next, exc, started)
+            first_error = exc
+        return await self._retry(request, call_next, first_error)
 
     async def _retry(self, request: Request, call_next: Handler,
-                     first_error: VoiceAPIError, started: float) -> Response:
-        """Attempts 2..n under tenacity; attempt 1 (already made) is replayed as its error."""
-        state = _CallState()
-        policy, max_retries, budget = self._policy, self._max_retries, self._budget
+                     first_error: VoiceAPIError) -> Response:
+        """Attempts 2..n of one call, top to bottom:
 
-        def should_retry(exc: BaseException) -> bool:
-            decision = classify(exc, policy)
-            if not decision.retry:
+        1. the failed attempt is judged by :func:`decide` (pure): give up, or retry after a
+           delay, maybe re-signing the token (1003/1004) or reconciling first (a create);
+        2. tenacity sleeps the delay and replays the loop;
+        3. a re-sign drops the refused token (the server's clock, if it told us, is used for
+           the next one);
+        4. a reconcile looks the call up; if it landed, its answer is the call's answer;
+        5. the next attempt is sent; its failure goes back to 1.
+
+        Giving up re-raises the last attempt's error.
+        """
+        from tenacity import AsyncRetrying, RetryCallState  # only calls that retry import it
+
+        steps: list[Step] = []  # steps[-1]: the plan for the next attempt
+        failures: list[BaseException] = [first_error]  # failures[-1]: the latest
+        retries_used = 0
+        resigned = False
+
+        def judge(state: RetryCallState) -> bool:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            if exc is None:
                 return False
-            if isinstance(exc, RateLimitError) and not request.retry_rate_limits:
-                return False
-            if decision.reauth:
-                if state.reauthed:
-                    return False
-                state.reauthed = self._credentials.invalidate(
-                    request.headers.get("Authorization", ""),
-                    getattr(exc, "server_time", None))
-                return state.reauthed
-            if decision.ambiguous and not request.idempotent:
-                if request.reconcile is None:
-                    return False
-                state.needs_reconcile = True
-            return True
+            failures.append(exc)
+            step = decide(exc, idempotent=request.idempotent,
+                          can_reconcile=request.reconcile is not None,
+                          retry_rate_limits=request.retry_rate_limits,
+                          retries_used=retries_used, max_retries=self._max_retries,
+                          resigned=resigned, time_left=request.deadline - time.monotonic(),
+                          policy=self._policy)
+            steps.append(step)
+            return step.retry
 
-        def wait(rs: RetryCallState) -> float:
-            exc = rs.outcome.exception() if rs.outcome is not None else None
-            return next_delay(exc, rs.attempt_number, policy) if exc is not None else 0.0
-
-        def stop(rs: RetryCallState) -> bool:
-            retries_used = rs.attempt_number - (1 if state.reauthed else 0)
-            if retries_used > max_retries:
-                return True
-            # The budget covers the whole call, the first attempt included.
-            return time.monotonic() - started + (rs.upcoming_sleep or 0.0) > budget
-
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(should_retry), wait=wait, stop=stop, reraise=True,
-            sleep=self._sleep)
+        retrying = AsyncRetrying(retry=judge, wait=lambda _: steps[-1].delay, reraise=True,
+                                 sleep=self._sleep)
         async for attempt in retrying:
             with attempt:
-                request.attempt = attempt.retry_state.attempt_number
-                if request.attempt == 1:
-                    raise first_error
-                if state.needs_reconcile and request.reconcile is not None:
+                if not steps:
+                    raise first_error  # tenacity's first attempt replays the one already made
+                step = steps[-1]
+                if step.resign:
+                    resigned = True
+                    if not self._credentials.invalidate(
+                            request.headers.get("Authorization", ""),
+                            getattr(failures[-1], "server_time", None)):
+                        raise failures[-1]  # a static API key cannot be re-signed
+                else:
+                    retries_used += 1
+                if step.reconcile and request.reconcile is not None:
                     found = await request.reconcile()
-                    state.needs_reconcile = False
                     if found is not None:
                         return found
+                request.attempt += 1
                 return await call_next(request)
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover

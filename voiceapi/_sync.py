@@ -6,20 +6,24 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import os
 import ssl as _ssl
+import warnings
 import weakref
 from collections.abc import Sequence
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import aiohttp
 
 from . import _constants as C
-from ._client import AsyncVoiceClient
+from ._client import AsyncVoiceClient, concurrency_limit
 from ._middlewares import Middleware
 from ._retry import RetryPolicy
 from ._sync_resources import CustomVoices, PresetVoices
 from ._sync_runner import LoopThread
+
+if TYPE_CHECKING:
+    from ._coordinator import Coordinator
 
 _open_clients: weakref.WeakSet[VoiceClient] = weakref.WeakSet()
 
@@ -28,7 +32,8 @@ class VoiceClient:
     """The blocking client for scripts, notebooks and threads.
 
     Safe to share between threads, and usable inside a running event loop (Jupyter). Close it
-    with ``with`` or :meth:`close`; one left open is closed cleanly at interpreter exit.
+    with ``with`` or :meth:`close`. One left open is closed quietly at interpreter exit; one
+    dropped while open is closed when it is garbage-collected, with a ResourceWarning.
     """
 
     def __init__(
@@ -43,20 +48,29 @@ class VoiceClient:
         retry_budget: float = C.DEFAULT_RETRY_BUDGET,
         retry_policy: RetryPolicy | None = None,
         max_requests_per_second: float | None = None,
-        max_in_flight: int | None = None,
+        max_concurrent_requests: int | None = None,
         middlewares: Sequence[Middleware] = (),
         session: aiohttp.ClientSession | None = None,
         ssl: _ssl.SSLContext | bool | None = None,
         proxy: str | None = None,
+        coordinator: Coordinator | None = None,
+        max_in_flight: int | None = None,
     ) -> None:
         self._async = AsyncVoiceClient(
             access_key, secret_key, api_key=api_key, base_url=base_url, timeout=timeout,
             max_retries=max_retries, retry_budget=retry_budget, retry_policy=retry_policy,
-            max_requests_per_second=max_requests_per_second, max_in_flight=max_in_flight,
-            middlewares=middlewares, session=session, ssl=ssl, proxy=proxy)
-        self._runner = LoopThread()
+            max_requests_per_second=max_requests_per_second,
+            max_concurrent_requests=concurrency_limit(max_concurrent_requests, max_in_flight,
+                                                      stacklevel=2),
+            middlewares=middlewares, session=session, ssl=ssl, proxy=proxy,
+            coordinator=coordinator)
+        self._runner = LoopThread(on_fork=self._async.transport.forget_loop)
         self.custom_voices = CustomVoices(self._runner, self._async.custom_voices)
         self.preset_voices = PresetVoices(self._runner, self._async.preset_voices)
+        # The finalizer must not reference self (that would keep the client alive forever).
+        self._finalizer = weakref.finalize(self, _collected, self._runner, self._async,
+                                           repr(self))
+        self._finalizer.atexit = False  # interpreter exit closes quietly instead (below)
         _open_clients.add(self)
 
     @property
@@ -73,17 +87,12 @@ class VoiceClient:
         return self._runner.closed
 
     def close(self) -> None:
-        """Close the HTTP session on its own loop, then stop the loop thread. Safe twice."""
-        if self._runner.closed:
-            return
+        """Stop taking calls, end the ones in progress in other threads (they raise
+        ClientClosedError), close the HTTP session on its own loop, then stop the loop thread.
+        Safe twice and from any thread."""
+        self._finalizer.detach()
         _open_clients.discard(self)
-        if not self._async.closed:
-            try:
-                self._runner.run(self._async.aclose())
-            finally:
-                self._runner.stop()
-        else:
-            self._runner.stop()
+        self._runner.shutdown(self._async.aclose())
 
     def __enter__(self) -> VoiceClient:
         return self
@@ -95,9 +104,16 @@ class VoiceClient:
     def __repr__(self) -> str:
         return f"VoiceClient({self._async!r})"
 
-    def _after_fork(self) -> None:
-        self._async._transport.detach_after_fork()
-        self._runner.forget_after_fork()
+
+def _collected(runner: LoopThread, client: AsyncVoiceClient, name: str) -> None:
+    """A VoiceClient was garbage-collected without close(): close it, and say so."""
+    if runner.closed:
+        return
+    try:
+        warnings.warn(f"unclosed {name}: close it with `with` or .close()", ResourceWarning,
+                      stacklevel=2)
+    finally:
+        runner.shutdown(client.aclose())
 
 
 @atexit.register
@@ -105,12 +121,3 @@ def _close_open_clients() -> None:
     for client in list(_open_clients):
         with contextlib.suppress(Exception):  # interpreter exit: best effort, never noisy
             client.close()
-
-
-def _after_fork_in_child() -> None:
-    for client in list(_open_clients):
-        client._after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)

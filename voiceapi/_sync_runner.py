@@ -2,72 +2,91 @@
 
 A sync call submits the async coroutine to that loop and blocks on the result: the cost of a
 thread hop, not of starting a loop, and the aiohttp session keeps its connection pool.
+
+This module also owns the facade's lifecycle edges: closing while other threads are in calls,
+a client dropped without ``close()`` (finalizer), interpreter exit, and ``os.fork()``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from ._errors import ClientClosedError
 
 T = TypeVar("T")
 
+_CLOSED = "this client is closed; create a new one"
+#: How long close() waits for calls it cancelled to unwind, and for the thread to end.
+SHUTDOWN_GRACE = 5.0
+
+#: Loop-bound objects inherited from the parent across fork: kept alive, never closed.
+#: Closing (or collecting) them would unregister the parent's sockets from the epoll instance
+#: that parent and child share after fork, and hang the parent.
+FORK_ORPHANS: list[object] = []
+_runners: weakref.WeakSet[LoopThread] = weakref.WeakSet()
+
 
 class LoopThread:
-    """Owns a private event loop running on a daemon thread, started on first use."""
+    """Owns a private event loop running on a daemon thread, started on first use.
 
-    def __init__(self, name: str = "voiceapi-sync") -> None:
+    ``on_fork`` is called in a fork child; it forgets the client's loop-bound state and returns
+    what must be kept alive untouched.
+    """
+
+    def __init__(self, name: str = "voiceapi-sync",
+                 on_fork: Callable[[], list[object]] | None = None) -> None:
         self._name = name
+        self._on_fork = on_fork
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
+        self._closing = False
         self._closed = False
+        _runners.add(self)
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._closing
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
-        with self._lock:
-            if self._closed:
-                raise ClientClosedError("this client is closed; create a new one")
-            if self._loop is None or self._pid != os.getpid():
-                self._pid = os.getpid()  # a fork child gets a fresh loop of its own
-                loop = asyncio.new_event_loop()
-                started = threading.Event()
+        # Caller holds self._lock.
+        if self._loop is None:
+            loop = asyncio.new_event_loop()
+            started = threading.Event()
 
-                def run() -> None:
-                    asyncio.set_event_loop(loop)
-                    loop.call_soon(started.set)
+            def run() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(started.set)
+                try:
                     loop.run_forever()
+                finally:
+                    # The loop closes itself once stopped: also right when the stop came
+                    # from a finalizer running on this very thread.
+                    loop.close()
 
-                thread = threading.Thread(target=run, name=self._name, daemon=True)
-                thread.start()
-                if not started.wait(30):
-                    raise RuntimeError("the client's event-loop thread did not start")
-                self._loop, self._thread = loop, thread
-            return self._loop
+            thread = threading.Thread(target=run, name=self._name, daemon=True)
+            thread.start()
+            if not started.wait(30):
+                raise RuntimeError("the client's event-loop thread did not start")
+            self._loop, self._thread = loop, thread
+        return self._loop
 
     def in_loop_thread(self) -> bool:
         thread = self._thread
         return thread is not None and thread.ident == threading.get_ident()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the private loop and block until it is done."""
-        try:
-            loop = self._ensure_loop()
-            if self.in_loop_thread():
-                raise RuntimeError(
-                    "a VoiceClient method was called from the client's own event-loop thread "
-                    "(e.g. from a middleware); that would deadlock. Use AsyncVoiceClient there.")
-        except BaseException:
-            coro.close()  # never leave a "coroutine was never awaited" behind
-            raise
+        """Run ``coro`` on the private loop and block until it is done.
+
+        A call that ``close()`` (from any thread) interrupts raises ClientClosedError; a call
+        that finished before keeps its result.
+        """
         # Leaner than run_coroutine_threadsafe (no concurrent Future, no callback chain): the
         # hop is two thread wake-ups, and on a busy machine those dominate a sync call's cost.
         done = threading.Lock()
@@ -80,18 +99,37 @@ class LoopThread:
             task.add_done_callback(lambda _: done.release())
 
         try:
-            loop.call_soon_threadsafe(start)
-        except RuntimeError:  # the loop was closed under us by close() in another thread
-            coro.close()
-            raise ClientClosedError("this client is closed; create a new one") from None
+            with self._lock:
+                # Submitting under the lock orders every call before close()'s shutdown
+                # step on the loop, so none is left queued behind a stopped loop.
+                if self._closing:
+                    raise ClientClosedError(_CLOSED)
+                loop = self._ensure_loop()
+                if self.in_loop_thread():
+                    raise RuntimeError(
+                        "a VoiceClient method was called from the client's own event-loop "
+                        "thread (e.g. from a middleware); that would deadlock. Use "
+                        "AsyncVoiceClient there.")
+                loop.call_soon_threadsafe(start)
+        except BaseException:
+            coro.close()  # never leave a "coroutine was never awaited" behind
+            raise
         try:
-            done.acquire()
+            # The timeout is a safety net, not a poll: a call whose task close() could not
+            # end within its grace period must not block its thread forever.
+            while not done.acquire(timeout=SHUTDOWN_GRACE):
+                if self._closed and not done.acquire(blocking=False):
+                    raise ClientClosedError("the client was closed during this call")
         except KeyboardInterrupt:
             # Ctrl-C: cancel the work on the loop (start() runs first, so box is filled),
             # then let the interrupt through promptly.
-            loop.call_soon_threadsafe(lambda: box[0].cancel())
+            with contextlib.suppress(RuntimeError):  # the loop may be closed by now
+                loop.call_soon_threadsafe(lambda: box[0].cancel())
             raise
-        return box[0].result()
+        task = box[0]
+        if task.cancelled() and self._closing:
+            raise ClientClosedError("the client was closed during this call")
+        return task.result()
 
     def iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
         """A plain iterator over an async one; breaking out early closes the async generator."""
@@ -105,52 +143,90 @@ class LoopThread:
                     return
                 yield item
         finally:
-            if not finished and isinstance(agen, AsyncGenerator) and not self._closed \
+            if not finished and isinstance(agen, AsyncGenerator) and not self._closing \
                     and not self.in_loop_thread():
                 self.run(agen.aclose())
 
-    def stop(self) -> None:
-        """Finish leftover tasks (e.g. one cancelled by Ctrl-C), stop the loop, join the thread.
+    def shutdown(self, final: Coroutine[Any, Any, None] | None = None) -> None:
+        """Stop taking calls, cancel the ones in progress (they raise ClientClosedError), run
+        ``final`` (closing the session), stop the loop and join its thread. Safe twice, from
+        any thread, and from the loop thread itself (then without waiting).
 
         Like ``asyncio.run``'s exit: nothing is left pending, so nothing is "destroyed".
         """
-        if self._loop is not None and not self._closed and self._pid == os.getpid() \
-                and not self.in_loop_thread():
-            self.run(_drain())
         with self._lock:
-            self._closed = True
+            if self._closing:
+                if final is not None:
+                    final.close()
+                return
+            self._closing = True
             loop, thread = self._loop, self._thread
-            self._loop = self._thread = None
         if loop is None or thread is None:
+            if final is not None:
+                _finish_without_loop(final)
+            self._closed = True
             return
-        if self._pid == os.getpid():
-            loop.call_soon_threadsafe(loop.stop)
-            if thread is not threading.current_thread():
-                thread.join(10)
-            if not thread.is_alive():
-                loop.close()
+        try:
+            loop.call_soon_threadsafe(lambda: loop.create_task(_shutdown(loop, final)))
+        except RuntimeError:  # the loop is already closed (e.g. stopped from its own thread)
+            if final is not None:
+                final.close()
+        if thread is not threading.current_thread():
+            thread.join(SHUTDOWN_GRACE * 3)
+        self._closed = True
 
-    def forget_after_fork(self) -> None:
+    def _after_fork_in_child(self) -> None:
         """The parent's loop thread does not exist in a fork child; start afresh on next use.
-        The old loop is kept alive untouched: closing it could disturb the parent's sockets."""
-        from ._transport import FORK_ORPHANS
-
+        The old loop is kept alive untouched (see FORK_ORPHANS)."""
         self._lock = threading.Lock()  # it may have been held by another thread at fork time
         if self._loop is not None:
             FORK_ORPHANS.append(self._loop)
         self._loop = self._thread = None
+        if self._on_fork is not None:
+            FORK_ORPHANS.extend(self._on_fork())
 
 
 async def _anext(agen: AsyncIterator[T]) -> T:
     return await agen.__anext__()
 
 
-async def _drain(grace: float = 5.0) -> None:
-    """Cancel every other task on this loop and wait (bounded) for them to unwind."""
-    me = asyncio.current_task()
-    others = [t for t in asyncio.all_tasks() if t is not me]
-    for task in others:
-        task.cancel()
-    if others:
-        await asyncio.wait(others, timeout=grace)
-    await asyncio.get_running_loop().shutdown_asyncgens()
+async def _shutdown(loop: asyncio.AbstractEventLoop,
+                    final: Coroutine[Any, Any, None] | None) -> None:
+    """On the loop: cancel every other task and wait (bounded) for them to unwind, run
+    ``final``, close async generators and the default executor, then stop the loop."""
+    try:
+        me = asyncio.current_task()
+        others = [t for t in asyncio.all_tasks() if t is not me]
+        for task in others:
+            task.cancel()
+        if others:
+            await asyncio.wait(others, timeout=SHUTDOWN_GRACE)
+        if final is not None:
+            with contextlib.suppress(Exception):  # closing: best effort
+                await asyncio.wait_for(final, SHUTDOWN_GRACE)
+        await loop.shutdown_asyncgens()
+        await loop.shutdown_default_executor()
+    finally:
+        loop.stop()
+
+
+def _finish_without_loop(coro: Coroutine[Any, Any, None]) -> None:
+    """Run a close coroutine that never started a loop. With no session yet it has nothing
+    to await and finishes at its first step; one that would wait is dropped (no loop, no
+    sockets to close)."""
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    except Exception:  # closing: best effort
+        return
+    coro.close()
+
+
+def _after_fork_in_child() -> None:
+    for runner in list(_runners):
+        runner._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

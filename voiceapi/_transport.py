@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from . import _constants
-from ._config import ClientConfig
-from ._constants import ENV_LOG, LOGGER_NAME
+from ._config import ClientConfig, user_agent
 from ._decode import decode_envelope
 from ._errors import (
     APIConnectionError,
@@ -25,11 +22,14 @@ from ._errors import (
     ClientClosedError,
     EventLoopError,
     UnexpectedResponseError,
+    VoiceAPIError,
 )
+from ._logs import configure_from_env
 from ._middlewares import (
     AuthMiddleware,
+    CoordinatorMiddleware,
+    LimitMiddleware,
     Middleware,
-    RateLimitMiddleware,
     Request,
     Response,
     build_chain,
@@ -37,10 +37,10 @@ from ._middlewares import (
 )
 from ._retry import RetryMiddleware, RetryPolicy
 
-#: Objects inherited from the parent across fork; kept alive, never closed (see below).
-FORK_ORPHANS: list[object] = []
+if TYPE_CHECKING:
+    from ._coordinator import Coordinator
 
-_JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+_CLOSED = "this client is closed; create a new one"
 
 
 async def _read_streamed(resp: aiohttp.ClientResponse) -> bytes:
@@ -58,16 +58,14 @@ async def _read_streamed(resp: aiohttp.ClientResponse) -> bytes:
     return b"".join(chunks)
 
 
-def _setup_logging_from_env() -> None:
-    level = os.environ.get(ENV_LOG, "").strip().lower()
-    if level not in ("debug", "info"):
-        return
-    logger = logging.getLogger(LOGGER_NAME)
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if level == "debug" else logging.INFO)
+async def _read(resp: aiohttp.ClientResponse) -> bytes:
+    size = resp.content_length
+    if size is None:
+        return await _read_streamed(resp)
+    if size > _constants.MAX_RESPONSE_BYTES:
+        raise UnexpectedResponseError(
+            f"HTTP {resp.status} answer of {size} bytes is too large", http_status=resp.status)
+    return await resp.read()
 
 
 class Transport:
@@ -81,8 +79,9 @@ class Transport:
         middlewares: Sequence[Middleware] = (),
         retry_policy: RetryPolicy | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        coordinator: Coordinator | None = None,
     ) -> None:
-        _setup_logging_from_env()
+        configure_from_env()
         self.config = config
         self.retry_policy = retry_policy or RetryPolicy()
         self._session = session
@@ -91,17 +90,23 @@ class Transport:
         self._closed = False
         self._timeout = aiohttp.ClientTimeout(total=config.timeout)
         self._base_url = config.base_url
+        # Our own session sends these as defaults; a borrowed one gets them on each call.
+        self._call_headers: dict[str, str] | None = (
+            None if self._owns_session
+            else {"User-Agent": user_agent(), "Accept": "application/json"})
+        #: Shares request rate and 1302/1303 backoff across workers; ``create_many`` also uses
+        #: it when it is given no coordinator of its own. None: no extra middleware at all.
+        self.coordinator = coordinator
         chain: list[Middleware] = [
             RetryMiddleware(max_retries=config.max_retries, budget=config.retry_budget,
                             policy=self.retry_policy, credentials=config.credentials,
-                            sleep=sleep),
-            AuthMiddleware(config.credentials),
-            *middlewares,
-        ]
-        if config.max_requests_per_second or config.max_in_flight:
-            chain.append(RateLimitMiddleware(per_second=config.max_requests_per_second,
-                                             max_in_flight=config.max_in_flight))
-        chain.append(logging_middleware)
+                            sleep=sleep)]
+        if coordinator is not None:
+            chain.append(CoordinatorMiddleware(coordinator))
+        self._limits = LimitMiddleware(max_concurrent=config.max_concurrent_requests,
+                                       per_second=config.max_requests_per_second)
+        chain += [AuthMiddleware(config.credentials), *middlewares, self._limits,
+                  logging_middleware]
         self._handler = build_chain(chain, self._send)
 
     @property
@@ -110,15 +115,17 @@ class Transport:
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._closed:
-            raise ClientClosedError("this client is closed; create a new one")
+            raise ClientClosedError(_CLOSED)
         loop = asyncio.get_running_loop()
-        if self._session is None:
+        session = self._session
+        if session is None:
+            # The pool itself is unbounded: LimitMiddleware caps concurrency in one place,
+            # before the attempt's timeout starts (a pool wait would count against it).
             connector = aiohttp.TCPConnector(
-                limit=self.config.max_in_flight or 100,
-                ssl=True if self.config.ssl is None else self.config.ssl)
-            self._session = aiohttp.ClientSession(
+                limit=0, ssl=True if self.config.ssl is None else self.config.ssl)
+            session = self._session = aiohttp.ClientSession(
                 connector=connector, timeout=self._timeout,
-                headers={"User-Agent": self.config.user_agent})
+                headers={"User-Agent": user_agent(), "Accept": "application/json"})
             self._loop = loop
         elif self._loop is None:
             self._loop = loop
@@ -126,7 +133,11 @@ class Transport:
             raise EventLoopError(
                 "this client's HTTP session belongs to another event loop; create one client "
                 "per event loop (or use VoiceClient from threads)")
-        return self._session
+        if session.closed:
+            raise ClientClosedError(
+                "the aiohttp session passed as session= was closed by its owner; keep it open "
+                "while the client is in use, or let the client create its own")
+        return session
 
     def request(
         self,
@@ -141,50 +152,75 @@ class Transport:
     ) -> Awaitable[Response]:
         """Start one logical call through the chain (await the result)."""
         if self._closed:
-            raise ClientClosedError("this client is closed; create a new one")
-        # No local alias of the headers: they will hold the token, and frame locals show up in
-        # some tracebacks.
-        req = Request(method=method, path=path, params=params, json=json_body,
-                      headers=dict(_JSON_HEADERS), idempotent=idempotent, reconcile=reconcile,
+            raise ClientClosedError(_CLOSED)
+        # The headers dict is the call's own: auth adds the token to it, and nothing else
+        # (User-Agent and Accept are session defaults).
+        headers = {} if self._call_headers is None else dict(self._call_headers)
+        req = Request(method=method, path=path, params=params, json=json_body, headers=headers,
+                      idempotent=idempotent, reconcile=reconcile,
                       retry_rate_limits=retry_rate_limits)
         return self._handler(req)
 
+    def _attempt_timeout(self, request: Request) -> aiohttp.ClientTimeout | None:
+        """None: the session's own timeout applies. Otherwise the per-attempt timeout, clipped
+        to what is left of the call's retry budget (so the budget is a hard cap)."""
+        left = request.deadline - time.monotonic()
+        if left >= self.config.timeout:
+            return None if self._owns_session else self._timeout
+        if left <= 0:
+            raise APITimeoutError(
+                f"{request.method} {request.path}: retry budget of "
+                f"{self.config.retry_budget:g}s used up before this attempt")
+        return aiohttp.ClientTimeout(total=left)
+
     async def _send(self, request: Request) -> Response:
         session = self._get_session()
-        data = (json.dumps(request.json, separators=(",", ":"), ensure_ascii=False).encode()
-                if request.json is not None else None)
-        start = time.monotonic()
+        timeout = self._attempt_timeout(request)
+        data = None
+        if request.json is not None:
+            data = json.dumps(request.json, separators=(",", ":"), ensure_ascii=False).encode()
+            request.headers["Content-Type"] = "application/json"
+        # Errors are built inside the except blocks but raised after them: raising there would
+        # chain aiohttp's exception as __context__, and some (ClientResponseError) carry the
+        # request's headers, token included.
+        error: VoiceAPIError | None = None
+        url = self._base_url + request.path
         try:
-            async with session.request(
-                request.method, self._base_url + request.path, params=request.params,
-                data=data, headers=request.headers, timeout=self._timeout,
-                proxy=self.config.proxy,
-            ) as resp:
+            # Kling never redirects; a redirect must not carry a token (or a create) elsewhere.
+            ctx = (session.request(request.method, url, params=request.params, data=data,
+                                   headers=request.headers, proxy=self.config.proxy,
+                                   allow_redirects=False)
+                   if timeout is None else
+                   session.request(request.method, url, params=request.params, data=data,
+                                   headers=request.headers, proxy=self.config.proxy,
+                                   allow_redirects=False, timeout=timeout))
+            async with ctx as resp:
                 status, headers = resp.status, resp.headers
-                size = resp.content_length
-                if size is None:
-                    body = await _read_streamed(resp)
-                elif size > _constants.MAX_RESPONSE_BYTES:
-                    raise UnexpectedResponseError(
-                        f"HTTP {status} answer of {size} bytes is too large", http_status=status)
-                else:
-                    body = await resp.read()
+                body = await _read(resp)
         except (asyncio.TimeoutError, TimeoutError):
-            raise APITimeoutError(
-                f"{request.method} {request.path}: no answer within {self.config.timeout:g}s"
-            ) from None
+            seconds = timeout.total if timeout is not None else self.config.timeout
+            error = APITimeoutError(
+                f"{request.method} {request.path}: no answer within {seconds:g}s")
         except aiohttp.ClientConnectorError as exc:
-            raise APIConnectionError(
+            error = APIConnectionError(
                 f"{request.method} {request.path}: cannot connect: {exc.os_error}",
-                maybe_sent=False) from None
+                maybe_sent=False)
         except aiohttp.ClientError as exc:
-            raise APIConnectionError(
-                f"{request.method} {request.path}: connection failed: {type(exc).__name__}: {exc}"
-            ) from None
+            error = APIConnectionError(
+                f"{request.method} {request.path}: connection failed: {type(exc).__name__}: "
+                f"{_describe(exc)}")
+        except RuntimeError:
+            if not session.closed:
+                raise
+            error = ClientClosedError("the aiohttp session passed as session= was closed by "
+                                      "its owner during the call")
+        if error is not None:
+            if self._closed:
+                error = ClientClosedError("the client was closed during this call")
+            raise error
         data_out, request_id = decode_envelope(
             status, headers, body, retry_after_max=self.retry_policy.retry_after_max)
-        return Response(status=status, headers=headers, data=data_out, request_id=request_id,
-                        elapsed=time.monotonic() - start)
+        return Response(status=status, headers=headers, data=data_out, request_id=request_id)
 
     async def aclose(self) -> None:
         """Close the session we own (safe to call twice); a borrowed session stays open."""
@@ -195,15 +231,30 @@ class Transport:
         if session is not None and self._owns_session and not session.closed:
             await session.close()
 
-    def detach_after_fork(self) -> None:
-        """In a fork child the parent's session is unusable: forget it without touching it.
-
-        Closing it (or letting it be collected) would unregister the parent's sockets from the
-        epoll instance that parent and child share after fork, and hang the parent.
+    def forget_loop(self) -> list[object]:
+        """Documented-internal hook for the sync runner, in a fork child: drop everything bound
+        to the parent's event loop (session, limiter queues, locks) so the next call starts
+        afresh. Returns what must be kept alive *untouched*: closing or collecting the parent's
+        session would unregister the parent's sockets from the epoll instance that parent
+        and child share after fork, and hang the parent.
         """
-        if self._session is not None:
-            FORK_ORPHANS.append(self._session)
-        self._session, self._loop = None, None
+        keep: list[object] = []
+        if self._owns_session and self._session is not None:
+            keep.append(self._session)
+            self._session = None
+        self._loop = None
+        self._limits.reset()
+        after_fork = getattr(self.config.credentials, "after_fork", None)
+        if after_fork is not None:
+            after_fork()
+        return keep
+
+
+def _describe(exc: aiohttp.ClientError) -> str:
+    """A short text for an aiohttp error, never its request_info (which holds the headers)."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"HTTP {exc.status} {exc.message}"
+    return str(exc)
 
 
 __all__ = ["Transport", "decode_envelope"]

@@ -30,24 +30,40 @@ def voice_name(value: Any) -> str:
     return value
 
 
+def _http_url(value: str, what: str) -> str:
+    """The checks that are certain for any URL we send: http(s), a host, a valid port."""
+    try:
+        parsed = urllib.parse.urlsplit(value)
+        parsed.port  # noqa: B018 -- raises for a port that is not a number or out of range
+    except ValueError:  # e.g. "http://[::1/x": urllib's own error is not a VoiceAPIError
+        raise ValidationError(f"{what} is not a valid URL") from None
+    if parsed.scheme.lower() not in ("http", "https") or not parsed.netloc:
+        raise ValidationError(f"{what} must be an http(s) URL")
+    if not parsed.hostname:
+        raise ValidationError(f"{what} must name a host")
+    return value
+
+
 def voice_url(value: Any) -> str:
+    """Only what is certain about a URL: http(s), a host, a sane length, no spaces/controls.
+
+    The documented .mp3/.wav/.mp4/.mov rule is about the media, not the URL: signed and CDN
+    URLs often have no extension (kling-api.md §11.1), so the server judges the media.
+    """
     if not isinstance(value, str):
         raise ValidationError(f"voice_url must be a string, got {type(value).__name__}")
     if len(value) > C.MAX_URL_CHARS or _has_control_chars(value) or " " in value.strip():
         raise ValidationError("voice_url is not a valid URL (too long, spaces or control "
                               "characters)")
-    parsed = urllib.parse.urlsplit(value.strip())
-    if parsed.scheme.lower() not in ("http", "https") or not parsed.netloc:
-        raise ValidationError("voice_url must be an http(s) URL")
-    path = urllib.parse.unquote(parsed.path).lower()
-    if not path.endswith(C.MEDIA_EXTENSIONS):
-        raise ValidationError(
-            "voice_url must point to a " + "/".join(e[1:] for e in C.MEDIA_EXTENSIONS) + " file")
-    return value.strip()
+    return _http_url(value.strip(), "voice_url")
 
 
 def identifier(value: Any, what: str) -> str:
     """An id that goes into a path or body: a non-empty printable string of sane length."""
+    # Fast path: Kling's ids are ASCII digit strings, which pass every check below.
+    if type(value) is str and value.isdigit() and value.isascii() \
+            and len(value) <= C.MAX_ID_CHARS:
+        return value
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
@@ -80,11 +96,9 @@ def callback_url(value: Any) -> str | None:
         return None
     if not isinstance(value, str):
         raise ValidationError(f"callback_url must be a string, got {type(value).__name__}")
-    parsed = urllib.parse.urlsplit(value)
-    if parsed.scheme.lower() not in ("http", "https") or not parsed.netloc \
-            or _has_control_chars(value) or len(value) > C.MAX_URL_CHARS:
+    if _has_control_chars(value) or len(value) > C.MAX_URL_CHARS:
         raise ValidationError("callback_url must be an http(s) URL")
-    return value
+    return _http_url(value, "callback_url")
 
 
 def page(value: Any, what: str) -> int:
@@ -103,9 +117,11 @@ def page_params(page_num: Any, page_size: Any) -> dict[str, str]:
 
 def path_segment(value: str) -> str:
     """Percent-encode an id for use as one path segment: ``../x`` never changes the path."""
+    if value.isdigit() and value.isascii():
+        return value  # the common case (Kling's digit ids): nothing to encode, nothing to check
     # "." and ".." would be normalised away by URL handling (and %2E is decoded back to ".").
     if _PLAIN_SEGMENT.fullmatch(value) and value not in (".", ".."):
-        return value  # the common case (digit ids): nothing to encode
+        return value  # unreserved characters only: nothing to encode
     if value.strip() in (".", ".."):
         raise ValidationError(f"{value!r} is not a valid id")
     return urllib.parse.quote(value, safe="")

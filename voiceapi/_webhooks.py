@@ -16,18 +16,22 @@ import hmac
 import inspect
 import json
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ._decode import parse_task
-from ._errors import UnexpectedResponseError, VoiceAPIError, WebhookVerificationError
+from ._errors import (
+    UnexpectedResponseError,
+    ValidationError,
+    VoiceAPIError,
+    WebhookVerificationError,
+)
 from ._models import VoiceTask
 
 if TYPE_CHECKING:  # aiohttp.web is only needed by receivers; keep `import voiceapi` light
     from aiohttp import web
-
-    from ._client import AsyncVoiceClient
 
 DEFAULT_TOLERANCE = 300  # seconds either side, as the Standard Webhooks spec recommends
 MAX_CALLBACK_BYTES = 1024 * 1024
@@ -130,21 +134,42 @@ def parse_callback(body: bytes, headers: Mapping[str, str], *,
 
 
 Listener = Callable[[VoiceTask], Awaitable[None] | None]
+#: Re-reads a task by id from the API, e.g. ``client.custom_voices.get``.
+Confirm = Callable[[str], Awaitable[VoiceTask]]
+
+
+def _confirm_function(confirm: Any) -> Confirm | None:
+    """``confirm=client.custom_voices.get``; a whole client still works, with a warning."""
+    if confirm is None or inspect.iscoroutinefunction(confirm):
+        return cast("Confirm | None", confirm)
+    voices = getattr(confirm, "custom_voices", None)
+    if voices is not None and inspect.iscoroutinefunction(getattr(voices, "get", None)):
+        warnings.warn("CallbackReceiver(confirm=client) is deprecated: pass "
+                      "confirm=client.custom_voices.get", DeprecationWarning, stacklevel=3)
+        return cast("Confirm", voices.get)
+    if callable(confirm):
+        return cast("Confirm", confirm)
+    raise ValidationError("confirm must be a coroutine function taking a task id, "
+                    "e.g. client.custom_voices.get")
 
 
 class CallbackReceiver:
     """An aiohttp request handler: verify, parse, drop repeats (by ``webhook-id``), notify.
 
-    ``app.router.add_post("/kling", receiver.handle)``. With ``confirm=client``, each update
-    is re-read with ``client.custom_voices.get()`` and listeners get the API's answer.
+    ``app.router.add_post("/kling", receiver.handle)``. With
+    ``confirm=client.custom_voices.get``, each update is re-read from the API and listeners
+    get its answer. A ``webhook-id`` counts as delivered only once every listener returned:
+    when confirming or a listener fails, the answer is an error and Kling's retry is handled
+    like a first delivery, so the final update cannot be lost.
     """
 
     def __init__(self, *listeners: Listener, webhook_secret: str | None = None,
-                 confirm: AsyncVoiceClient | None = None, remember: int = 10_000) -> None:
+                 confirm: Confirm | None = None, remember: int = 10_000) -> None:
         self._listeners = list(listeners)
         self._secret = webhook_secret
-        self._confirm = confirm
-        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._confirm = _confirm_function(confirm)
+        self._delivered: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._in_progress: set[str] = set()
         self._remember = remember
         self.received = 0
         self.rejected = 0
@@ -154,16 +179,10 @@ class CallbackReceiver:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
-    def _is_repeat(self, headers: Mapping[str, str]) -> bool:
-        wid = _header(headers, "webhook-id")
-        if not wid:
-            return False
-        if wid in self._seen:
-            return True
-        self._seen[wid] = None
-        if len(self._seen) > self._remember:
-            self._seen.popitem(last=False)
-        return False
+    def _mark_delivered(self, wid: str) -> None:
+        self._delivered[wid] = None
+        if len(self._delivered) > self._remember:
+            self._delivered.popitem(last=False)
 
     async def handle(self, request: web.Request) -> web.Response:
         from aiohttp import web
@@ -175,14 +194,27 @@ class CallbackReceiver:
             self.rejected += 1
             return web.json_response({"error": str(exc)}, status=400)
         self.received += 1
-        if self._is_repeat(request.headers):
-            return web.json_response({"ok": True, "duplicate": True})
-        if self._confirm is not None:
-            try:
-                task = await self._confirm.custom_voices.get(task.task_id)
-            except VoiceAPIError:
-                return web.json_response({"ok": False}, status=503)  # Kling may retry
-        await self.dispatch(task)
+        wid = _header(request.headers, "webhook-id") or None
+        if wid is not None:
+            if wid in self._delivered:
+                return web.json_response({"ok": True, "duplicate": True})
+            if wid in self._in_progress:
+                # The same delivery is being handled right now; its outcome is not known yet,
+                # so ask the sender to come back rather than claim it was delivered.
+                return web.json_response({"ok": False, "in_progress": True}, status=409)
+            self._in_progress.add(wid)
+        try:
+            if self._confirm is not None:
+                try:
+                    task = await self._confirm(task.task_id)
+                except VoiceAPIError:
+                    return web.json_response({"ok": False}, status=503)  # Kling may retry
+            await self.dispatch(task)
+            if wid is not None:
+                self._mark_delivered(wid)
+        finally:
+            if wid is not None:
+                self._in_progress.discard(wid)
         return web.json_response({"ok": True})
 
     async def dispatch(self, task: VoiceTask) -> None:
@@ -201,7 +233,7 @@ class CallbackServer:
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, path: str = "/kling-callback",
                  public_url: str | None = None, webhook_secret: str | None = None,
-                 confirm: AsyncVoiceClient | None = None) -> None:
+                 confirm: Confirm | None = None) -> None:
         self.receiver = CallbackReceiver(webhook_secret=webhook_secret, confirm=confirm)
         self._host, self._port, self._path = host, port, path
         self._public_url = public_url

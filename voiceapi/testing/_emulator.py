@@ -10,6 +10,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import functools
 import hashlib
 import heapq
 import hmac
@@ -22,9 +23,11 @@ import secrets
 import struct
 import threading
 import time
+import traceback
 import urllib.parse
 import uuid
 import wave
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
@@ -32,6 +35,8 @@ import aiohttp
 import attrs
 import jwt
 from aiohttp import web
+
+from ._options import check_number, options_from_args, resolve_readings
 
 # The emulator's own view of Kling's error table (kling-api.md §6.1): code -> (HTTP, message).
 _ERRORS: dict[int, tuple[int, str]] = {
@@ -59,8 +64,20 @@ _ERRORS: dict[int, tuple[int, str]] = {
 }
 
 ROUTES = ("create", "get", "list", "presets", "delete")
-FAULTS = ("reset", "slow", "garbage", "truncated", "html502", "commit_then_5000")
+FAULTS = ("reset", "slow", "garbage", "truncated", "html502", "commit_then_5000",
+          "commit_then_drop")
+#: Internal errors kept per emulator (a bug hit in a loop must not fill the memory).
+MAX_INTERNAL_ERRORS = 100
+#: The ``code`` recorded (and counted in stats) for a request whose connection was dropped
+#: without an answer.
+DROPPED = "dropped"
 _BASE = "/v1/general"
+#: The emulator's own inspection route (not part of the Kling API).
+STATS_PATH = "/_emulator/stats"
+#: Seconds a stopping emulator lets in-flight answers finish (a ``slow`` fault may hold one for
+#: long; a server going away drops it, and SIGTERM to the standalone runner stays prompt).
+_SHUTDOWN_GRACE = 0.5
+_MEDIA_EXTS = (".mp3", ".wav", ".mp4", ".mov")
 _FETCH_FAILED = "Something went wrong when we tried to get the contents of the file."
 _PRESET_NAMES = (
     "Warm Narrator", "Bright Host", "Calm Teacher", "Deep Trailer", "Friendly Guide",
@@ -77,12 +94,16 @@ class _Fault:
 
 
 class RecordedRequest:
-    """What the emulator saw and answered (``status`` 0 while still being answered)."""
+    """What the emulator saw and answered.
+
+    ``status`` is 0 while the request is still being answered, and stays 0 (with ``code``
+    ``"dropped"``) when a fault dropped the connection without an answer.
+    """
 
     __slots__ = ("code", "external_task_id", "method", "path", "route", "status")
 
-    def __init__(self, method: str, path: str, route: str, status: int, code: int | None,
-                 external_task_id: str | None) -> None:
+    def __init__(self, method: str, path: str, route: str, status: int,
+                 code: int | str | None, external_task_id: str | None) -> None:
         self.method, self.path, self.route = method, path, route
         self.status, self.code, self.external_task_id = status, code, external_task_id
 
@@ -112,6 +133,16 @@ class _Task:
         return "processing" if now >= self.processing_at else "submitted"
 
 
+class _Dropped(Exception):
+    """Abort the connection without answering (faults ``reset`` and ``commit_then_drop``)."""
+
+    def __init__(self, request: web.Request, ext: str | None) -> None:
+        super().__init__("connection dropped by the emulator")
+        if request.transport is not None:
+            request.transport.abort()
+        self.ext = ext
+
+
 class _ApiError(Exception):
     def __init__(self, code: int, message: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
@@ -134,6 +165,12 @@ def make_wav(seconds: float, rate: int = 8000) -> bytes:
         whole, rest = divmod(frames, rate)
         w.writeframes(chunk * whole + chunk[: rest * 2])
     return buf.getvalue()
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_wav(seconds: float) -> bytes:
+    """Samples by duration; bounded, so requests for many names cannot fill the memory."""
+    return make_wav(seconds)
 
 
 def wav_seconds(data: bytes) -> float:
@@ -175,20 +212,41 @@ class KlingEmulator:
         api_key: str | None = None,
         account_id: str = "100000000001",
         presets: int = 48,
-        strict_auth: bool = False,
+        profile: str | None = None,
+        strict_auth: bool | None = None,
         reject_both_sources: bool = True,
         unique_voice_names: bool = False,
-        max_page_size: int = 1000,
-        deleted_voices: str = "drop",
+        max_page_size: int | None = None,
+        list_order: str | None = None,
+        deleted_voices: str | None = None,
+        voice_status: bool | None = None,
+        numeric_money: bool | None = None,
+        unique_external_ids: bool | None = None,
+        check_url_extension: bool | None = None,
+        pending_voices: str | None = None,
         webhook_secret: str | None = None,
         callback_retries: int = 0,
         qps: float | None = None,
         max_body_bytes: int = 64 * 1024,
-        max_recorded_requests: int = 1_000_000,
+        max_recorded_requests: int = 100_000,
         seed: int = 0,
     ) -> None:
-        if deleted_voices not in ("drop", "mark"):
-            raise ValueError("deleted_voices must be 'drop' or 'mark'")
+        # Reading options left as None take the profile's value, else the built-in default.
+        readings = resolve_readings(profile, {
+            "strict_auth": strict_auth, "max_page_size": max_page_size,
+            "list_order": list_order, "deleted_voices": deleted_voices,
+            "voice_status": voice_status, "numeric_money": numeric_money,
+            "unique_external_ids": unique_external_ids,
+            "check_url_extension": check_url_extension, "pending_voices": pending_voices})
+        check_number("concurrency", concurrency, minimum=1, integer=True)
+        check_number("task_seconds", task_seconds, minimum=0)
+        check_number("processing_after", processing_after, minimum=0, allow_none=True)
+        check_number("presets", presets, minimum=0, integer=True)
+        check_number("callback_retries", callback_retries, minimum=0, integer=True)
+        check_number("qps", qps, minimum=0, allow_none=True)
+        check_number("max_body_bytes", max_body_bytes, minimum=1, integer=True)
+        check_number("max_recorded_requests", max_recorded_requests, minimum=0, integer=True)
+        self.profile = profile
         self.concurrency = concurrency
         self.task_seconds = task_seconds
         self.processing_after = (task_seconds * 0.25 if processing_after is None
@@ -198,11 +256,17 @@ class KlingEmulator:
         self.secret_key = secret_key or secrets.token_urlsafe(24)
         self.api_key = api_key or "emu-" + secrets.token_urlsafe(24)
         self.account_id = account_id
-        self.strict_auth = strict_auth
+        self.strict_auth: bool = readings["strict_auth"]
+        self.max_page_size: int = readings["max_page_size"]
+        self.list_order: str = readings["list_order"]
+        self.deleted_voices: str = readings["deleted_voices"]
+        self.voice_status: bool = readings["voice_status"]
+        self.numeric_money: bool = readings["numeric_money"]
+        self.unique_external_ids: bool = readings["unique_external_ids"]
+        self.check_url_extension: bool = readings["check_url_extension"]
+        self.pending_voices: str = readings["pending_voices"]
         self.reject_both_sources = reject_both_sources
         self.unique_voice_names = unique_voice_names
-        self.max_page_size = max_page_size
-        self.deleted_voices = deleted_voices
         self.webhook_secret = webhook_secret
         self.callback_retries = callback_retries
         self.qps = qps
@@ -217,6 +281,12 @@ class KlingEmulator:
         self._tasks: dict[str, _Task] = {}
         self._order: list[str] = []
         self._by_ext: dict[str, str] = {}
+        self._ext_counts: collections.Counter[str] = collections.Counter()
+        # Exact totals that survive the bounded request log: arrivals by route, answers by
+        # (route, code) — code None for answers without a JSON envelope.
+        self._arrivals: collections.Counter[str] = collections.Counter()
+        self._answers: collections.Counter[tuple[str, int | str | None]] = (
+            collections.Counter())
         self._voices: dict[str, str] = {}  # voice_id -> task_id
         self._names: set[str] = set()
         self._active: list[tuple[float, str]] = []  # heap of (done_at, task_id)
@@ -224,11 +294,15 @@ class KlingEmulator:
         self._faults: dict[str, collections.deque[_Fault]] = collections.defaultdict(
             collections.deque)
         self._qps_window: collections.deque[float] = collections.deque()
-        self._samples: dict[str, bytes] = {}
         # Newest last; bounded so a long-running mock-server does not grow without end.
         self.requests: collections.deque[RecordedRequest] = collections.deque(
             maxlen=max_recorded_requests)
         self.callbacks: list[dict[str, Any]] = []
+        #: Tracebacks of unexpected exceptions inside the emulator (its own bugs), oldest
+        #: first, at most ``MAX_INTERNAL_ERRORS``. The request still gets a 5000 envelope, but
+        #: the pytest fixtures fail the test at teardown so such a bug is never hidden by a
+        #: client that retries 5000.
+        self.internal_errors: list[str] = []
         self.peak_in_progress = 0
         self._presets = [self._make_preset(i) for i in range(presets)]
 
@@ -239,6 +313,12 @@ class KlingEmulator:
         self._thread: threading.Thread | None = None
         self._thread_loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
+
+    @staticmethod
+    def options_from_args(argv: Sequence[str] | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``KlingEmulator`` from command-line flags (``--port 0
+        --max-page-size 500 --profile strict-real`` …); see ``python -m voiceapi.testing -h``."""
+        return options_from_args(argv)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -255,10 +335,16 @@ class KlingEmulator:
     async def start(self) -> None:
         app = web.Application(client_max_size=self.max_body_bytes)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self._port)
-        await site.start()
+        runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                               shutdown_timeout=_SHUTDOWN_GRACE)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self._port)
+        try:
+            await site.start()
+        except BaseException:  # e.g. the port is taken: leave nothing half-started behind
+            await runner.cleanup()
+            raise
+        self._runner = runner
         server = site._server
         assert isinstance(server, asyncio.base_events.Server)
         self._site_port = server.sockets[0].getsockname()[1]
@@ -346,9 +432,11 @@ class KlingEmulator:
                retry_after: float | None = None) -> None:
         """Script a fault for the next ``times`` requests to ``route`` (or ``"*"``).
 
-        ``kind``: a Kling error code (e.g. 5000, 1302, 1303, 1102), or one of ``reset``,
-        ``slow`` (answer after ``delay`` s), ``garbage``, ``truncated``, ``html502``,
-        ``commit_then_5000`` (the create lands but the answer is an error).
+        ``kind``: a Kling error code (e.g. 5000, 1302, 1303, 1102), or one of ``reset`` (drop
+        the connection before any work), ``slow`` (do the work, answer after ``delay`` s),
+        ``garbage``, ``truncated``, ``html502``, ``commit_then_5000`` (the create lands but
+        the answer is an error) and ``commit_then_drop`` (the create lands, then the
+        connection is dropped without an answer; counted with code ``"dropped"``).
         """
         kind = str(kind)
         if route != "*" and route not in ROUTES:
@@ -362,10 +450,40 @@ class KlingEmulator:
         with self._lock:
             self._faults.clear()
 
-    def count(self, route: str | None = None, *, code: int | None = None) -> int:
-        """Requests received, optionally for one route and/or answered with one code."""
-        return sum(1 for r in list(self.requests)
-                   if (route is None or r.route == route) and (code is None or r.code == code))
+    def count(self, route: str | None = None, *, code: int | str | None = None) -> int:
+        """Requests received, optionally for one route and/or answered with one code.
+
+        Kept as counters, not read from :attr:`requests`, so the answer stays exact after the
+        bounded request log has dropped old entries.
+        """
+        with self._lock:
+            if code is None:
+                return (sum(self._arrivals.values()) if route is None
+                        else self._arrivals[route])
+            return sum(n for (r, c), n in self._answers.items()
+                       if c == code and (route is None or r == route))
+
+    def stats(self) -> dict[str, Any]:
+        """What the server saw, as JSON-ready data (also served at ``GET /_emulator/stats``).
+
+        ``tasks_per_external_id`` is a histogram {tasks per id: ids}, so ``{"1": 300}`` proves
+        300 voices were each created once; ``repeated_external_ids`` names the ids with more.
+        """
+        with self._lock:
+            by_route_code: dict[str, dict[str, int]] = {}
+            for (route, code), n in sorted(self._answers.items(), key=str):
+                by_route_code.setdefault(route, {})[str(code)] = n
+            histogram = collections.Counter(self._ext_counts.values())
+            return {
+                "requests": sum(self._arrivals.values()),
+                "by_route": dict(sorted(self._arrivals.items())),
+                "by_route_code": by_route_code,
+                "in_progress": self._prune_active(self.now()),
+                "peak_in_progress": self.peak_in_progress,
+                "task_count": len(self._order),
+                "tasks_per_external_id": {str(k): histogram[k] for k in sorted(histogram)},
+                "repeated_external_ids": sorted(e for e, n in self._ext_counts.items() if n > 1),
+            }
 
     def in_progress(self) -> int:
         with self._lock:
@@ -391,6 +509,20 @@ class KlingEmulator:
 
     def preset_ids(self) -> list[str]:
         return [p["task_result"]["voices"][0]["voice_id"] for p in self._presets]
+
+    def internal_error_report(self) -> str | None:
+        """The emulator's own errors as one message (None when there were none): what the
+        fixtures fail a test with."""
+        errors = list(self.internal_errors)
+        if not errors:
+            return None
+        return (f"the Kling emulator hit {len(errors)} internal error(s) (a bug in the "
+                "emulator, answered as 5000):\n\n" + "\n".join(errors))
+
+    def _record_internal_error(self, where: str) -> None:
+        """Keep the current exception's traceback (called from an ``except`` block)."""
+        if len(self.internal_errors) < MAX_INTERNAL_ERRORS:
+            self.internal_errors.append(f"{where}:\n{traceback.format_exc()}")
 
     # --- internals --------------------------------------------------------------------------
 
@@ -425,20 +557,34 @@ class KlingEmulator:
             voice = {"voice_id": t.voice_id, "voice_name": t.voice_name,
                      "trial_url": f"{self._trial_base()}/trial/{t.voice_id}.wav",
                      "owned_by": self.account_id}
-            if self.deleted_voices == "mark":
+            if self.voice_status:
                 voice["status"] = "deleted" if t.deleted else "succeed"
             voices.append(voice)
+        # numeric_money plays a server that sends money as numbers and times as digit strings.
+        stamp: Any = str if self.numeric_money else int
         out: dict[str, Any] = {
             "task_id": t.task_id, "task_status": status,
             "task_status_msg": t.fail_msg if status == "failed" else "",
             "task_info": ({"external_task_id": t.external_task_id}
                           if t.external_task_id else {}),
             "task_result": {"voices": voices},
-            "created_at": self._now_ms(t.created), "updated_at": self._now_ms(changed),
+            "created_at": stamp(self._now_ms(t.created)),
+            "updated_at": stamp(self._now_ms(changed)),
         }
+        if status != "succeed" and self.pending_voices != "empty":
+            # "Empty or absent until succeed" (kling-api.md §4.2): play the other shapes too.
+            if self.pending_voices == "absent":
+                del out["task_result"]
+            else:
+                out["task_result"] = {"voices": None}
         if status in ("succeed", "failed"):
-            out["final_unit_deduction"] = "0.05" if status == "succeed" else "0"
-            out["final_balance_deduction"] = {"quota": "0", "list_price": "0"}
+            units = "0.05" if status == "succeed" else "0"
+            if self.numeric_money:
+                out["final_unit_deduction"] = float(units)
+                out["final_balance_deduction"] = {"quota": 0, "list_price": 0}
+            else:
+                out["final_unit_deduction"] = units
+                out["final_balance_deduction"] = {"quota": "0", "list_price": "0"}
         return out
 
     def _trial_base(self) -> str:
@@ -448,9 +594,7 @@ class KlingEmulator:
         m = re.fullmatch(r"[\w.-]*?(\d+(?:\.\d+)?)s\.(wav|mp3|mp4|mov)", name)
         if not m or float(m.group(1)) > 120:
             return None
-        if name not in self._samples:
-            self._samples[name] = make_wav(float(m.group(1)))
-        return self._samples[name]
+        return _cached_wav(float(m.group(1)))
 
     def _media_failure(self, voice_url: str | None, video_id: str | None) -> str:
         """Why the sample is unusable ("" when it is fine): these become failed tasks."""
@@ -481,7 +625,14 @@ class KlingEmulator:
             except (wave.Error, EOFError):
                 return "The audio could not be decoded"
         else:
-            m = re.search(r"(\d+(?:\.\d+)?)s\.[a-z0-9]+$", name.lower())
+            ext = name.lower().rpartition(".")[2] if "." in name else ""
+            if ext and "." + ext not in _MEDIA_EXTS:
+                # Reached only without check_url_extension: the media, not the URL, is judged.
+                return "The file format is not supported: use mp3, wav, mp4 or mov"
+            # "-12s.wav"; without an extension only a separated token ("clip-12s") counts, so
+            # a random CDN key ending in digits and "s" is not read as a duration.
+            m = re.search(r"(\d+(?:\.\d+)?)s\.[a-z0-9]+$" if ext else
+                          r"(?:^|[-_])(\d+(?:\.\d+)?)s$", name.lower())
             seconds = float(m.group(1)) if m else 10.0
         if not 5.0 <= seconds <= 30.0:
             return f"The audio must be between 5s and 30s long; this one is {seconds:g}s"
@@ -533,29 +684,60 @@ class KlingEmulator:
         ident = urllib.parse.unquote(path.rsplit("/", 1)[1]) if route == "get" else None
         return route, ident
 
+    def _side_route(self, method: str, raw_path: str) -> web.Response | None:
+        """The emulator's own routes (samples, trial clips, stats), or None for API paths."""
+        if method != "GET":
+            return None
+        if raw_path.startswith("/samples/"):
+            return self._serve_sample(raw_path[len("/samples/"):])
+        if raw_path.startswith("/trial/"):
+            return web.Response(body=_cached_wav(6.0), content_type="audio/wav")
+        if raw_path == STATS_PATH:
+            # Unauthenticated and uncounted: for tests and benchmarks in other processes.
+            return web.json_response(self.stats())
+        return None
+
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         raw_path = request.raw_path.split("?", 1)[0]
-        if request.method == "GET" and raw_path.startswith("/samples/"):
-            return self._serve_sample(raw_path[len("/samples/"):])
-        if request.method == "GET" and raw_path.startswith("/trial/"):
-            return web.Response(body=make_wav(6.0), content_type="audio/wav")
+        try:
+            side = self._side_route(request.method, raw_path)
+        except Exception:  # an emulator bug here too must not pass unseen
+            self._record_internal_error(f"{request.method} {raw_path} (emulator route)")
+            return web.Response(status=500, text="emulator error")
+        if side is not None:
+            return side
         route, ext = "unknown", None
         record = RecordedRequest(request.method, raw_path, route, 0, None, None)
         self.requests.append(record)  # on arrival, so in-flight requests are counted too
         try:
-            route, ident = self._route_of(request.method, raw_path)
-            record.route = route
+            try:
+                route, ident = self._route_of(request.method, raw_path)
+            finally:
+                record.route = route
+                with self._lock:
+                    self._arrivals[route] += 1
             self._authenticate(request)
             self._check_qps()
             fault = self._take_fault(route)
             response, ext = await self._handle_with_fault(route, ident, request, fault)
         except _ApiError as err:
             response = self._error_response(err)
+        except _Dropped as drop:
+            # No answer reaches the client; the response below only satisfies aiohttp.
+            record.status, record.code, record.external_task_id = 0, DROPPED, drop.ext
+            with self._lock:
+                self._answers[route, DROPPED] += 1
+            return web.Response(status=500)
+        except ConnectionError:  # the client went away mid-request: not the emulator's fault
+            response = self._error_response(_ApiError(5000, "connection lost"))
         except Exception as exc:  # never a traceback page: an envelope, like the real server
+            self._record_internal_error(f"{request.method} {raw_path} ({route})")
             response = self._error_response(
                 _ApiError(5000, f"emulator error: {type(exc).__name__}"))
         record.status, record.code, record.external_task_id = (
             response.status, self._code_of(response), ext)
+        with self._lock:
+            self._answers[route, record.code] += 1
         return response
 
     @staticmethod
@@ -585,9 +767,7 @@ class KlingEmulator:
                 headers["Retry-After"] = f"{fault.retry_after:g}"
             raise _ApiError(int(kind), headers=headers)
         if kind == "reset":
-            if request.transport is not None:
-                request.transport.abort()
-            raise _ApiError(5000, "connection reset by emulator")
+            raise _Dropped(request, None)
         if kind == "html502":
             return web.Response(status=502, text="<html><body><h1>502 Bad Gateway</h1></body>"
                                 "</html>", content_type="text/html"), None
@@ -599,6 +779,8 @@ class KlingEmulator:
             await asyncio.sleep(fault.delay)  # the work is done; only the answer is late
         if kind == "commit_then_5000":
             raise _ApiError(5000)
+        if kind == "commit_then_drop":  # the work is stored; the caller never hears of it
+            raise _Dropped(request, ext)
         body = self._envelope(0, "SUCCEED", payload, with_data=payload is not None)
         if kind == "truncated":
             body = body[: max(1, len(body) // 2)]
@@ -673,8 +855,11 @@ class KlingEmulator:
             num, size = self._paging(request)
             now = self.now()
             with self._lock:
-                end = len(self._order) - (num - 1) * size
-                ids = self._order[max(0, end - size):max(0, end)][::-1]
+                if self.list_order == "oldest":
+                    ids = self._order[(num - 1) * size:num * size]
+                else:
+                    end = len(self._order) - (num - 1) * size
+                    ids = self._order[max(0, end - size):max(0, end)][::-1]
                 return [self._task_json(self._tasks[t], now) for t in ids], None
         if route == "presets":
             num, size = self._paging(request)
@@ -717,8 +902,9 @@ class KlingEmulator:
             raise _ApiError(1201, "voice_url and video_id are mutually exclusive")
         if voice_url is not None:
             parsed = urllib.parse.urlsplit(voice_url)
-            if parsed.scheme not in ("http", "https") or not parsed.path.lower().endswith(
-                    (".mp3", ".wav", ".mp4", ".mov")):
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise _ApiError(1201, "voice_url must be an http(s) URL")
+            if self.check_url_extension and not parsed.path.lower().endswith(_MEDIA_EXTS):
                 raise _ApiError(1201, "voice_url must be an http(s) URL of a mp3/wav/mp4/mov "
                                       "file")
         if video_id is not None and not video_id.isdigit():
@@ -727,8 +913,9 @@ class KlingEmulator:
         ext = self._opt_str(body, "external_task_id")
         now = self.now()
         with self._lock:
-            if ext is not None and ext in self._by_ext:
-                raise _ApiError(1201, f"external_task_id already exists: {ext}")
+            if ext is not None and ext in self._by_ext and self.unique_external_ids:
+                # The real server's text (kling-api.md §11.1), which SDKs match on.
+                raise _ApiError(1201, f"External_task_id {ext} already exists")
             if self.unique_voice_names and name in self._names:
                 raise _ApiError(1201, f"voice_name already exists: {name}")
             in_progress = self._prune_active(now)
@@ -745,7 +932,9 @@ class KlingEmulator:
             self._voices[task.voice_id] = task.task_id
             self._names.add(name)
             if ext is not None:
-                self._by_ext[ext] = task.task_id
+                # A lookup by a repeated external id finds the first task made with it.
+                self._by_ext.setdefault(ext, task.task_id)
+                self._ext_counts[ext] += 1
             heapq.heappush(self._active, (task.done_at, task.task_id))
             self.peak_in_progress = max(self.peak_in_progress, len(self._active))
             if callback_url:
@@ -788,7 +977,10 @@ class KlingEmulator:
         while True:
             await asyncio.sleep(interval)
             if self._callback_pending:
-                await self._send_due_callbacks()
+                try:
+                    await self._send_due_callbacks()
+                except Exception:  # an emulator bug: report it, keep serving
+                    self._record_internal_error("callbacks")
 
     async def _send_due_callbacks(self) -> None:
         now = self.now()
@@ -834,5 +1026,5 @@ class KlingEmulator:
                 entry["status"] = "error"
 
 
-__all__ = ["FAULTS", "ROUTES", "KlingEmulator", "RecordedRequest", "make_wav", "sign_webhook",
-           "wav_seconds"]
+__all__ = ["DROPPED", "FAULTS", "ROUTES", "STATS_PATH", "KlingEmulator", "RecordedRequest",
+           "make_wav", "sign_webhook", "wav_seconds"]
