@@ -1,13 +1,12 @@
 """Run the Kling emulator in its own process, so its CPU is never billed to the client measured.
 
-Uses ``python -m voiceapi.testing`` when the installed tree has it (no click needed), otherwise
-``python -m benchmarks._serve``; both print one JSON line with the base URL and credentials.
+``python -m voiceapi.testing`` (no click needed) prints one JSON line with the base URL and
+credentials, and serves ``GET /_emulator/stats`` with what the server saw.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import subprocess
 import sys
@@ -38,12 +37,10 @@ class Emulator:
 
 
 def command(concurrency: int, task_seconds: float) -> list[str]:
-    module = ("voiceapi.testing" if importlib.util.find_spec("voiceapi.testing.__main__")
-              else "benchmarks._serve")
-    return [sys.executable, "-m", module, "--port", "0", "--concurrency", str(concurrency),
-            "--task-seconds", str(task_seconds)] if module == "voiceapi.testing" else [
-        sys.executable, "-m", module, "--concurrency", str(concurrency),
-        "--task-seconds", str(task_seconds)]
+    # A 100k-item batch sends millions of requests: keep the emulator's request log small.
+    return [sys.executable, "-m", "voiceapi.testing", "--port", "0", "--concurrency",
+            str(concurrency), "--task-seconds", str(task_seconds),
+            "--max-recorded-requests", "1000"]
 
 
 @contextlib.contextmanager

@@ -142,6 +142,11 @@ PERCALL_NAMES = {"get": "get() vs raw aiohttp",
                  "sync": "VoiceClient.get() vs AsyncVoiceClient.get()"}
 
 
+def _peak(values: Sequence[int | None]) -> str:
+    known = [v for v in values if v is not None]
+    return f"; server peak in progress {max(known)}" if known else ""
+
+
 def rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(benchmark, measured: median (min–max), detail)."""
     out: list[tuple[str, str, str]] = []
@@ -177,7 +182,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
                         f"{fmt(v['refused_1303_per_voice'])} × 1303/voice "
                         f"({fmt(per_s, 1)}/s), wall {fmt(v['wall'], 1, ' s')} vs ideal "
                         f"{bt['ideal_wall']:.1f} s; {v['ok']}/{bt['items']} ok, "
-                        f"{bt['reps']} runs"))
+                        f"{bt['reps']} runs{_peak(v['peak_in_progress'])}"))
     sc = r.get("scaling")
     if sc:
         for row in sc["rows"]:
