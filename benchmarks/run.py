@@ -147,9 +147,18 @@ def _peak(values: Sequence[int | None]) -> str:
     return f"; server peak in progress {max(known)}" if known else ""
 
 
+def _failed(r: dict[str, Any]) -> dict[str, Any]:
+    """The results without the sections that failed (those are listed by ``rows``)."""
+    return {k: v for k, v in r.items() if not (isinstance(v, dict) and "error" in v)}
+
+
 def rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(benchmark, measured: median (min–max), detail)."""
-    out: list[tuple[str, str, str]] = []
+    out: list[tuple[str, str, str]] = [
+        (f"section {k}", "not measured", f"failed: {v['error']}") for k, v in r.items()
+        if isinstance(v, dict) and "error" in v and k != "scaleout"]
+    scaleout = r.get("scaleout")  # its failure is shown in its own row below
+    r = _failed(r)
     pc = r.get("percall")
     if pc:
         for group, name in PERCALL_NAMES.items():
@@ -217,7 +226,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
         out.append(("import voiceapi vs import aiohttp, CPU", fmt(im["cpu_ratio"], unit="×"),
                     f"{fmt(im['cpu_s']['voiceapi'], 0, ' ms', 1e3)} vs "
                     f"{fmt(im['cpu_s']['aiohttp'], 0, ' ms', 1e3)}"))
-    so = r.get("scaleout")
+    so = scaleout
     if so:
         if "error" in so:
             out.append(("Scale-out, 3 processes", "not measured", so["error"]))
@@ -236,7 +245,10 @@ def _median(values: Sequence[float]) -> float:
 
 def targets(r: dict[str, Any]) -> list[Target]:
     """(target, measured, limit, passed — None when not measured, reason for a miss)."""
-    out: list[Target] = []
+    out: list[Target] = [(f"targets of section {k}", "not measured", "", None, v["error"])
+                         for k, v in r.items() if isinstance(v, dict) and "error" in v
+                         and k in ("percall", "batch", "scaling", "memory", "import")]
+    r = _failed(r)
     pc = r.get("percall")
     if pc:
         for group, name, limit in (("get", "get() vs raw aiohttp", 1.15),
@@ -414,8 +426,16 @@ def main(argv: list[str] | None = None) -> int:
         "scaleout": lambda: run_scaleout(q),
     }
     for name, section in sections.items():
-        if name in only:
+        if name not in only:
+            continue
+        try:
             results[name] = section()
+        except Exception as exc:  # one broken section must not lose the others' figures
+            log(f"{name} failed: {type(exc).__name__}: {exc}")
+            results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        if args.json_path:  # partial results survive a later crash or a kill
+            with open(args.json_path, "w") as fh:
+                json.dump(results, fh, indent=2)
     results["seconds"] = time.perf_counter() - started
     results["command"] = "python -m benchmarks" + (" --quick" if q else "") + (
         f" --only {args.only}" if args.only else "")
