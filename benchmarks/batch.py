@@ -7,6 +7,9 @@ slot utilisation = ideal wall (items × task time / cap) ÷ actual wall; request
 The fair baseline ("naive"): an ``asyncio.Semaphore`` at the real cap, ``create()``, retry a
 1303 after one poll interval, then poll that task with ``get()`` at a fixed interval — once per
 task time T (like 1 s polls on 1 s tasks) and at T/8.
+
+Tasks take T = 0.2 s here (real ones take seconds), so every poll interval is given in task
+times: ``create_many`` gets ``poll_interval=T/8``, what it picks by itself on real tasks.
 """
 
 from __future__ import annotations
@@ -30,10 +33,13 @@ class Counter:
     def __init__(self) -> None:
         self.requests = 0
         self.refused_1303 = 0
+        self.list_polls = 0
 
     async def __call__(self, request: voiceapi.Request,
                        call_next: voiceapi.Handler) -> voiceapi.Response:
         self.requests += 1
+        if request.method == "GET" and request.path.rstrip("/").endswith("/custom-voices"):
+            self.list_polls += 1
         try:
             return await call_next(request)
         except voiceapi.APIError as exc:
@@ -50,9 +56,10 @@ def items_for(n: int, tag: str) -> list[dict[str, Any]]:
 Runner = Callable[[voiceapi.AsyncVoiceClient, list[dict[str, Any]]], Awaitable[int]]
 
 
-def sdk_runner(max_in_flight: int | None) -> Runner:
+def sdk_runner(max_in_flight: int | None, poll_interval: float) -> Runner:
     async def run(client: voiceapi.AsyncVoiceClient, items: list[dict[str, Any]]) -> int:
-        results = await client.custom_voices.create_many(items, max_in_flight=max_in_flight)
+        results = await client.custom_voices.create_many(items, max_in_flight=max_in_flight,
+                                                         poll_interval=poll_interval)
         return sum(r.ok for r in results)
     return run
 
@@ -89,15 +96,19 @@ async def _measure(emu: Emulator, items: int, run: Runner, *, sdk_retries: bool)
         wall = time.perf_counter() - start
     stats = emu.stats()
     return {"wall": wall, "requests": counter.requests, "refused_1303": counter.refused_1303,
-            "ok": ok, "peak_in_progress": None if stats is None else stats["peak_in_progress"]}
+            "list_polls": counter.list_polls, "ok": ok,
+            "peak_in_progress": None if stats is None else stats["peak_in_progress"]}
 
 
 def variants(cap: int, task_s: float) -> dict[str, tuple[Runner, bool]]:
     return {
-        "create_many": (sdk_runner(None), True),
+        # The SDK polls at T/8 of the tasks it sees, but never below a floor set for real
+        # task times (seconds); on this compressed time scale the floor would be many task
+        # times, so the benchmark passes what the SDK picks on real tasks: T/8.
+        "create_many": (sdk_runner(None, task_s / 8), True),
         "naive_poll_T": (naive_runner(cap, task_s), False),
         "naive_poll_T/8": (naive_runner(cap, task_s / 8), False),
-        "create_many_fixed_2x": (sdk_runner(2 * cap), True),
+        "create_many_fixed_2x": (sdk_runner(2 * cap, task_s / 8), True),
     }
 
 
@@ -122,6 +133,7 @@ def bench_batch(items: int, cap: int, task_s: float, reps: int,
                      "utilisation": [ideal / r["wall"] for r in results],
                      "requests_per_voice": [r["requests"] / items for r in results],
                      "refused_1303_per_voice": [r["refused_1303"] / items for r in results],
+                     "list_polls_per_second": [r["list_polls"] / r["wall"] for r in results],
                      "peak_in_progress": [r["peak_in_progress"] for r in results],
                      "ok": min(r["ok"] for r in results)}
     return out

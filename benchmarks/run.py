@@ -287,6 +287,13 @@ def targets(r: dict[str, Any]) -> list[Target]:
                     "" if per_s <= 3 else
                     f"{_median(fx['refused_1303_per_voice']):.1f} × 1303 per voice, "
                     f"{_median(fx['requests_per_voice']):.1f} requests per voice"))
+        if "list_polls_per_second" in fx:
+            lps = _median(fx["list_polls_per_second"])
+            out.append((f"fixed max_in_flight={2 * bt['cap']} on a cap of {bt['cap']}: list "
+                        "polls per second", f"{lps:.1f}/s", "≤ 5/s", lps <= 5,
+                        "" if lps <= 5 else
+                        f"{lps * _median(fx['wall']):.0f} list polls in "
+                        f"{_median(fx['wall']):.1f} s"))
     sc = r.get("scaling")
     if sc and len(sc["sizes"]) >= 2:
         small, big = sc["sizes"][0], sc["sizes"][-1]
