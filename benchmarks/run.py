@@ -279,20 +279,21 @@ def targets(r: dict[str, Any]) -> list[Target]:
         out.append((f"create_many requests per voice, {bt['items']} items, cap {bt['cap']}",
                     f"{rpv:.2f}", "≤ 2.8", rpv <= 2.8,
                     "" if rpv <= 2.8 else "list polls per voice above budget"))
-        fx = bt["create_many_fixed_2x"]
-        per_s = _median([c * bt["items"] / w for c, w in zip(fx["refused_1303_per_voice"],
-                                                              fx["wall"], strict=True)])
-        out.append((f"fixed max_in_flight={2 * bt['cap']} on a cap of {bt['cap']}: 1303 per "
-                    "second of wall", f"{per_s:.1f}/s", "≤ 3/s", per_s <= 3,
-                    "" if per_s <= 3 else
+        # Issue 11's limits (3 × 1303 and 5 list polls per second) were seen with 2 s tasks;
+        # on this compressed time scale they are judged per task time T: 6 and 10 per T.
+        fx, t = bt["create_many_fixed_2x"], bt["task_seconds"]
+        name = f"fixed max_in_flight={2 * bt['cap']} on a cap of {bt['cap']}"
+        per_t = _median([c * bt["items"] / w * t for c, w in zip(fx["refused_1303_per_voice"],
+                                                                  fx["wall"], strict=True)])
+        out.append((f"{name}: 1303 answers per task time T", f"{per_t:.1f}", "≤ 6 (3/s at T=2 s)",
+                    per_t <= 6, "" if per_t <= 6 else
                     f"{_median(fx['refused_1303_per_voice']):.1f} × 1303 per voice, "
                     f"{_median(fx['requests_per_voice']):.1f} requests per voice"))
         if "list_polls_per_second" in fx:
-            lps = _median(fx["list_polls_per_second"])
-            out.append((f"fixed max_in_flight={2 * bt['cap']} on a cap of {bt['cap']}: list "
-                        "polls per second", f"{lps:.1f}/s", "≤ 5/s", lps <= 5,
-                        "" if lps <= 5 else
-                        f"{lps * _median(fx['wall']):.0f} list polls in "
+            lpt = _median(fx["list_polls_per_second"]) * t
+            out.append((f"{name}: list polls per task time T", f"{lpt:.1f}",
+                        "≤ 10 (5/s at T=2 s)", lpt <= 10, "" if lpt <= 10 else
+                        f"{lpt / t * _median(fx['wall']):.0f} list polls in "
                         f"{_median(fx['wall']):.1f} s"))
     sc = r.get("scaling")
     if sc and len(sc["sizes"]) >= 2:
