@@ -317,7 +317,8 @@ def targets(r: dict[str, Any]) -> list[Target]:
         b = mem["rss_per_item_bytes"]
         out.append((f"RSS per tracked task ({mem['items']:,} tracked)", f"{b:,.0f} B",
                     "≤ 1,536 B", b <= 1536,
-                    "" if b <= 1536 else "per-task state (item, body, task, result) too large"))
+                    "" if b <= 1536 else
+                    f"peak RSS grew {(mem['rss_peak'] - mem['rss_before']) / 2**20:.1f} MB"))
     im = r.get("import")
     if im:
         ratio = im.get("instructions_ratio") or _median(im["cpu_ratio"])
