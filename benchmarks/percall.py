@@ -98,40 +98,29 @@ class Child:
 
     def variant(self, group: str, name: str) -> Callable[[int], None]:
         """A function making ``n`` calls of this variant."""
-        base = self.emu.base_url + "/v1/general/custom-voices"
         client = self.client
         assert client is not None
-        one: Callable[[], Awaitable[Any]]
-        if group in ("get", "sync") and name in ("raw", "async", "sdk"):
-            url = f"{base}/{self.task_id}"
-            task_id = self.task_id
-            if name == "raw":
-                def one() -> Awaitable[Any]:
-                    return self._raw(url)
-            else:
-                def one() -> Awaitable[Any]:
-                    return client.custom_voices.get(task_id)
-        elif group == "list":
-            url = f"{base}?pageNum=1&pageSize={LIST_PAGE}"
-            if name == "raw":
-                def one() -> Awaitable[Any]:
-                    return self._raw(url)
-            else:
-                def one() -> Awaitable[Any]:
-                    return client.custom_voices.list(page_size=LIST_PAGE)
-        elif (group, name) == ("sync", "sync"):
+        task_id = self.task_id
+        one_url = f"{self.emu.base_url}/v1/general/custom-voices/{task_id}"
+        page_url = f"{self.emu.base_url}/v1/general/custom-voices?pageNum=1&pageSize={LIST_PAGE}"
+        calls: dict[tuple[str, str], Callable[[], Awaitable[Any]]] = {
+            ("get", "raw"): lambda: self._raw(one_url),
+            ("get", "sdk"): lambda: client.custom_voices.get(task_id),
+            ("list", "raw"): lambda: self._raw(page_url),
+            ("list", "sdk"): lambda: client.custom_voices.list(page_size=LIST_PAGE),
+            ("sync", "async"): lambda: client.custom_voices.get(task_id),
+        }
+        if (group, name) == ("sync", "sync"):
             if self.sync_client is None:
                 self.sync_client = voiceapi.VoiceClient(
                     self.emu.access_key, self.emu.secret_key, base_url=self.emu.base_url)
             sync_get = self.sync_client.custom_voices.get
-            task_id = self.task_id
 
             def run_sync(n: int) -> None:
                 for _ in range(n):
                     sync_get(task_id)
             return run_sync
-        else:
-            raise ValueError(f"unknown variant {group}/{name}")
+        one = calls[(group, name)]
 
         async def many(n: int) -> None:
             for _ in range(n):
