@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import traceback
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -98,6 +99,7 @@ def test_transport_only_raises_sdk_errors(status: int, payload: Any, content_typ
 
 
 SECRET = "sk-SECRET-do-not-leak-0123456789abcdef"
+SDK_DIR = Path(voiceapi.__file__).parent
 API_KEY = "ak-APIKEY-do-not-leak-0123456789abcdef"
 
 
@@ -105,7 +107,8 @@ def _our_frames_text(exc: BaseException) -> str:
     """The SDK's frames of the traceback, with their locals (the test's own frames hold the
     secret on purpose)."""
     te = traceback.TracebackException.from_exception(exc, capture_locals=True)
-    ours = [f for f in te.stack if "/voiceapi/" in f.filename]
+    # By package directory, not by a path substring: the checkout itself may be named voiceapi.
+    ours = [f for f in te.stack if Path(f.filename).is_relative_to(SDK_DIR)]
     assert ours, "expected SDK frames in the traceback"
     return "\n".join(f"{f.filename}:{f.lineno} {f.locals!r}" for f in ours)
 

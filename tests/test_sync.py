@@ -17,7 +17,7 @@ import pytest
 
 import voiceapi
 from tests.conftest import FAST_RETRY
-from voiceapi import _sync_gen
+from tools import gen_sync
 from voiceapi._custom_voices import AsyncCustomVoices
 from voiceapi._preset_voices import AsyncPresetVoices
 from voiceapi._sync_resources import CustomVoices, PresetVoices
@@ -38,8 +38,8 @@ def sclient(temu: KlingEmulator) -> Iterator[voiceapi.VoiceClient]:
 
 
 def test_generated_file_is_fresh() -> None:
-    committed = Path(_sync_gen.TARGET).read_text()
-    assert committed == _sync_gen.generate(), "run: python -m voiceapi._sync_gen"
+    committed = Path(gen_sync.TARGET).read_text()
+    assert committed == gen_sync.generate(), "run: python -m tools.gen_sync"
 
 
 @pytest.mark.parametrize(("async_cls", "sync_cls"), [(AsyncCustomVoices, CustomVoices),

@@ -70,6 +70,24 @@ BATCH_MAX_CONCURRENT_SUBMITS = 32
 # is under 1 MB, so anything near this is a misbehaving proxy, not Kling.
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
+USER_AGENT = "voiceapi-python/0.1.0"
 # Requests one client sends at once (max_concurrent_requests): enough for any batch, few
 # enough that a gather() of thousands of calls does not open thousands of sockets.
 DEFAULT_MAX_CONCURRENT_REQUESTS = 100
+
+# --- command line (voiceapi[cli]) --------------------------------------------------------------
+CLI_INSTALL_HINT = "pip install 'voiceapi[cli]'"
+# Exit codes: 130 is what shells report for Ctrl-C (128 + SIGINT).
+CLI_EXIT_API_ERROR = 1
+CLI_EXIT_USAGE = 2
+CLI_EXIT_INTERRUPTED = 130
+# A table cell longer than this ends in "…": status messages can be paragraphs.
+CLI_MESSAGE_MAX_WIDTH = 40
+CLI_NAME_MAX_WIDTH = 24
+# Table width when stdout is not a terminal (and COLUMNS is unset): wide enough for every id.
+CLI_PIPE_WIDTH = 200
+CLI_JOURNAL_SUFFIX = ".journal"
+CLI_EMULATOR_PORT = 8787
+CLI_EMULATOR_SECRET_KEY = "local-secret-key-0123456789abcdef"
+CLI_EMULATOR_API_KEY = "local-api-key"
+BEIJING_BASE_URL = "https://api-beijing.klingai.com"

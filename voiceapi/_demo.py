@@ -7,9 +7,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from . import _constants as C
 from ._batch import BatchProgress
+from ._cli._output import task_table
 from ._client import AsyncVoiceClient
-from ._models import BatchResult
+from ._models import BatchResult, VoiceTask
 
 
 def _line(title: str) -> str:
@@ -17,8 +19,10 @@ def _line(title: str) -> str:
 
 
 async def run_demo(make_client: Callable[[], AsyncVoiceClient] | None, *, task_seconds: float,
-                   sample_urls: list[str], echo: Callable[..., None], as_json: bool) -> int:
-    """Returns the exit code: 0 when every step behaved as expected."""
+                   sample_urls: list[str], echo: Callable[..., None], as_json: bool,
+                   client_options: dict[str, Any] | None = None) -> int:
+    """Returns the exit code: 0 when every step behaved as expected. ``client_options`` are
+    extra ``AsyncVoiceClient`` arguments for the embedded emulator's client (timeouts)."""
     say: Callable[..., None] = (lambda *a, **k: None) if as_json else echo
     if make_client is not None:
         async with make_client() as client:
@@ -31,8 +35,8 @@ async def run_demo(make_client: Callable[[], AsyncVoiceClient] | None, *, task_s
         say("(set KLING_ACCESS_KEY/KLING_SECRET_KEY or KLING_API_KEY to use your account)")
         samples = [emu.sample_url(s) for s in (8, 12, 15, 20, 25)]
         samples.insert(3, emu.sample_url(3))  # too short: Kling rejects samples under 5 s
-        async with AsyncVoiceClient(emu.access_key, emu.secret_key,
-                                    base_url=emu.base_url) as client:
+        async with AsyncVoiceClient(emu.access_key, emu.secret_key, base_url=emu.base_url,
+                                    **(client_options or {})) as client:
             return await _scenario(client, samples, emu.concurrency, say, echo, as_json)
 
 
@@ -50,8 +54,11 @@ async def _scenario(client: AsyncVoiceClient, samples: list[str], cap: int | Non
         run = f"demo-{int(time.time())}"
         items = [{"voice_name": f"Demo voice {i + 1}", "voice_url": url,
                   "external_task_id": f"{run}-{i + 1}"} for i, url in enumerate(samples)]
-        say(_line(f"Cloning {len(items)} voices as one batch"
-                  + (f" (account cap: {cap} at a time)" if cap else "")))
+        say(_line(f"Cloning {len(items)} voices as one batch"))
+        if cap:
+            # "slots" below start at 2 and grow: the batch learns the cap from 1303 answers.
+            say(f"  The emulated account allows {cap} tasks in progress. The batch is not told:"
+                f" it starts with {C.BATCH_INITIAL_SLOTS} slots and learns the limit.")
         last = [""]
 
         def progress(p: BatchProgress) -> None:
@@ -88,17 +95,13 @@ async def _scenario(client: AsyncVoiceClient, samples: list[str], cap: int | Non
 
     say(_line("Your custom voices (every page)"))
     count = 0
+    shown: list[VoiceTask] = []
     async for task in client.custom_voices.iter_all():
         count += 1
         if count <= 10:
-            voice = task.voice
-            if voice is not None:
-                label = voice.voice_name
-            elif task.task_status.value == "succeed":
-                label = "(voice deleted)"
-            else:
-                label = task.task_status_msg or "-"
-            say(f"  {task.task_id}  {task.task_status.value:<10} {label}")
+            shown.append(task)
+    if shown:
+        say(task_table(shown))
     say(f"  {count} task(s) in total")
     summary["tasks_listed"] = count
     if as_json:

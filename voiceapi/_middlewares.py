@@ -1,9 +1,9 @@
 """The SDK's own middleware chain around the one place that sends a request.
 
 A middleware is ``async def mw(request, call_next) -> Response``. The chain, outermost first:
-retry → [coordinator] → auth → user middlewares → limits → logging → send. Auth sits inside
-retry so each attempt carries a current token; the limits sit inside retry so every attempt
-waits for a slot, and the per-attempt timeout starts only in ``send``, after that wait.
+retry → [coordinator] → auth → user middlewares → logging → send. Auth sits inside retry so
+each attempt carries a current token; ``send`` waits for the client's limits (:class:`Limits`)
+first, so every attempt waits for a slot, and the attempt's timeout starts only after that.
 
 We do not use aiohttp's native client middlewares: aioresponses patches
 ``ClientSession._request`` and would bypass them, leaving retry and limits untested.
@@ -122,51 +122,89 @@ class CoordinatorMiddleware:
             raise
 
 
-class LimitMiddleware:
+class Limits:
     """The client's limits: requests in flight (the one place concurrency is capped) and
     requests per second (evenly paced, first come first served).
 
-    Both waits happen before ``send`` starts the attempt's timeout, so a queued call never
-    times out for having waited its turn. A cancelled waiter gives its turn back: nothing is
-    reserved ahead of time, only the head of the queue waits for the next free instant.
+    Not a middleware: ``send`` enters and leaves them around the request itself, so the common
+    case (a free slot, no pacing) costs a counter, not an extra coroutine per call. Both waits
+    happen before the attempt's timeout starts, so a queued call never times out for having
+    waited its turn. A cancelled waiter gives its turn back: nothing is reserved ahead of
+    time, only the head of the pacing queue waits for the next free instant.
     """
 
     def __init__(self, *, max_concurrent: int, per_second: float | None) -> None:
-        self._max_concurrent = max_concurrent
+        self._max = max_concurrent
         self._interval = 1.0 / per_second if per_second else 0.0
         self.reset()
 
     def reset(self) -> None:
         """Forget every loop-bound waiter (a fork child starts with the parent's state)."""
-        self._semaphore = asyncio.Semaphore(self._max_concurrent)
+        self._active = 0
+        self._slot_queue: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._pace_queue: collections.deque[asyncio.Future[None]] = collections.deque()
         self._next_free = 0.0  # monotonic instant the next request may start
-        self._queue: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    def try_enter(self) -> bool:
+        """Take a slot without waiting, when one is free and nobody is queued or paced."""
+        if self._active < self._max and not self._slot_queue and not self._interval:
+            self._active += 1
+            return True
+        return False
+
+    async def enter(self) -> None:
+        """Wait for a slot (FIFO), then for the pace; pair with :meth:`leave`."""
+        if self._active < self._max and not self._slot_queue:
+            self._active += 1
+        else:
+            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._slot_queue.append(turn)
+            try:
+                await turn  # leave() hands its slot over to the head of the queue
+            except BaseException:
+                if turn.done() and not turn.cancelled():
+                    self.leave()  # handed a slot while being cancelled: pass it on
+                else:
+                    self._slot_queue.remove(turn)
+                raise
+        if self._interval:
+            try:
+                await self._pace()
+            except BaseException:
+                self.leave()
+                raise
+
+    def leave(self) -> None:
+        while self._slot_queue:
+            turn = self._slot_queue.popleft()
+            if not turn.done():
+                turn.set_result(None)  # the slot changes hands; the count stays
+                return
+        self._active -= 1
 
     async def _pace(self) -> None:
         now = time.monotonic()
-        if not self._queue and now >= self._next_free:  # the common case: no wait
+        if not self._pace_queue and now >= self._next_free:
             self._next_free = now + self._interval
             return
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append(turn)
+        self._pace_queue.append(turn)
         try:
-            if self._queue[0] is not turn:
+            if self._pace_queue[0] is not turn:
                 await turn  # woken when it reaches the head of the queue
             delay = self._next_free - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             self._next_free = max(time.monotonic(), self._next_free) + self._interval
         finally:
-            head = self._queue[0] is turn
-            self._queue.remove(turn)
-            if head and self._queue and not self._queue[0].done():
-                self._queue[0].set_result(None)
-
-    async def __call__(self, request: Request, call_next: Handler) -> Response:
-        async with self._semaphore:
-            if self._interval:
-                await self._pace()
-            return await call_next(request)
+            head = self._pace_queue[0] is turn
+            self._pace_queue.remove(turn)
+            if head and self._pace_queue and not self._pace_queue[0].done():
+                self._pace_queue[0].set_result(None)
 
 
 def logging_middleware(request: Request, call_next: Handler) -> Awaitable[Response]:

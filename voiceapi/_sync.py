@@ -65,8 +65,8 @@ class VoiceClient:
             middlewares=middlewares, session=session, ssl=ssl, proxy=proxy,
             coordinator=coordinator)
         self._runner = LoopThread(on_fork=self._async.transport.forget_loop)
-        self.custom_voices = CustomVoices(self._runner, self._async.custom_voices)
-        self.preset_voices = PresetVoices(self._runner, self._async.preset_voices)
+        self.custom_voices = CustomVoices(self._runner, self._async.custom_voices, self)
+        self.preset_voices = PresetVoices(self._runner, self._async.preset_voices, self)
         # The finalizer must not reference self (that would keep the client alive forever).
         self._finalizer = weakref.finalize(self, _collected, self._runner, self._async,
                                            repr(self))

@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 import threading
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from ._errors import ClientClosedError
 
@@ -57,7 +58,7 @@ class LoopThread:
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
         # Caller holds self._lock.
         if self._loop is None:
-            loop = asyncio.new_event_loop()
+            loop = _new_loop()
             started = threading.Event()
 
             def run() -> None:
@@ -87,17 +88,7 @@ class LoopThread:
         A call that ``close()`` (from any thread) interrupts raises ClientClosedError; a call
         that finished before keeps its result.
         """
-        # Leaner than run_coroutine_threadsafe (no concurrent Future, no callback chain): the
-        # hop is two thread wake-ups, and on a busy machine those dominate a sync call's cost.
-        done = threading.Lock()
-        done.acquire()
-        box: list[asyncio.Task[T]] = []
-
-        def start() -> None:
-            task = loop.create_task(coro)
-            box.append(task)
-            task.add_done_callback(lambda _: done.release())
-
+        call: _Call[T] = _Call(coro)
         try:
             with self._lock:
                 # Submitting under the lock orders every call before close()'s shutdown
@@ -110,26 +101,23 @@ class LoopThread:
                         "a VoiceClient method was called from the client's own event-loop "
                         "thread (e.g. from a middleware); that would deadlock. Use "
                         "AsyncVoiceClient there.")
-                loop.call_soon_threadsafe(start)
+                loop.call_soon_threadsafe(call.start, loop)
         except BaseException:
             coro.close()  # never leave a "coroutine was never awaited" behind
             raise
         try:
             # The timeout is a safety net, not a poll: a call whose task close() could not
             # end within its grace period must not block its thread forever.
-            while not done.acquire(timeout=SHUTDOWN_GRACE):
-                if self._closed and not done.acquire(blocking=False):
+            while not call.done.acquire(timeout=SHUTDOWN_GRACE):
+                if self._closed and not call.done.acquire(blocking=False):
                     raise ClientClosedError("the client was closed during this call")
         except KeyboardInterrupt:
-            # Ctrl-C: cancel the work on the loop (start() runs first, so box is filled),
+            # Ctrl-C: cancel the work on the loop (start() runs first, so the task exists),
             # then let the interrupt through promptly.
             with contextlib.suppress(RuntimeError):  # the loop may be closed by now
-                loop.call_soon_threadsafe(lambda: box[0].cancel())
+                loop.call_soon_threadsafe(call.cancel)
             raise
-        task = box[0]
-        if task.cancelled() and self._closing:
-            raise ClientClosedError("the client was closed during this call")
-        return task.result()
+        return call.outcome(self._closing)
 
     def iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
         """A plain iterator over an async one; breaking out early closes the async generator."""
@@ -158,6 +146,9 @@ class LoopThread:
             if self._closing:
                 if final is not None:
                     final.close()
+                thread = self._thread
+                if thread is not None and thread is not threading.current_thread():
+                    thread.join(SHUTDOWN_GRACE * 3)  # a second closer also waits for the end
                 return
             self._closing = True
             loop, thread = self._loop, self._thread
@@ -184,6 +175,68 @@ class LoopThread:
         self._loop = self._thread = None
         if self._on_fork is not None:
             FORK_ORPHANS.extend(self._on_fork())
+
+
+if sys.platform != "win32":
+    class _HandOffLoop(asyncio.SelectorEventLoop):
+        """The private loop, woken by call_soon_threadsafe once per sync call.
+
+        asyncio's wake-up handler reads its self-pipe until EAGAIN, so every wake-up also
+        raises and catches a BlockingIOError: on the sync hop that is a large share of the
+        instructions that are not the hand-off itself. One read is enough: the pipe is
+        level-triggered, so any bytes left over wake the loop again at once.
+        """
+
+        def _read_from_self(self) -> None:
+            with contextlib.suppress(InterruptedError, BlockingIOError):
+                data = self._ssock.recv(4096)  # type: ignore[attr-defined]
+                if data:
+                    self._process_self_data(data)  # type: ignore[attr-defined]
+
+    def _new_loop() -> asyncio.AbstractEventLoop:
+        return _HandOffLoop()
+else:  # pragma: no cover - the proactor loop wakes differently
+    def _new_loop() -> asyncio.AbstractEventLoop:
+        return asyncio.new_event_loop()
+
+
+class _Call(Generic[T]):
+    """One sync call's hand-off: the loop thread runs the coroutine and releases ``done``
+    in the same step that finishes it (a done-callback would cost another loop iteration)."""
+
+    __slots__ = ("coro", "done", "error", "result", "task")
+
+    def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
+        self.coro = coro
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.task: asyncio.Task[None] | None = None
+        self.result: T | None = None
+        self.error: BaseException | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.task = loop.create_task(self._body())
+
+    async def _body(self) -> None:
+        try:
+            self.result = await self.coro
+        except BaseException as exc:  # handed to the calling thread, cancellation included
+            self.error = exc
+        finally:
+            self.done.release()
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    def outcome(self, closing: bool) -> T:
+        error = self.error
+        if error is None:
+            return cast(T, self.result)
+        self.error = None  # no reference cycle through the traceback
+        if closing and isinstance(error, asyncio.CancelledError):
+            raise ClientClosedError("the client was closed during this call")
+        raise error
 
 
 async def _anext(agen: AsyncIterator[T]) -> T:

@@ -28,7 +28,7 @@ from ._logs import configure_from_env
 from ._middlewares import (
     AuthMiddleware,
     CoordinatorMiddleware,
-    LimitMiddleware,
+    Limits,
     Middleware,
     Request,
     Response,
@@ -103,10 +103,9 @@ class Transport:
                             sleep=sleep)]
         if coordinator is not None:
             chain.append(CoordinatorMiddleware(coordinator))
-        self._limits = LimitMiddleware(max_concurrent=config.max_concurrent_requests,
-                                       per_second=config.max_requests_per_second)
-        chain += [AuthMiddleware(config.credentials), *middlewares, self._limits,
-                  logging_middleware]
+        self._limits = Limits(max_concurrent=config.max_concurrent_requests,
+                              per_second=config.max_requests_per_second)
+        chain += [AuthMiddleware(config.credentials), *middlewares, logging_middleware]
         self._handler = build_chain(chain, self._send)
 
     @property
@@ -119,7 +118,7 @@ class Transport:
         loop = asyncio.get_running_loop()
         session = self._session
         if session is None:
-            # The pool itself is unbounded: LimitMiddleware caps concurrency in one place,
+            # The pool itself is unbounded: Limits caps concurrency in one place,
             # before the attempt's timeout starts (a pool wait would count against it).
             connector = aiohttp.TCPConnector(
                 limit=0, ssl=True if self.config.ssl is None else self.config.ssl)
@@ -175,17 +174,21 @@ class Transport:
 
     async def _send(self, request: Request) -> Response:
         session = self._get_session()
-        timeout = self._attempt_timeout(request)
         data = None
         if request.json is not None:
             data = json.dumps(request.json, separators=(",", ":"), ensure_ascii=False).encode()
             request.headers["Content-Type"] = "application/json"
+        url = self._base_url + request.path
         # Errors are built inside the except blocks but raised after them: raising there would
         # chain aiohttp's exception as __context__, and some (ClientResponseError) carry the
         # request's headers, token included.
         error: VoiceAPIError | None = None
-        url = self._base_url + request.path
+        timeout: aiohttp.ClientTimeout | None = None
+        limits = self._limits
+        if not limits.try_enter():  # the common case: a free slot, no pacing, no extra frame
+            await limits.enter()
         try:
+            timeout = self._attempt_timeout(request)  # after the wait: a turn is not a timeout
             # Kling never redirects; a redirect must not carry a token (or a create) elsewhere.
             ctx = (session.request(request.method, url, params=request.params, data=data,
                                    headers=request.headers, proxy=self.config.proxy,
@@ -214,6 +217,8 @@ class Transport:
                 raise
             error = ClientClosedError("the aiohttp session passed as session= was closed by "
                                       "its owner during the call")
+        finally:
+            limits.leave()
         if error is not None:
             if self._closed:
                 error = ClientClosedError("the client was closed during this call")

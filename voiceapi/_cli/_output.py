@@ -1,0 +1,280 @@
+"""What the command line prints: tables and progress through rich, errors through click.
+
+Tables are rendered to a string first so that every line can lose its trailing padding (rich
+pads the last column) and so that a closed pipe surfaces in one place (``out``). Colour and
+progress appear only on a terminal; pipes get plain text.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import errno
+import io
+import json
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from contextlib import suppress
+from typing import Any
+
+import attrs
+import click
+from rich import box
+from rich.cells import cell_len
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from .. import _constants as C
+from .._batch import BatchProgress
+from .._errors import TaskFailedError
+from .._models import BatchResult, Voice, VoiceTask
+
+
+class PipeClosed(Exception):
+    """Whoever read stdout went away (``voiceapi list --all --json | head -1``)."""
+
+
+def out(text: str) -> None:
+    """Write one line to stdout; a closed pipe becomes ``PipeClosed`` (a quiet exit 0)."""
+    try:
+        click.echo(text)
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError) or exc.errno in (errno.EPIPE, errno.EINVAL):
+            raise PipeClosed from None
+        raise
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail (Python docs,
+    "Note on SIGPIPE"). Harmless when stdout is not a real file (test runners)."""
+    with suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+class InputError(click.UsageError):
+    """Bad input rather than a bad flag (a manifest, a file, a busy port): exit 2 with one
+    ``error:`` line and no usage banner, which would only bury the line that matters."""
+
+    def show(self, file: Any = None) -> None:
+        error(self.format_message())
+
+
+def error(message: str, *hints: str) -> None:
+    """One red ``error:`` line (red only on a terminal: click strips colour otherwise)."""
+    click.secho(f"error: {message}", fg="red", err=True)
+    for hint in hints:
+        click.echo(f"  {hint}", err=True)
+
+
+# --- JSON ---------------------------------------------------------------------------------------
+
+def jsonable(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, BaseException):
+        return {"type": type(value).__name__, "message": str(value)}
+    if attrs.has(type(value)):
+        return {k: jsonable(v) for k, v in attrs.asdict(value, recurse=False).items()}
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def dump(value: Any) -> str:
+    return json.dumps(jsonable(value), ensure_ascii=False)
+
+
+# --- tables -------------------------------------------------------------------------------------
+
+def _stdout_tty() -> bool:
+    return sys.stdout.isatty()
+
+
+def _width() -> int:
+    if _stdout_tty():
+        return shutil.get_terminal_size().columns
+    with suppress(ValueError):
+        return max(40, int(os.environ.get("COLUMNS", "")))
+    return C.CLI_PIPE_WIDTH
+
+
+# Column kinds: ids are never cut; names and messages are bounded and end in "…" when cut.
+_ID, _SHORT, _NAME, _MESSAGE = "id", "short", "name", "message"
+_STYLES = {"succeed": "green", "failed": "red", "error": "red", "deleted": "dim",
+           "processing": "yellow", "submitted": "yellow"}
+
+
+def render_table(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str]]) -> str:
+    """A plain, aligned table (cell widths as the terminal shows them: CJK and emoji count
+    double) without trailing spaces."""
+    tty = _stdout_tty()
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold",
+                  expand=False)
+    for header, kind in columns:
+        if kind == _ID:
+            longest = max((len(r[len(table.columns)]) for r in rows), default=0)
+            table.add_column(header, no_wrap=True, min_width=max(longest, len(header)))
+        elif kind == _NAME:
+            table.add_column(header, no_wrap=True, overflow="ellipsis",
+                             max_width=C.CLI_NAME_MAX_WIDTH)
+        elif kind == _MESSAGE:
+            table.add_column(header, no_wrap=True, overflow="ellipsis",
+                             max_width=C.CLI_MESSAGE_MAX_WIDTH)
+        else:
+            table.add_column(header, no_wrap=True)
+    for row in rows:
+        # Text() never interprets markup: a voice named "[red]x" prints as typed.
+        table.add_row(*(Text(cell, style=_STYLES.get(cell, "") if tty else "") for cell in row))
+    buf = io.StringIO()
+    console = Console(file=buf, width=_width(), force_terminal=tty,
+                      color_system="standard" if tty else None, no_color=not tty,
+                      highlight=False, emoji=False, soft_wrap=False)
+    console.print(table)
+    lines = [line.rstrip() for line in buf.getvalue().rstrip("\n").splitlines()]
+    # rich may draw the rule under the header wider than any row: cut it to the widest row.
+    widest = max((cell_len(Text.from_ansi(x).plain) for x in lines if "─" not in x), default=0)
+    return "\n".join(_cut_rule(x, widest) for x in lines)
+
+
+def _cut_rule(line: str, width: int) -> str:
+    plain = Text.from_ansi(line).plain
+    return "─" * width if plain and set(plain) == {"─"} else line
+
+
+TASK_COLUMNS = (("TASK ID", _ID), ("STATUS", _SHORT), ("VOICE ID", _ID),
+                ("VOICE NAME", _NAME), ("VOICE STATUS", _SHORT), ("EXTERNAL ID", _ID),
+                ("MESSAGE", _MESSAGE))
+
+
+def voice_status(v: Voice | None) -> str:
+    if v is None:
+        return ""
+    return "deleted" if v.is_deleted else (v.status or "")
+
+
+def task_row(t: VoiceTask) -> list[str]:
+    v = t.voice
+    message = t.task_status_msg
+    if v is None and t.task_status.value == "succeed" and not message:
+        message = "voice deleted"  # a server that drops deleted voices from their task
+    return [t.task_id, t.task_status.value, v.voice_id if v else "", v.voice_name if v else "",
+            voice_status(v), t.external_task_id or "", message or ""]
+
+
+def task_table(tasks: Sequence[VoiceTask]) -> str:
+    return render_table(TASK_COLUMNS, [task_row(t) for t in tasks])
+
+
+PRESET_COLUMNS = (("VOICE ID", _ID), ("VOICE NAME", _NAME), ("OWNED BY", _SHORT),
+                  ("STATUS", _SHORT), ("TRIAL URL", _ID))
+
+
+def voice_table(voices: Sequence[Voice]) -> str:
+    return render_table(PRESET_COLUMNS, [[v.voice_id, v.voice_name, v.owned_by,
+                                          voice_status(v), v.trial_url] for v in voices])
+
+
+RESULT_COLUMNS = (("#", _SHORT), ("ROW", _SHORT), ("VOICE NAME", _NAME), ("STATUS", _SHORT),
+                  ("TASK ID", _ID), ("VOICE ID", _ID), ("ERROR", _MESSAGE))
+
+
+def result_status(r: BatchResult) -> str:
+    """The task's status when it has one (a failed task is "failed"), else "error"."""
+    t = r.task
+    if t is not None and (r.error is None or isinstance(r.error, TaskFailedError)):
+        return t.task_status.value
+    return "error" if r.error is not None else ""
+
+
+def result_table(results: Sequence[BatchResult], lines: Sequence[str]) -> str:
+    rows = []
+    for i, (r, line) in enumerate(zip(results, lines, strict=True)):
+        t = r.task
+        rows.append([str(i + 1), line, str(r.input.get("voice_name", "")),
+                     result_status(r), t.task_id if t else "",
+                     (t.voice_id or "") if t else "", str(r.error) if r.error else ""])
+    return render_table(RESULT_COLUMNS, rows)
+
+
+# --- progress (stderr, terminals only) ------------------------------------------------------------
+
+def _stderr_console() -> Console | None:
+    return Console(stderr=True, highlight=False) if sys.stderr.isatty() else None
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Any) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.1f}/s" if speed else "–/s")
+
+
+class BatchBar:
+    """A progress bar with counts, rate and ETA; a no-op when stderr is not a terminal."""
+
+    def __init__(self) -> None:
+        console = _stderr_console()
+        self._progress: Progress | None = None
+        self._task: Any = None
+        if console is not None:
+            self._progress = Progress(
+                TextColumn("batch"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[detail]}"), _RateColumn(), TextColumn("ETA"),
+                TimeRemainingColumn(), console=console, transient=False,
+                # stdout is the results' channel (maybe a pipe): never route it via the bar
+                redirect_stdout=False, redirect_stderr=False)
+
+    def __enter__(self) -> BatchBar:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def update(self, p: BatchProgress) -> None:
+        if self._progress is None:
+            return
+        detail = (f"ok {p.succeeded} failed {p.failed} running {p.submitted + p.processing} "
+                  f"slots {p.slots}")
+        if self._task is None:
+            self._task = self._progress.add_task("batch", total=p.total, detail=detail)
+        self._progress.update(self._task, completed=p.done, total=p.total, detail=detail)
+
+
+class Spinner:
+    """``waiting for <task id> 12s`` on stderr while a command waits (terminals only)."""
+
+    def __init__(self, text: str) -> None:
+        console = _stderr_console()
+        self._progress = None if console is None else Progress(
+            SpinnerColumn(), TextColumn(text.replace("[", r"\[")), TimeElapsedColumn(),
+            console=console, transient=True, redirect_stdout=False, redirect_stderr=False)
+
+    def __enter__(self) -> Spinner:
+        if self._progress is not None:
+            self._progress.start()
+            self._progress.add_task("", total=None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
