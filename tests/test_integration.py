@@ -235,3 +235,34 @@ async def test_expired_token_is_resigned(emu: KlingEmulator) -> None:
         creds._clock = lambda: next(calls, None) or real()
         assert len(await client.preset_voices.list(page_size=1)) == 1
     assert emu.count("presets", code=1004) == 1 and emu.count("presets", code=0) == 1
+
+
+async def test_create_get_wait_list_under_each_reading(reading_emu: KlingEmulator) -> None:
+    """create/get/wait, list and iter_all under every reading of the API (issue 10)."""
+    emu = reading_emu
+    emu.concurrency = 100
+    async with make_client("async", emu, auth="api_key") as client:
+        emu.inject("create", "commit_then_drop")
+        first = await client.custom_voices.create(voice_name="r0", voice_url=emu.sample_url(),
+                                                  external_task_id="reading-0")
+        rest = await asyncio.gather(*(client.custom_voices.create(
+            voice_name=f"r{i}", voice_url=emu.sample_url()) for i in range(1, 36)))
+        created = [first, *rest]
+        done = await client.custom_voices.wait(first, timeout=10, poll_interval=0.02)
+        assert done.voice is not None and done.voice.status in (None, "succeed")
+        by_ext = await client.custom_voices.get(external_task_id="reading-0")
+        assert by_ext.task_id == first.task_id
+        if emu.unique_external_ids:  # your own id, already used: a conflict, never a resend
+            with pytest.raises(voiceapi.ConflictError) as info:
+                await client.custom_voices.create(voice_name="x", voice_url=emu.sample_url(),
+                                                  external_task_id="reading-0")
+            assert info.value.existing_task_id == first.task_id
+        page = await client.custom_voices.list(page_size=30)
+        everything = [t async for t in client.custom_voices.iter_all(page_size=1000)]
+        again = [t async for t in client.custom_voices.iter_all(page_size=1000)]
+    assert len(page) == 30
+    ids = {t.task_id for t in created}
+    assert {t.task_id for t in everything} >= ids and len(everything) == emu.task_count
+    assert {t.task_id for t in again} == {t.task_id for t in everything}
+    assert len(emu.tasks_by_external_id("reading-0")) == 1
+

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import inspect
 import io
 import itertools
 import json
@@ -140,6 +141,10 @@ def test_no_coordinator_adds_no_middleware() -> None:
     shared = voiceapi.AsyncVoiceClient(api_key="k", base_url="http://127.0.0.1:9",
                                        coordinator=FakeCoordinator())
     assert sum(isinstance(m, CoordinatorMiddleware) for m in layers(shared)) == 1
+
+
+#: Held handlers wait for this; the test sets it before its server stops.
+RELEASE = web.AppKey("release", asyncio.Event)
 
 
 # --- 12.1 close() while other threads (or tasks) are in calls --------------------------------
@@ -369,10 +374,10 @@ async def test_last_attempt_is_clipped_to_the_retry_budget() -> None:
     async def never(request: web.Request) -> web.Response:
         nonlocal seen
         seen += 1
-        await asyncio.sleep(30)
-        return web.Response()
+        return await _never(request)
 
     app = web.Application()
+    app[RELEASE] = asyncio.Event()
     app.router.add_route("*", "/{tail:.*}", never)
     async with serve(app) as base:
         async with voiceapi.AsyncVoiceClient(api_key="k", base_url=base, timeout=0.7,
@@ -381,6 +386,7 @@ async def test_last_attempt_is_clipped_to_the_retry_budget() -> None:
             with pytest.raises(voiceapi.APITimeoutError):
                 await client.preset_voices.list()
             took = time.monotonic() - start
+        app[RELEASE].set()  # let the held handlers end, so the server stops at once
     assert seen == 2
     assert took < 1.0 + 0.25  # not 1.4 s: the second attempt got only what was left
 
@@ -470,7 +476,7 @@ async def _redirect_loop(request: web.Request) -> web.Response:
 
 
 async def _never(request: web.Request) -> web.Response:
-    await asyncio.sleep(30)
+    await asyncio.wait_for(request.app[RELEASE].wait(), 30)
     return web.Response()
 
 
@@ -479,6 +485,7 @@ async def test_exception_chains_never_carry_secrets(fault: str) -> None:
     server = await asyncio.start_server(_bad_http, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     app = web.Application()
+    app[RELEASE] = asyncio.Event()
     app.router.add_route("*", "/{tail:.*}", _redirect_loop if fault == "redirect" else _never)
     try:
         async with serve(app) as app_base:
@@ -499,6 +506,7 @@ async def test_exception_chains_never_carry_secrets(fault: str) -> None:
                             assert secret not in text
                         if fault == "malformed":  # the case that leaked before
                             assert "request_info" not in text
+            app[RELEASE].set()
     finally:
         server.close()
         await server.wait_closed()
@@ -757,3 +765,64 @@ def test_retry_decisions_are_one_pure_function() -> None:
     assert step(expired, retries_used=3).retry  # a re-sign is not a retry
     assert not step(limited, retry_rate_limits=False).retry
     assert not step(ambiguous, time_left=0.4).retry  # the wait would pass the budget
+
+
+@pytest.mark.parametrize("closing", [False, True])
+def test_a_call_aborted_before_it_started_releases_its_caller(closing: bool) -> None:
+    from voiceapi._sync_runner import _Call
+
+    async def work() -> int:
+        return 1
+
+    loop = asyncio.new_event_loop()
+    call: _Call[int] = _Call(work())
+    pending: set[_Call[object]] = set()
+
+    def start_then_abort() -> None:  # Ctrl-C or close() lands before the task's first step
+        call.start(loop, pending)
+        call.abort()
+
+    try:
+        loop.call_soon(start_then_abort)
+        loop.run_until_complete(asyncio.sleep(0.01))
+    finally:
+        loop.close()
+    assert call.done.acquire(blocking=False)  # the caller is not left waiting
+    assert not pending and inspect.getcoroutinestate(call.coro) == "CORO_CLOSED"
+    with pytest.raises(voiceapi.ClientClosedError if closing else asyncio.CancelledError):
+        call.outcome(closing)
+    gc.collect()  # an unclosed coroutine would warn here (an error under -W error)
+
+
+async def test_sync_client_errors_carry_no_secrets_and_keep_the_budget() -> None:
+    """The same promises through VoiceClient (run in a thread: the servers live on this loop)."""
+    server = await asyncio.start_server(_bad_http, "127.0.0.1", 0)
+    malformed = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    app = web.Application()
+    app[RELEASE] = asyncio.Event()
+    app.router.add_route("*", "/{tail:.*}", _never)
+
+    def call(base: str, **kw: float) -> tuple[voiceapi.VoiceAPIError, str, float]:
+        with voiceapi.VoiceClient("ak", SECRET, base_url=base, retry_policy=FAST_RETRY,
+                                  **kw) as client:  # type: ignore[arg-type]
+            token = client.async_client.transport.config.credentials.authorization()
+            start = time.monotonic()
+            try:
+                client.preset_voices.list()
+            except voiceapi.VoiceAPIError as exc:
+                return exc, token, time.monotonic() - start
+        raise AssertionError("the call should have failed")
+
+    try:
+        async with serve(app) as hanging:
+            err, token, _ = await asyncio.to_thread(call, malformed, timeout=0.3, max_retries=1)
+            text = "\n".join(_everything(err))
+            for secret in (SECRET, token, token.removeprefix("Bearer ")):
+                assert secret not in text
+            err, _, took = await asyncio.to_thread(call, hanging, timeout=0.7, retry_budget=1.0)
+            assert isinstance(err, voiceapi.APITimeoutError)
+            assert took < 1.0 + 0.25
+            app[RELEASE].set()
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -1,12 +1,17 @@
-"""The batch scheduler behind ``custom_voices.create_many``.
+"""The batch scheduler behind ``custom_voices.create_many``: the wiring.
 
-Kling caps the creation tasks an account may have in progress (429/1303 above it). The scheduler
-keeps at most ``limit`` tasks in progress, learns the cap from 1303 answers when not told,
-refills a slot as soon as a task is seen finished, and sees completions through list pages
-(one request covers every tracked task) instead of one poll per task.
+Kling caps the creation tasks an account may have in progress (429/1303 above it). Three parts
+share the work, each small enough to hold in your head:
 
-It depends only on a narrow protocol (``_submit``/``get``/``list``) and the models, so the
-resource can delegate to it without an import cycle.
+* the **coordinator** (``_coordinator.Coordinator``; ``LocalCoordinator`` by default) says who
+  may create now, what the cap is, and what exists already (the journal);
+* the **submitter** (``_submitter``) creates tasks through the shared create flow, never twice;
+* the **follower** (``_follower``) follows tasks until they end — list-page polling that does
+  not depend on the list order (``_tracker``), callbacks as hints, item timeouts.
+
+``run_batch`` validates the items, re-attaches what the journal knows, and runs one loop that
+starts creates while slots are free and polls only when a poll can change something. The
+scheduler depends on the narrow ``BatchApi`` protocol and the models only.
 """
 
 from __future__ import annotations
@@ -15,452 +20,72 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import os
-import random
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import IO, Any, Protocol
-
-import attrs
+from collections.abc import Coroutine, Iterable, Mapping
+from typing import Any, Protocol
 
 from . import _constants as C
 from ._aio import within
-from ._custom_voices import build_create_body
-from ._decode import is_not_found
-from ._errors import (
-    APIConnectionError,
-    InvalidRequestError,
-    RateLimitError,
-    ServerError,
-    TaskFailedError,
-    UnexpectedResponseError,
-    ValidationError,
-    VoiceAPIError,
-    WaitTimeoutError,
+from ._batch_models import (
+    CREATE_FIELDS,
+    BatchApi,
+    BatchItem,
+    BatchProgress,
+    JournalError,
+    NotSubmittedError,
+    ProgressCallback,
+    VoiceGoneError,
 )
-from ._models import BatchResult, TaskStatus, VoiceTask
+from ._batch_state import Entry, Ledger, Phase
+from ._coordinator import Coordinator, JournalEntry
+from ._create import Created, build_create_body
+from ._errors import ValidationError, VoiceAPIError
+from ._follower import Follower
+from ._local_coordinator import FileJournal, LocalCoordinator, SlotCap
+from ._models import BatchResult, VoiceTask
+from ._submitter import Submitter
 
-_CREATE_FIELDS = ("voice_name", "voice_url", "video_id", "callback_url", "external_task_id")
-PROGRESS_INTERVAL = 0.05
-_MAX_SUBMIT_TRIES = 4  # per item, for outcomes that stay unknown after the SDK's own retries
-
-
-@attrs.frozen
-class BatchItem:
-    """One voice to create (a dict with the same keys works as well)."""
-
-    voice_name: str
-    voice_url: str | None = None
-    video_id: str | None = None
-    callback_url: str | None = None
-    external_task_id: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in attrs.asdict(self).items() if v is not None}
-
-
-@attrs.frozen
-class BatchProgress:
-    """Counts passed to ``on_progress`` whenever an item changes state."""
-
-    total: int
-    pending: int
-    submitted: int
-    processing: int
-    succeeded: int
-    failed: int
-    #: Tasks currently counted against the slot limit, and the limit itself.
-    in_flight: int
-    slots: int
-
-    @property
-    def done(self) -> int:
-        return self.succeeded + self.failed
-
-
-ProgressCallback = Callable[[BatchProgress], None]
+#: Fields that define a voice, and so its derived external id. Delivery settings
+#: (callback_url) are left out: a rerun with a new callback URL must find the same tasks.
+_IDENTITY_FIELDS = ("voice_name", "voice_url", "video_id")
 
 
 class _CallbackSource(Protocol):
     @property
     def url(self) -> str: ...
 
-    def subscribe(self, listener: Callable[[VoiceTask], None]) -> Callable[[], None]: ...
-
-
-def _with_callback(item: Mapping[str, Any] | BatchItem, url: str) -> Mapping[str, Any] | BatchItem:
-    if isinstance(item, BatchItem):
-        return item if item.callback_url else attrs.evolve(item, callback_url=url)
-    if isinstance(item, Mapping) and not item.get("callback_url"):
-        return {**item, "callback_url": url}
-    return item
-
-
-class _Resource(Protocol):
-    async def _submit(self, body: dict[str, str], *, retry_rate_limits: bool = True
-                      ) -> VoiceTask: ...
-
-    async def get(self, task_id: str | None = None, *, external_task_id: str | None = None
-                  ) -> VoiceTask: ...
-
-    async def list(self, *, page_num: int = 1, page_size: int = 30) -> list[VoiceTask]: ...
+    def subscribe(self, listener: Any) -> Any: ...
 
 
 def derive_external_task_id(item: Mapping[str, Any], occurrence: int) -> str:
-    """A stable id from the item's content, so a rerun of the same batch finds its tasks."""
-    key = json.dumps({k: item.get(k) for k in _CREATE_FIELDS[:-1]}, sort_keys=True,
-                     ensure_ascii=False)
+    """A stable id from what defines the voice (name and source), so a rerun of the same batch
+    finds its tasks; ``occurrence`` tells identical items apart."""
+    key = json.dumps({k: item.get(k) for k in _IDENTITY_FIELDS}, sort_keys=True,
+                     ensure_ascii=False, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:32]
     return f"vb-{digest}-{occurrence}"
 
 
-class SlotLimit:
-    """How many tasks may be in progress: fixed, or learned (grow on success, cut on 1303)."""
-
-    def __init__(self, fixed: int | None) -> None:
-        self.fixed = fixed is not None
-        self.value = fixed if fixed is not None else C.BATCH_INITIAL_SLOTS
-        self.learned = False
-        self._accepted_since_cut = 0
-
-    def on_accepted(self, in_flight: int) -> None:
-        if self.fixed:
-            return
-        self._accepted_since_cut += 1
-        at_limit = in_flight >= self.value
-        # Before the first 1303 grow freely; after it, probe one step up now and then.
-        if at_limit and (not self.learned or self._accepted_since_cut >= 4 * self.value):
-            self.value = min(self.value + 1, C.BATCH_MAX_SLOTS)
-            self._accepted_since_cut = 0
-
-    def on_rate_limited(self, in_flight: int) -> None:
-        # The server holds at most `in_flight` of ours when it says "full": the cap is below.
-        self.learned = True
-        self._accepted_since_cut = 0
-        if not self.fixed:
-            self.value = max(1, min(self.value, in_flight))
+def retry_key(base: str, generation: int) -> str:
+    """The fresh id of the ``generation``-th retry of an item (stable: reruns find it)."""
+    suffix = f"-r{generation}"
+    if len(base) + len(suffix) > C.MAX_ID_CHARS:
+        base = base[:C.MAX_ID_CHARS - len(suffix) - 17] + "-" + \
+            hashlib.sha256(base.encode()).hexdigest()[:16]
+    return base + suffix
 
 
-class Journal:
-    """Append-only JSON lines: ``{"ext", "task_id", "status"}`` per state change. It survives a
-    crash or Ctrl-C mid-batch (each line is flushed); a rerun reads it to skip and re-attach."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.known: dict[str, tuple[str, str]] = {}
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as fh:
-                for line in fh:
-                    with contextlib.suppress(ValueError):
-                        rec = json.loads(line)
-                        if isinstance(rec, dict) and isinstance(rec.get("ext"), str) \
-                                and isinstance(rec.get("task_id"), str):
-                            self.known[rec["ext"]] = (rec["task_id"], str(rec.get("status")))
-        self._fh: IO[str] | None = open(path, "a", encoding="utf-8")  # noqa: SIM115
-
-    def record(self, ext: str, task_id: str, status: str) -> None:
-        if self.known.get(ext) == (task_id, status) or self._fh is None:
-            return
-        self.known[ext] = (task_id, status)
-        self._fh.write(json.dumps({"ext": ext, "task_id": task_id, "status": status}) + "\n")
-        self._fh.flush()
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+def generation_of(key: str, base: str) -> int | None:
+    """0 for ``base`` itself, g for ``retry_key(base, g)``, None for an unrelated id."""
+    if key == base:
+        return 0
+    for g in range(1, C.BATCH_MAX_RETRY_GENERATIONS + 1):
+        if key == retry_key(base, g):
+            return g
+    return None
 
 
-@attrs.define
-class _Entry:
-    index: int
-    input: dict[str, Any]
-    body: dict[str, str] | None
-    task: VoiceTask | None = None
-    error: VoiceAPIError | None = None
-    tries: int = 0
-    missed: int = 0  # polls in a row whose list page did not show this task
-    attached_at: float = 0.0
-    done: bool = False
-
-
-class _Batch:
-    def __init__(self, resource: _Resource, entries: list[_Entry], *, limit: SlotLimit,
-                 wait: bool, item_timeout: float | None, timeout: float | None,
-                 poll_interval: float | None, on_progress: ProgressCallback | None,
-                 journal: Journal | None, rate_limit_delay: float,
-                 callbacks: bool = False) -> None:
-        self.resource = resource
-        self.entries = entries
-        self.limit = limit
-        self.wait = wait
-        self.item_timeout = item_timeout
-        self.deadline = None if timeout is None else time.monotonic() + timeout
-        self.fixed_poll = poll_interval
-        self.on_progress = on_progress
-        self.journal = journal
-        self.rate_limit_delay = rate_limit_delay
-        self.pending: deque[_Entry] = deque()
-        self.tracked: dict[str, _Entry] = {}
-        self.submitting: set[asyncio.Task[None]] = set()
-        self.not_before = 0.0  # time backoff after 1302, or 1303 with nothing of ours running
-        self.wake = asyncio.Event()
-        self.durations: deque[float] = deque(maxlen=50)
-        self.last_poll = 0.0
-        self.last_progress = 0.0
-        self.callbacks = callbacks
-
-    # --- bookkeeping ------------------------------------------------------------------------
-
-    @property
-    def in_flight(self) -> int:
-        return len(self.tracked) + len(self.submitting)
-
-    def progress(self, *, force: bool = False) -> None:
-        """Report counts; at most every PROGRESS_INTERVAL s (counting is O(items))."""
-        if self.on_progress is None:
-            return
-        now = time.monotonic()
-        if not force and now - self.last_progress < PROGRESS_INTERVAL:
-            return
-        self.last_progress = now
-        counts = {s: 0 for s in TaskStatus}
-        succeeded = failed = 0
-        for e in self.entries:
-            if e.done:
-                if e.error is None and e.task is not None and \
-                        e.task.task_status is TaskStatus.SUCCEED:
-                    succeeded += 1
-                elif e.error is not None or e.task is not None:
-                    failed += 1
-            elif e.task is not None:
-                counts[e.task.task_status] += 1
-        self.on_progress(BatchProgress(
-            total=len(self.entries), pending=len(self.pending) + len(self.submitting),
-            submitted=counts[TaskStatus.SUBMITTED] + counts[TaskStatus.UNKNOWN],
-            processing=counts[TaskStatus.PROCESSING], succeeded=succeeded, failed=failed,
-            in_flight=self.in_flight, slots=self.limit.value))
-
-    def finish(self, entry: _Entry, *, task: VoiceTask | None = None,
-               error: VoiceAPIError | None = None) -> None:
-        entry.task = task if task is not None else entry.task
-        entry.error = error
-        entry.done = True
-        if entry.task is not None:
-            self.tracked.pop(entry.task.task_id, None)
-            if self.journal is not None and entry.body is not None:
-                self.journal.record(entry.body["external_task_id"], entry.task.task_id,
-                                    entry.task.task_status.value)
-        self.wake.set()
-
-    def attach(self, entry: _Entry, task: VoiceTask) -> None:
-        """Follow a task the server has (just created, or found from an earlier run)."""
-        entry.task = task
-        if self.journal is not None and entry.body is not None:
-            self.journal.record(entry.body["external_task_id"], task.task_id,
-                                task.task_status.value)
-        if task.is_terminal:
-            self.observe(entry, task)
-        else:  # tracked even when not waiting: it holds a server slot until it ends
-            entry.attached_at = time.monotonic()
-            self.tracked[task.task_id] = entry
-
-    def observe(self, entry: _Entry, task: VoiceTask) -> None:
-        entry.task = task
-        if task.task_status is TaskStatus.SUCCEED:
-            self._note_duration(task)
-            self.finish(entry, task=task)
-        elif task.task_status is TaskStatus.FAILED:
-            self._note_duration(task)
-            self.finish(entry, task=task, error=TaskFailedError(task))
-
-    def _note_duration(self, task: VoiceTask) -> None:
-        if task.created_at is not None and task.updated_at is not None:
-            self.durations.append((task.updated_at - task.created_at).total_seconds())
-
-    def poll_interval(self) -> float:
-        """An eighth of the typical task time: completions are seen within ~6 % of a task's life
-        while polls stay near 2 per voice."""
-        if self.fixed_poll is not None:
-            return self.fixed_poll
-        if not self.durations:
-            interval = 0.25
-        else:
-            typical = sorted(self.durations)[len(self.durations) // 2]
-            interval = min(max(typical / 8, 0.01), C.BATCH_POLL_INTERVAL)
-        # With callbacks, polling is only the safety net for a lost callback.
-        return interval * 5 if self.callbacks else interval
-
-    def on_callback(self, task: VoiceTask) -> None:
-        """A callback says a task changed: check now (callbacks are hints, the API is truth)."""
-        if task.task_id in self.tracked:
-            self.last_poll = 0.0
-            self.wake.set()
-
-    # --- submitting -------------------------------------------------------------------------
-
-    async def submit(self, entry: _Entry) -> None:
-        assert entry.body is not None
-        entry.tries += 1
-        ext = entry.body["external_task_id"]
-        try:
-            task = await self.resource._submit(entry.body, retry_rate_limits=False)
-        except RateLimitError as exc:
-            self.on_rate_limited(entry, exc)
-            return
-        except InvalidRequestError as exc:
-            # A duplicate external id means an earlier run (or attempt) created it: attach.
-            found = await self.lookup(ext)
-            if found is not None:
-                self.attach(entry, found)
-            else:
-                self.finish(entry, error=exc)
-            return
-        except (ServerError, APIConnectionError, UnexpectedResponseError) as exc:
-            # The SDK already reconciled and retried; the outcome is still unknown.
-            found = await self.lookup(ext)
-            if found is not None:
-                self.attach(entry, found)
-            elif entry.tries < _MAX_SUBMIT_TRIES:
-                self.pending.appendleft(entry)
-            else:
-                self.finish(entry, error=exc)
-            return
-        except VoiceAPIError as exc:
-            self.finish(entry, error=exc)
-            return
-        self.limit.on_accepted(self.in_flight)
-        self.attach(entry, task)
-
-    def on_rate_limited(self, entry: _Entry, exc: RateLimitError) -> None:
-        entry.tries -= 1  # refused before queueing: not an attempt that could have landed
-        self.pending.appendleft(entry)
-        ours = len(self.tracked) + len(self.submitting) - 1
-        if exc.code == 1303 and ours > 0:
-            # Our own tasks fill the account: a slot frees when one of them ends.
-            self.limit.on_rate_limited(ours)
-            self.last_poll = 0.0  # look for finished tasks right away
-        else:
-            delay = exc.retry_after if exc.retry_after is not None else \
-                self.rate_limit_delay * random.uniform(1.0, 2.0)
-            self.not_before = max(self.not_before, time.monotonic() + delay)
-
-    async def lookup(self, ext: str) -> VoiceTask | None:
-        """The task created under ``ext``, or None. A failed lookup also gives None: the resend
-        carries the same external id, which the server refuses to use twice."""
-        try:
-            return await self.resource.get(external_task_id=ext)
-        except VoiceAPIError:
-            return None
-
-    def start_submissions(self) -> None:
-        now = time.monotonic()
-        while (self.pending and now >= self.not_before and self.in_flight < self.limit.value
-               and len(self.submitting) < C.BATCH_MAX_CONCURRENT_SUBMITS):
-            entry = self.pending.popleft()
-            task = asyncio.ensure_future(self.submit(entry))
-            self.submitting.add(task)
-            task.add_done_callback(self._submitted)
-
-    def _submitted(self, task: asyncio.Task[None]) -> None:
-        self.submitting.discard(task)
-        self.wake.set()
-
-    # --- tracking ---------------------------------------------------------------------------
-
-    async def poll(self) -> None:
-        """One list page covers every tracked task; single gets only for ones not on it."""
-        self.last_poll = time.monotonic()
-        if not self.tracked:
-            return
-        # Our tasks are the account's newest: the first page(s), newest first, hold them all.
-        size = min(C.BATCH_LIST_PAGE_SIZE, max(30, 2 * len(self.tracked) + 20))
-        seen: set[str] = set()
-        full = False
-        for page_num in range(1, C.BATCH_MAX_POLL_PAGES + 1):
-            try:
-                page = await self.resource.list(page_num=page_num, page_size=size)
-            except VoiceAPIError:
-                return  # transient; the next poll tries again
-            for task in page:
-                entry = self.tracked.get(task.task_id)
-                if entry is not None:
-                    seen.add(task.task_id)
-                    entry.missed = 0
-                    self.observe(entry, task)
-            full = len(page) >= size
-            if not full or self.tracked.keys() <= seen:
-                break
-        asks = 0
-        for tid, entry in list(self.tracked.items()):
-            if tid in seen:
-                continue
-            entry.missed += 1
-            # Older than the page (or not listed at all): ask for it alone, a few per poll.
-            if (full or entry.missed >= 3) and asks < 50:
-                asks += 1
-                with contextlib.suppress(VoiceAPIError):
-                    self.observe(entry, await self.resource.get(tid))
-
-    def expire(self) -> None:
-        now = time.monotonic()
-        if self.item_timeout is not None:
-            for tid, entry in list(self.tracked.items()):
-                if now - entry.attached_at > self.item_timeout:
-                    self.finish(entry, error=WaitTimeoutError(tid, self.item_timeout,
-                                                              entry.task))
-        if self.deadline is not None and now >= self.deadline:
-            self.give_up("batch timeout reached")
-
-    def give_up(self, why: str) -> None:
-        for entry in list(self.tracked.values()):
-            assert entry.task is not None
-            self.finish(entry, error=WaitTimeoutError(entry.task.task_id,
-                                                      self._timeout_value(), entry.task))
-        while self.pending:
-            self.finish(self.pending.popleft(), error=VoiceAPIError(f"not submitted: {why}"))
-
-    def _timeout_value(self) -> float:
-        return 0.0 if self.deadline is None else max(0.0, self.deadline - time.monotonic())
-
-    # --- the loop ---------------------------------------------------------------------------
-
-    async def run(self) -> None:
-        self.pending.extend(e for e in self.entries if not e.done and e.task is None)
-        self.progress(force=True)
-        try:
-            while self.pending or self.submitting or (self.wait and self.tracked):
-                self.expire()
-                self.start_submissions()
-                now = time.monotonic()
-                next_poll = self.last_poll + self.poll_interval()
-                # Without `wait`, tasks are still followed while items wait for their slots.
-                polling = bool(self.tracked) and (self.wait or bool(self.pending))
-                if polling and now >= next_poll:
-                    await self.poll()
-                    self.progress()
-                    continue
-                wakeups = [next_poll - now if polling else 1.0]
-                if self.pending and self.not_before > now:
-                    wakeups.append(self.not_before - now)
-                if self.deadline is not None:
-                    wakeups.append(self.deadline - now)
-                self.wake.clear()
-                with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-                    await within(self.wake.wait(), max(0.0, min(wakeups)))
-                self.progress()
-        finally:
-            for task in list(self.submitting):
-                task.cancel()
-            if self.submitting:
-                await asyncio.gather(*self.submitting, return_exceptions=True)
-        for entry in list(self.tracked.values()):  # wait=False: report the last state seen
-            self.finish(entry)
-        self.progress(force=True)
-
-
-def _as_dict(item: Mapping[str, Any] | BatchItem) -> dict[str, Any]:
+def _as_dict(item: Any) -> dict[str, Any]:
     if isinstance(item, BatchItem):
         return item.to_dict()
     if isinstance(item, Mapping):
@@ -468,39 +93,329 @@ def _as_dict(item: Mapping[str, Any] | BatchItem) -> dict[str, Any]:
     raise ValidationError(f"batch items must be dicts or BatchItem, got {type(item).__name__}")
 
 
-def prepare(items: Iterable[Mapping[str, Any] | BatchItem]) -> list[_Entry]:
-    """Validate every item up front; bad ones become results, not exceptions."""
-    entries: list[_Entry] = []
+def _check_items(items: Any) -> None:
+    if isinstance(items, (Mapping, BatchItem, str, bytes)):
+        raise ValidationError(
+            f"create_many takes an iterable of items (e.g. a list of dicts), not a single "
+            f"{type(items).__name__}")
+
+
+def prepare(items: Iterable[Mapping[str, Any] | BatchItem], *,
+            callback_url: str | None = None) -> list[Entry]:
+    """Validate every item up front; bad ones become results, not exceptions.
+
+    ``callback_url`` is given to items without one, after their ids were derived.
+    """
+    _check_items(items)
+    entries: list[Entry] = []
     occurrences: dict[str, int] = {}
-    for index, item in enumerate(items):
+    for item in items:
         try:
             data = _as_dict(item)
-            unknown = set(data) - set(_CREATE_FIELDS)
+            unknown = set(data) - set(CREATE_FIELDS)
             if unknown:
                 raise ValidationError(f"unknown field(s): {', '.join(sorted(unknown))}")
-            body_input = dict(data)
-            if not body_input.get("external_task_id"):
-                key = derive_external_task_id(data, 0)
-                occurrences[key] = occurrences.get(key, -1) + 1
-                body_input["external_task_id"] = derive_external_task_id(data, occurrences[key])
-            body = build_create_body(**body_input)
-            entries.append(_Entry(index=index, input=data, body=body))
+            fields = dict(data)
+            if not fields.get("external_task_id"):
+                base = derive_external_task_id(data, 0)
+                occurrences[base] = occurrences.get(base, -1) + 1
+                fields["external_task_id"] = derive_external_task_id(data, occurrences[base])
+            if callback_url and not fields.get("callback_url"):
+                fields["callback_url"] = callback_url
+            body = build_create_body(**{k: fields.get(k) for k in CREATE_FIELDS})
+            entries.append(Entry(input=data, body=body))
         except ValidationError as exc:
-            raw = item if isinstance(item, Mapping) else {"item": item}
-            entries.append(_Entry(index=index, input=dict(raw), body=None, error=exc, done=True))
+            raw = dict(item) if isinstance(item, Mapping) else {"item": item}
+            entries.append(Entry(input=raw, body=None, error=exc, done=True,
+                                 phase=Phase.FAILED))
     seen: set[str] = set()
     for entry in entries:
         if entry.body is not None:
-            ext = entry.body["external_task_id"]
-            if ext in seen:
+            key = entry.key
+            if key in seen:
                 entry.error, entry.done, entry.body = ValidationError(
-                    f"duplicate external_task_id in batch: {ext}"), True, None
-            seen.add(ext)
+                    f"duplicate external_task_id in batch: {key}"), True, None
+                entry.phase = Phase.FAILED
+            seen.add(key)
     return entries
 
 
+class _Run:
+    """One batch: the loop that wires submitter, follower and coordinator together."""
+
+    def __init__(self, api: BatchApi, entries: list[Entry], coordinator: Coordinator, *,
+                 ceiling: int | None, wait: bool, item_timeout: float | None,
+                 timeout: float | None, poll_interval: float | None,
+                 on_progress: ProgressCallback | None, callbacks: bool, retry_failed: bool,
+                 side_journal: FileJournal | None) -> None:
+        self.api = api
+        self.coord = coordinator
+        self.ledger = Ledger(entries, on_progress)
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.retry_failed = retry_failed
+        self.side_journal = side_journal
+        self.wake = asyncio.Event()
+        self.submitter = Submitter(api, coordinator, self.ledger, on_created=self._created,
+                                   on_foreign=self._foreign, wake=self.wake.set,
+                                   ceiling=ceiling)
+        self.follower = Follower(api, coordinator, self.ledger, wait=wait,
+                                 item_timeout=item_timeout, poll_interval=poll_interval,
+                                 callbacks=callbacks, retry=self._retry,
+                                 journal=self._journal)
+
+    # --- hooks for the parts ------------------------------------------------------------------
+
+    async def _created(self, entry: Entry, created: Created) -> None:
+        entry.earlier = created.existed
+        await self._journal(entry, created.task)
+        await self.follower.attach(entry, created.task)
+        self.wake.set()
+
+    async def _foreign(self, entry: Entry, task_id: str, status: str) -> None:
+        await self.follower.follow_foreign(entry, task_id, status)
+        self.wake.set()
+
+    async def _journal(self, entry: Entry, task: VoiceTask) -> None:
+        """Journal a task's state in the side journal; for a retry (retry_failed) also under
+        the item's original id, so that a rerun finds the newest attempt directly."""
+        status = task.task_status.value
+        self._side_record(entry.key, task.task_id, status)
+        if entry.generation and entry.origin is not None:
+            base = entry.origin
+            await self.coord.record(base, task.task_id, status)
+            self._side_record(base, task.task_id, status)
+
+    def _retry(self, entry: Entry) -> bool:
+        """retry_failed: send an item whose earlier task failed (or lost its voice) again
+        under a fresh, stable id. False when retrying is off or used up."""
+        if not self.retry_failed or entry.generation >= C.BATCH_MAX_RETRY_GENERATIONS:
+            return False
+        assert entry.body is not None
+        if entry.origin is None:
+            entry.origin = entry.key
+        entry.generation += 1
+        entry.body = {**entry.body, "external_task_id": retry_key(entry.origin,
+                                                                  entry.generation)}
+        entry.task, entry.error, entry.earlier, entry.done = None, None, False, False
+        self.ledger.set_phase(entry, Phase.PENDING)
+        self.submitter.pending.append(entry)
+        return True
+
+    def _side_record(self, key: str, task_id: str, status: str) -> None:
+        if self.side_journal is not None:
+            self.side_journal.record(key, task_id, status)
+
+    def on_callback(self, task: VoiceTask) -> None:
+        if self.follower.on_callback(task):
+            self.wake.set()
+
+    # --- re-attach ------------------------------------------------------------------------------
+
+    async def reattach(self) -> None:
+        """Items the journal knows are followed, never created again. The journal is checked,
+        not trusted: a task whose external id is not the item's is ignored (and the item
+        resolved by lookup)."""
+        entries = [e for e in self.ledger.entries if e.body is not None and not e.done]
+        known = await self._known([e.key for e in entries])
+        if not known:
+            return
+        # A journal with entries means a rerun: an item created just before a crash may be
+        # missing from it, so every item is looked up before it is created.
+        self.submitter.look_first = True
+        jobs = iter([(e, known[e.key]) for e in entries if e.key in known])
+
+        async def worker() -> None:
+            for entry, jentry in jobs:  # shared iterator: coroutines made only when run
+                await self._follow_known(entry, jentry)
+
+        workers = [asyncio.ensure_future(worker())
+                   for _ in range(min(C.BATCH_REATTACH_CONCURRENCY, len(known)))]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _known(self, keys: list[str]) -> dict[str, JournalEntry]:
+        known = dict(await self.coord.known(keys)) if keys else {}
+        if self.side_journal is not None:
+            for key in keys:
+                if key not in known and key in self.side_journal.entries:
+                    known[key] = self.side_journal.entries[key]
+        return known
+
+    async def _follow_known(self, entry: Entry, jentry: JournalEntry) -> None:
+        task: VoiceTask | None = None
+        with contextlib.suppress(VoiceAPIError):  # any failure: ask by external id below
+            task = await self.api.get(jentry.task_id)
+        generation = None if task is None or task.external_task_id is None else \
+            generation_of(task.external_task_id, entry.key)
+        if task is not None and generation:  # the journal points at a retry of this item
+            assert entry.body is not None
+            entry.origin = entry.key
+            entry.body = {**entry.body, "external_task_id": retry_key(entry.key, generation)}
+            entry.generation = generation
+        elif task is None or generation is None:
+            # Not found, unreadable, or the journal line names another task: ask the server
+            # what exists under this item's id (a create would be refused as a duplicate, but
+            # a server that does not refuse repeated ids would make a second task).
+            try:
+                task = await self.api.lookup(entry.key)
+            except VoiceAPIError as exc:
+                self.ledger.resolve(entry, error=exc)
+                return
+            if task is None:
+                return  # nothing exists: the item is created as usual
+        entry.earlier = True
+        if not task.is_terminal:
+            await self._adopt(entry.key, task)
+        else:
+            await self.coord.record(entry.key, task.task_id, task.task_status.value)
+        self._side_record(entry.key, task.task_id, task.task_status.value)
+        await self.follower.attach(entry, task)
+
+    async def _adopt(self, key: str, task: VoiceTask) -> None:
+        """A running task from an earlier run holds a slot at Kling: count it if the
+        coordinator can (``adopt``), else just journal it."""
+        adopt = getattr(self.coord, "adopt", None)
+        if adopt is not None:
+            await adopt(key, task.task_id, task.task_status.value)
+        else:
+            await self.coord.record(key, task.task_id, task.task_status.value)
+
+    async def _probe_rerun(self) -> None:
+        """Is this a rerun? Items are sent in order, so if any item of an earlier run exists,
+        the first one almost surely does: one lookup tells. A rerun then looks each item up
+        before creating it (a server that accepts repeated external ids would otherwise make
+        a second task); a fresh batch pays this one request only."""
+        pending = self.submitter.pending
+        if not pending:
+            return
+        first = pending[0]
+        try:
+            found = await self.api.lookup(first.key)
+        except VoiceAPIError:
+            found = None  # unknown: the create flow still never resends without a not-found
+            self.submitter.look_first = True
+        if found is not None:
+            self.submitter.look_first = True
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def _report(self, *, force: bool = False) -> None:
+        self.ledger.report(self.coord.in_flight, self.coord.cap, force=force)
+
+    async def run(self) -> None:
+        self._report(force=True)
+        try:
+            await self._before_deadline(self.reattach())
+            queued = {id(e) for e in self.submitter.pending}  # retries made while re-attaching
+            self.submitter.pending.extend(e for e in self.ledger.entries
+                                          if not e.done and e.task is None
+                                          and id(e) not in queued)
+            await self._before_deadline(self._probe_rerun())
+            await self._loop()
+        finally:
+            await self.submitter.cancel()  # cancelled or failed: no create left running
+        self._report(force=True)
+
+    async def _before_deadline(self, step: Coroutine[Any, Any, None]) -> None:
+        """Run a start-up step; slow lookups must not carry the batch past its deadline."""
+        if self.deadline is None:
+            await step
+            return
+        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+            await within(step, max(0.0, self.deadline - time.monotonic()))
+
+    async def _loop(self) -> None:
+        submitter, follower = self.submitter, self.follower
+        while True:
+            now = time.monotonic()
+            if self.deadline is not None and now >= self.deadline:
+                await self._end_at_deadline()
+                return
+            next_expiry = follower.expire(now)
+            await submitter.start(len(follower.tracked))
+            if submitter.want_poll:
+                submitter.want_poll = False
+                follower.poll_soon()
+            if not submitter.busy and not follower.waiting:
+                return
+            poll_at = follower.next_poll_at(
+                slots_wanted=submitter.slot_blocked and bool(submitter.pending))
+            if poll_at is not None and now >= poll_at:
+                await follower.poll(None if self.deadline is None else self.deadline - now)
+                if follower.fatal is not None:
+                    await self._end_early(follower.fatal)
+                    return
+                self._report()
+                continue
+            self._report()
+            await self._sleep([poll_at, next_expiry, submitter.wake_at(), self.deadline,
+                               self.ledger.next_report_at()])
+
+    async def _sleep(self, times: list[float | None]) -> None:
+        """Until the earliest of ``times``, a wake-up (create done, callback), or a slot
+        freed elsewhere; never a negative or busy wait."""
+        now = time.monotonic()
+        due = [t for t in times if t is not None]
+        timeout = max(0.0, min(due) - now) if due else C.BATCH_POLL_INTERVAL
+        if timeout <= 0:
+            return
+        self.wake.clear()
+        if self.submitter.slot_blocked and self.submitter.pending:
+            waiters = {asyncio.ensure_future(self.wake.wait()),
+                       asyncio.ensure_future(self.coord.wait_for_slot(timeout))}
+            try:
+                await asyncio.wait(waiters, timeout=timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
+                await asyncio.gather(*waiters, return_exceptions=True)
+            return
+        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+            await within(self.wake.wait(), timeout)
+
+    async def _end_at_deadline(self) -> None:
+        """The batch timeout: cancel creates in flight and look them up, time out every item
+        still waiting, and give every unsent item a NotSubmittedError."""
+        assert self.timeout is not None
+        unknown = await self.submitter.cancel()
+        await self._resolve_unknown(unknown)
+        self.follower.time_out_all(self.timeout)
+        self.submitter.give_up(f"the batch timeout of {self.timeout:g}s was reached")
+
+    async def _end_early(self, error: VoiceAPIError) -> None:
+        """An error no retry cures (closed client, credentials): stop sending, and report it
+        for every item still open."""
+        for entry in await self.submitter.cancel():
+            self.ledger.resolve(entry, error=NotSubmittedError(
+                f"the create of {entry.key} was cancelled ({error}); it may exist"))
+        self.follower.end(error)
+        self.submitter.give_up(str(error))
+
+    async def _resolve_unknown(self, unknown: list[Entry]) -> None:
+        async def found(entry: Entry, task: VoiceTask) -> None:
+            entry.earlier = False
+            await self.follower.attach(entry, task)
+
+        await self.submitter.resolve_unknown(unknown, C.BATCH_DEADLINE_GRACE, found)
+
+
+def _check_settings(max_in_flight: Any, **seconds: Any) -> None:
+    """Bad settings are refused before anything is sent."""
+    SlotCap(max_in_flight)  # the one place that says what a valid cap is
+    for name, value in seconds.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not value > 0):
+            raise ValidationError(f"{name} must be a number > 0, got {value!r}")
+
+
 async def run_batch(
-    resource: _Resource,
+    api: BatchApi,
     items: Iterable[Mapping[str, Any] | BatchItem],
     *,
     max_in_flight: int | None = None,
@@ -511,52 +426,38 @@ async def run_batch(
     on_progress: ProgressCallback | None = None,
     journal: str | None = None,
     callbacks: _CallbackSource | None = None,
-    rate_limit_delay: float = C.RATE_LIMIT_MIN_DELAY,
+    coordinator: Coordinator | None = None,
+    retry_failed: bool = False,
 ) -> list[BatchResult]:
-    if max_in_flight is not None and max_in_flight < 1:
-        raise ValidationError("max_in_flight must be >= 1")
-    if callbacks is not None:
-        items = [_with_callback(item, callbacks.url) for item in items]
-    entries = prepare(items)
-    jrnl = Journal(journal) if journal else None
-    transport = getattr(resource, "_transport", None)
-    policy = getattr(transport, "retry_policy", None)
-    if policy is not None:
-        rate_limit_delay = policy.rate_limit_min_delay
-    batch = _Batch(resource, entries, limit=SlotLimit(max_in_flight), wait=wait,
+    _check_settings(max_in_flight, item_timeout=item_timeout, timeout=timeout,
+                    poll_interval=poll_interval)
+    entries = prepare(items, callback_url=callbacks.url if callbacks is not None else None)
+    coord = coordinator if coordinator is not None else api.coordinator
+    own: LocalCoordinator | None = None
+    side: FileJournal | None = None
+    if coord is None:
+        coord = own = LocalCoordinator(max_in_flight, journal=journal,
+                                       rate_limit_delay=api.rate_limit_delay)
+    elif journal:
+        side = FileJournal(journal)
+    try:
+        run = _Run(api, entries, coord, ceiling=max_in_flight, wait=wait,
                    item_timeout=item_timeout, timeout=timeout, poll_interval=poll_interval,
-                   on_progress=on_progress, journal=jrnl, rate_limit_delay=rate_limit_delay,
-                   callbacks=callbacks is not None)
-    unsubscribe = callbacks.subscribe(batch.on_callback) if callbacks is not None else None
-    try:
-        await _reattach(batch, jrnl)
-        await batch.run()
+                   on_progress=on_progress, callbacks=callbacks is not None,
+                   retry_failed=retry_failed, side_journal=side)
+        unsubscribe = callbacks.subscribe(run.on_callback) if callbacks is not None else None
+        try:
+            await run.run()
+        finally:
+            if unsubscribe is not None:
+                unsubscribe()
     finally:
-        if unsubscribe is not None:
-            unsubscribe()
-        if jrnl is not None:
-            jrnl.close()
-    return [BatchResult(input=e.input, task=e.task, error=e.error) for e in entries]
+        if own is not None:
+            own.close()
+        if side is not None:
+            side.close()
+    return [e.result() for e in entries]
 
 
-async def _reattach(batch: _Batch, journal: Journal | None) -> None:
-    """Items a journal already knows are followed, never created again."""
-    if journal is None:
-        return
-    lookups: list[Awaitable[None]] = []
-    for entry in batch.entries:
-        if entry.body is None:
-            continue
-        known = journal.known.get(entry.body["external_task_id"])
-        if known is not None:
-            lookups.append(_follow(batch, entry, known[0]))
-    for i in range(0, len(lookups), 20):
-        await asyncio.gather(*lookups[i:i + 20])
-
-
-async def _follow(batch: _Batch, entry: _Entry, task_id: str) -> None:
-    try:
-        batch.attach(entry, await batch.resource.get(task_id))
-    except VoiceAPIError as exc:
-        if not is_not_found(exc):
-            batch.finish(entry, error=exc)
+__all__ = ["BatchItem", "BatchProgress", "JournalError", "NotSubmittedError", "VoiceGoneError",
+           "derive_external_task_id", "prepare", "run_batch"]

@@ -50,6 +50,10 @@ DEFAULT_PAGE_SIZE = 30  # the API's own default
 DEFAULT_ITER_PAGE_SIZE = 100
 # Safety bound for iter_all: 1000 pages of 1000 tasks is far beyond any real account.
 MAX_PAGES = 1000
+# The voice docs say pageSize ≤ 1000, every other list endpoint 500 (kling-api.md §11.1):
+# pages the SDK asks for by itself stay at or below this, and a refused size steps down.
+AUTO_PAGE_SIZE_MAX = 500
+PAGE_SIZE_STEPS = (1000, 500, 100)
 
 # --- validation (kling-api.md §4.1) -------------------------------------------------------------
 VOICE_NAME_MAX_CHARS = 20
@@ -57,14 +61,50 @@ MEDIA_EXTENSIONS = (".mp3", ".wav", ".mp4", ".mov")
 MAX_ID_CHARS = 128
 MAX_URL_CHARS = 2048
 
+# --- creates whose outcome is unknown (one flow for create() and the batch) -------------------
+# Lookups by external id after an ambiguous create, each with the transport's own retries;
+# only a lookup that answers "not found" allows a resend.
+CREATE_LOOKUP_TRIES = 5
+CREATE_MAX_RESENDS = 3
+
 # --- batch uploads ----------------------------------------------------------------------------
 BATCH_INITIAL_SLOTS = 2  # a learned cap starts small and grows while creates are accepted
 BATCH_MAX_SLOTS = 100
+# After the first 1303, probe one slot up only after this many accepted creates per slot.
+BATCH_PROBE_EVERY = 4
+# Poll interval: an eighth of a typical successful task, within [floor, max], unless the user
+# sets poll_interval. The floor keeps fast failures from driving a poll storm.
 BATCH_POLL_INTERVAL = 1.0
-BATCH_LIST_PAGE_SIZE = 1000
+BATCH_POLL_FLOOR = 0.5
+BATCH_POLL_FRACTION = 1 / 8
+# Polls never come closer than this many times the duration of the previous poll.
+BATCH_POLL_SPACING_FACTOR = 4.0
+# With callbacks, polling is only the safety net for a lost callback.
+BATCH_CALLBACK_POLL_FACTOR = 5.0
+# Polls triggered by events (1303, callbacks) are at most this frequent.
+BATCH_MIN_POLL_GAP = 0.2
+# A callback saying a task ended is checked this much later: callbacks arriving together
+# share one poll.
+BATCH_CALLBACK_COALESCE = 0.05
+BATCH_LIST_PAGE_SIZE = AUTO_PAGE_SIZE_MAX
 BATCH_MAX_POLL_PAGES = 20  # one poll reads at most this many list pages
+# Tasks not seen on the list pages are looked up one by one, at most this many per poll.
+BATCH_MAX_LOOKUPS_PER_POLL = 10
+# A tracked task that lookups answer "not found" this many times in a row is dropped.
+BATCH_GONE_AFTER = 2
 # Creates being sent at once: slots may be thousands, open requests should not be.
 BATCH_MAX_CONCURRENT_SUBMITS = 32
+# Journal re-attach: lookups at once.
+BATCH_REATTACH_CONCURRENCY = 20
+# At the batch deadline, in-flight creates are cancelled and looked up within this long.
+BATCH_DEADLINE_GRACE = 0.8
+# on_progress is called on change, at most this often (plus the first and the last report).
+BATCH_PROGRESS_INTERVAL = 0.05
+# A task holding a slot that no batch has asked about for this long is an orphan (its batch
+# returned with wait=False or timed-out items): the next poll of any batch follows it.
+BATCH_ORPHAN_AFTER = 10.0
+# Retries of a failed item under a fresh id (retry_failed=True) per rerun chain.
+BATCH_MAX_RETRY_GENERATIONS = 8
 
 # An answer larger than this (by Content-Length) is refused unread: a list page of 1000 tasks
 # is under 1 MB, so anything near this is a misbehaving proxy, not Kling.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -16,57 +15,53 @@ from ._constants import (
     DEFAULT_PAGE_SIZE,
     DEFAULT_POLL_INTERVAL,
     DEFAULT_WAIT_TIMEOUT,
-    MAX_PAGES,
     PATH_CUSTOM_VOICES,
     PATH_DELETE_VOICES,
     POLL_BACKOFF_FACTOR,
     POLL_INTERVAL_MAX,
 )
-from ._decode import is_not_found, parse_task, parse_task_list
-from ._errors import (
-    InvalidRequestError,
-    TaskFailedError,
-    UnexpectedResponseError,
-    ValidationError,
-    WaitTimeoutError,
-)
+from ._create import Created, CreateFlow, build_create_body, new_external_task_id, task_path
+from ._decode import parse_task, parse_task_list
+from ._errors import TaskFailedError, ValidationError, WaitTimeoutError
 from ._models import BatchResult, TaskStatus, VoiceTask
+from ._pages import PageLimit, records_of, walk_pages
 
 if TYPE_CHECKING:
-    from ._batch import BatchItem, ProgressCallback
-    from ._middlewares import Response
+    from ._batch_models import BatchItem, ProgressCallback
+    from ._coordinator import Coordinator
     from ._transport import Transport
     from ._webhooks import CallbackServer
 
-def new_external_task_id() -> str:
-    """A fresh idempotency key, minted once per logical create (never per attempt)."""
-    return f"voiceapi-{uuid.uuid4().hex}"
+# Kept importable from here: older code imports them from this module.
+__all__ = ["AsyncCustomVoices", "build_create_body", "new_external_task_id"]
 
 
-def build_create_body(
-    *, voice_name: Any, voice_url: Any = None, video_id: Any = None, callback_url: Any = None,
-    external_task_id: Any = None,
-) -> dict[str, str]:
-    """Validate create() arguments and build the JSON body (absent fields are left out)."""
-    body = {"voice_name": V.voice_name(voice_name)}
-    url = None if voice_url in (None, "") else V.voice_url(voice_url)
-    vid = V.video_id(video_id)
-    if (url is None) == (vid is None):
-        raise ValidationError("give exactly one of voice_url or video_id")
-    if url is not None:
-        body["voice_url"] = url
-    if vid is not None:
-        body["video_id"] = vid
-    cb = V.callback_url(callback_url)
-    if cb is not None:
-        body["callback_url"] = cb
-    ext = V.optional_identifier(external_task_id, "external_task_id")
-    body["external_task_id"] = ext if ext is not None else new_external_task_id()
-    return body
+class _BatchApi:
+    """What the batch scheduler may do with this resource: a narrow protocol, so the scheduler
+    never reaches into the resource's or the transport's private attributes."""
 
+    def __init__(self, resource: AsyncCustomVoices) -> None:
+        self._resource = resource
+        transport = resource._transport
+        self.rate_limit_delay = transport.retry_policy.rate_limit_min_delay
+        self.coordinator: Coordinator | None = getattr(transport, "coordinator", None)
+        self.page_limit = resource._page_limit
 
-def _task_path(task_ref: str) -> str:
-    return f"{PATH_CUSTOM_VOICES}/{V.path_segment(task_ref)}"
+    async def create(self, body: dict[str, str]) -> Created:
+        """The shared create flow, with 1302/1303 raised (the scheduler learns from them)."""
+        return await self._resource._flow.create_outcome(body, caller_id=False,
+                                                         retry_rate_limits=False)
+
+    async def lookup(self, external_task_id: str) -> VoiceTask | None:
+        """By external id, failures retried with backoff; None only for an answered
+        not-found."""
+        return await self._resource._flow.find(external_task_id)
+
+    async def get(self, task_id: str) -> VoiceTask:
+        return await self._resource.get(task_id)
+
+    async def list_page(self, page_num: int, page_size: int) -> builtins.list[Any]:
+        return await self._resource._list_raw(page_num, page_size)
 
 
 class AsyncCustomVoices:
@@ -74,6 +69,11 @@ class AsyncCustomVoices:
 
     def __init__(self, transport: Transport) -> None:
         self._transport = transport
+        policy = transport.retry_policy
+        self._flow = CreateFlow(transport, lookup_delay=policy.initial_delay,
+                                max_lookup_delay=policy.max_delay)
+        # The page size this server accepts, learned once for this client.
+        self._page_limit = PageLimit()
 
     async def create(
         self,
@@ -87,41 +87,15 @@ class AsyncCustomVoices:
         """Start cloning a voice from a 5–30 s sample (a URL, or a Kling ``video_id``).
 
         Returns the task (usually ``submitted``); follow it with :meth:`wait`. The call carries
-        an ``external_task_id`` (yours, or a generated one), and after an ambiguous failure the
-        SDK looks the task up by it before sending again, so a retry never creates (and bills)
-        a second voice.
+        an ``external_task_id`` (yours, or a generated one). After an ambiguous failure the SDK
+        looks the task up by it and resends only when the server answered "not found", so a
+        retry never creates (and bills) a second voice; a task that landed is returned, never
+        raised. Raises ConflictError only when *your* ``external_task_id`` already belongs to
+        another task (``existing_task_id`` names it).
         """
         body = build_create_body(voice_name=voice_name, voice_url=voice_url, video_id=video_id,
                                  callback_url=callback_url, external_task_id=external_task_id)
-        return await self._submit(body)
-
-    async def _submit(self, body: dict[str, str], *, retry_rate_limits: bool = True) -> VoiceTask:
-        """Send a validated create body. The batch scheduler passes ``retry_rate_limits=False``
-        to handle 1302/1303 itself (it learns the account's cap from them)."""
-        ext = body["external_task_id"]
-
-        async def reconcile() -> Response | None:
-            try:
-                return await self._transport.request("GET", _task_path(ext))
-            except InvalidRequestError as exc:
-                if is_not_found(exc):
-                    return None
-                raise
-
-        response = await self._transport.request(
-            "POST", PATH_CUSTOM_VOICES, json_body=body, idempotent=False, reconcile=reconcile,
-            retry_rate_limits=retry_rate_limits)
-        data = response.data
-        if not isinstance(data, Mapping):
-            raise UnexpectedResponseError("create answered without a task object",
-                                          http_status=response.status,
-                                          request_id=response.request_id)
-        raw = dict(data)
-        raw.setdefault("task_status", TaskStatus.SUBMITTED.value)
-        info = raw.get("task_info")
-        if not isinstance(info, Mapping) or not info.get("external_task_id"):
-            raw["task_info"] = {"external_task_id": ext}
-        return parse_task(raw, request_id=response.request_id)
+        return await self._flow.create(body, caller_id=external_task_id not in (None, ""))
 
     async def get(
         self, task_id: str | None = None, *, external_task_id: str | None = None
@@ -131,31 +105,41 @@ class AsyncCustomVoices:
             raise ValidationError("give exactly one of task_id or external_task_id")
         ref = V.identifier(task_id if task_id is not None else external_task_id,
                            "task_id" if task_id is not None else "external_task_id")
-        response = await self._transport.request("GET", _task_path(ref))
+        response = await self._transport.request("GET", task_path(ref))
         return parse_task(response.data, request_id=response.request_id)
 
     async def list(
         self, *, page_num: int = 1, page_size: int = DEFAULT_PAGE_SIZE
     ) -> builtins.list[VoiceTask]:
-        """One page of your voice-creation tasks (each holds its voice once it succeeded)."""
+        """One page of your voice-creation tasks (each holds its voice once it succeeded).
+
+        ``page_size`` is sent as given (1–1000); a server that allows less refuses it.
+        """
         params = V.page_params(page_num, page_size)
         response = await self._transport.request("GET", PATH_CUSTOM_VOICES, params=params)
         return parse_task_list(response.data, request_id=response.request_id)
 
+    async def _list_raw(self, page_num: int, page_size: int) -> builtins.list[Any]:
+        """One page as raw records (the batch tracker parses only the ones it follows)."""
+        response = await self._transport.request(
+            "GET", PATH_CUSTOM_VOICES, params=V.page_params(page_num, page_size))
+        return records_of(response.data, response.request_id)
+
     async def iter_all(
         self, *, page_size: int = DEFAULT_ITER_PAGE_SIZE
     ) -> AsyncIterator[VoiceTask]:
-        """Every task, page after page, until a short or empty page; each task once."""
+        """Every task, page after page, until a short or empty page; each task once.
+
+        A page size the server refuses steps down (1000 → 500 → 100), remembered per client.
+        """
         V.page(page_size, "page_size")
         seen: set[str] = set()
-        for page_num in range(1, MAX_PAGES + 1):
-            tasks = await self.list(page_num=page_num, page_size=page_size)
-            for task in tasks:
+        async for records in walk_pages(self._list_raw, page_size=page_size,
+                                        limit=self._page_limit):
+            for task in parse_task_list(records):
                 if task.task_id not in seen:  # pages shift when tasks are created meanwhile
                     seen.add(task.task_id)
                     yield task
-            if len(tasks) < page_size:
-                return
 
     async def delete(self, voice_id: str) -> None:
         """Delete a custom voice by its ``voice_id`` (not the task id). Presets cannot be."""
@@ -212,16 +196,23 @@ class AsyncCustomVoices:
         on_progress: ProgressCallback | None = None,
         journal: str | None = None,
         callbacks: CallbackServer | None = None,
+        coordinator: Coordinator | None = None,
+        retry_failed: bool = False,
     ) -> builtins.list[BatchResult]:
         """Create many voices while keeping at most N tasks in progress (N learned from 1303s
-        unless ``max_in_flight`` is given). One result per item, in input order; one bad item
-        never stops the batch. With ``callbacks`` (a running CallbackServer), items without a
-        ``callback_url`` get its URL and each callback triggers an immediate status check, so
-        the safety-net polling can be rare. See the README, "Batch uploads".
+        unless ``max_in_flight`` is given; a 1303 still lowers it). One result per item, in
+        input order; one bad item never stops the batch. With ``callbacks`` (a running
+        CallbackServer), items without a ``callback_url`` get its URL and each callback
+        triggers an immediate status check, so the safety-net polling can be rare.
+        ``coordinator`` shares slots, cap, journal and polling with other batches or processes
+        (default: the client's, else one for this batch). ``retry_failed`` creates items whose
+        earlier task failed (or whose voice was deleted) again under a fresh id. See the README,
+        "Batch".
         """
-        from ._batch import run_batch
+        from ._batch import run_batch  # the scheduler sits above the resources
 
         return await run_batch(
-            self, items, max_in_flight=max_in_flight, wait=wait, item_timeout=item_timeout,
-            timeout=timeout, poll_interval=poll_interval, on_progress=on_progress,
-            journal=journal, callbacks=callbacks)
+            _BatchApi(self), items, max_in_flight=max_in_flight, wait=wait,
+            item_timeout=item_timeout, timeout=timeout, poll_interval=poll_interval,
+            on_progress=on_progress, journal=journal, callbacks=callbacks,
+            coordinator=coordinator, retry_failed=retry_failed)

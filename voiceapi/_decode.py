@@ -32,6 +32,7 @@ from ._errors import (
     RateLimitError,
     ServerError,
     UnexpectedResponseError,
+    printable,
 )
 from ._models import BalanceDeduction, TaskStatus, Voice, VoiceTask
 
@@ -78,9 +79,18 @@ def error_class_for(code: int | None, http_status: int) -> type[APIError]:
 _NOT_FOUND_MESSAGE = re.compile(
     r"\btask\s+(?:is\s+)?(?:not\s+found|does\s*n[o']t\s+exist)\b", re.IGNORECASE)
 _ID = r"external[\s_-]?task[\s_-]?id"
-_ALREADY_EXISTS_MESSAGE = re.compile(
-    rf"\b{_ID}\b.*\balready\s+exists?\b|\balready\s+exists?\b.*\b{_ID}\b|"
-    rf"\bduplicated?\s+{_ID}\b", re.IGNORECASE | re.DOTALL)
+# "The id … already exists" in either order, or "duplicate(d) external_task_id". Three plain
+# searches rather than one pattern with ".*" between the parts: that pattern backtracks
+# quadratically (a 340 kB message of repeated ids took 50 s, blocking the event loop).
+_EXTERNAL_ID = re.compile(rf"\b{_ID}\b", re.IGNORECASE)
+_ALREADY_EXISTS = re.compile(r"\balready\s+exists?\b", re.IGNORECASE)
+_DUPLICATE_ID = re.compile(rf"\bduplicated?\s+{_ID}\b", re.IGNORECASE)
+
+
+def _says_already_exists(message: str) -> bool:
+    return (_ALREADY_EXISTS.search(message) is not None
+            and _EXTERNAL_ID.search(message) is not None) or \
+        _DUPLICATE_ID.search(message) is not None
 
 
 def is_not_found(exc: BaseException) -> bool:
@@ -96,8 +106,7 @@ def is_not_found(exc: BaseException) -> bool:
         return True
     message = exc.message
     return exc.code in (1200, 1201) and isinstance(message, str) and \
-        _NOT_FOUND_MESSAGE.search(message) is not None and not _ALREADY_EXISTS_MESSAGE.search(
-            message)
+        _NOT_FOUND_MESSAGE.search(message) is not None and not _says_already_exists(message)
 
 
 def is_duplicate_external_id(exc: BaseException) -> bool:
@@ -107,7 +116,7 @@ def is_duplicate_external_id(exc: BaseException) -> bool:
     """
     message = getattr(exc, "message", None)
     return isinstance(exc, InvalidRequestError) and exc.code in (1200, 1201) and \
-        isinstance(message, str) and _ALREADY_EXISTS_MESSAGE.search(message) is not None
+        isinstance(message, str) and _says_already_exists(message)
 
 
 # --- the envelope ---------------------------------------------------------------------------
@@ -178,6 +187,12 @@ def decode_envelope(
                 f"(content-type {headers.get('Content-Type', 'unknown')!r}, {len(body)} bytes)",
                 http_status=status)
         cls = error_class_for(None, status)
+        location = headers.get("Location") if 300 <= status < 400 else None
+        if location:
+            # Kling never redirects (and we never follow): most often http:// was typed for
+            # https://, or base_url points at a web page rather than the API host.
+            raise cls(f"HTTP {status} redirect to {printable(location, 200)!r}: the API never "
+                      "redirects; check base_url", http_status=status)
         raise cls(f"HTTP {status} without a Kling JSON envelope (likely from a proxy)",
                   http_status=status)
     assert isinstance(envelope, dict)
@@ -185,8 +200,11 @@ def decode_envelope(
     request_id = rid if isinstance(rid, str) else None
     if code == 0 and 200 <= status < 300:
         return envelope.get("data"), request_id
+    if request_id is not None:
+        request_id = printable(request_id, 200)
     msg = envelope.get("message")
-    message = msg if isinstance(msg, str) and msg else f"Kling error {code}"
+    # The message goes into str(exc), logs and terminals: made safe first (errors.printable).
+    message = printable(msg) if isinstance(msg, str) and msg else f"Kling error {code}"
     if code == 0:
         code_or_none = None
         message = f"HTTP {status} with code 0"

@@ -6,7 +6,41 @@ request id, because that triple is what Kling support asks for.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Protocol
+
+# --- text from the server, made safe to show ------------------------------------------------
+#
+# Server messages, request ids and task texts end up in str(exc), logs and the CLI's terminal.
+# A hostile or broken server (or a proxy in front of it) controls them, so before they are
+# shown: a token the server echoes back ("invalid header Authorization: Bearer eyJ…") is
+# masked, control characters (ANSI escapes, forged log lines) and lone surrogates (which make
+# a UTF-8 log handler raise) are escaped, and the length is capped.
+_BEARER = re.compile(r"(?i)\b(bearer)(\s+)[^\s\"',;]+")
+# The look-behind lets a match start only where a token starts: without it "eyJeyJeyJ…" is
+# scanned from every "eyJ" in it, which is quadratic (120 kB took 8 s).
+_JWT = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+_UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+#: Longest server text kept in an error; a real Kling message is one short sentence.
+SERVER_TEXT_MAX = 1000
+#: Longer than any token we send (a JWT is ~200 characters): a token the cut splits is seen whole.
+_TOKEN_MARGIN = 2000
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str, limit: int = SERVER_TEXT_MAX) -> str:
+    """Server text made safe for ``str(exc)``, logs and terminals (see above)."""
+    size = len(text)
+    # Masked before the final cut, so a token split by it is still masked as a whole; the
+    # first cut keeps the work bounded whatever the server sent.
+    text = _JWT.sub("***", _BEARER.sub(r"\1\2***", text[:limit + _TOKEN_MARGIN]))
+    if size > limit:
+        text = f"{text[:limit]}… ({size - limit} more characters)"
+    return _UNSHOWABLE.sub(_escape, text)
 
 
 def _rebuild(cls: type[VoiceAPIError], args: tuple[Any, ...],
@@ -172,8 +206,8 @@ class TaskFailedError(VoiceAPIError):
     task: Any
 
     def __init__(self, task: _TaskLike) -> None:
-        msg = task.task_status_msg or "no reason given"
-        super().__init__(f"voice task {task.task_id} failed: {msg}")
+        msg = printable(task.task_status_msg or "no reason given")
+        super().__init__(f"voice task {printable(task.task_id, 200)} failed: {msg}")
         self.task = task
 
 
@@ -187,9 +221,9 @@ class WaitTimeoutError(VoiceAPIError, TimeoutError):
         status = str(task.task_status) if task is not None else "unknown"
         raw = getattr(task, "raw_status", None)
         if isinstance(raw, str) and raw != status:  # e.g. "unknown (queued)": say what it was
-            status = f"{status} ({raw[:40]})"
-        super().__init__(
-            f"voice task {task_id} not finished after {timeout:g}s (last status: {status})")
+            status = f"{status} ({printable(raw, 40)})"
+        super().__init__(f"voice task {printable(task_id, 200)} not finished after {timeout:g}s "
+                         f"(last status: {status})")
         self.task_id = task_id
         self.timeout = timeout
         self.task = task

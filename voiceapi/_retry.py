@@ -10,11 +10,10 @@ after an ambiguous failure only once its ``reconcile`` hook has confirmed it did
 
 from __future__ import annotations
 
-import asyncio
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -157,13 +156,11 @@ class RetryMiddleware:
 
     def __init__(
         self, *, max_retries: int, budget: float, policy: RetryPolicy, credentials: Credentials,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._max_retries = max_retries
         self._budget = budget
         self._policy = policy
         self._credentials = credentials
-        self._sleep = sleep
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
         # The budget covers the whole call, the first attempt included: ``send`` clips each
@@ -212,8 +209,7 @@ class RetryMiddleware:
             steps.append(step)
             return step.retry
 
-        retrying = AsyncRetrying(retry=judge, wait=lambda _: steps[-1].delay, reraise=True,
-                                 sleep=self._sleep)
+        retrying = AsyncRetrying(retry=judge, wait=lambda _: steps[-1].delay, reraise=True)
         async for attempt in retrying:
             with attempt:
                 if not steps:

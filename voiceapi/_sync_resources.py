@@ -21,7 +21,8 @@ from ._models import BatchResult, Voice, VoiceTask
 from ._preset_voices import AsyncPresetVoices
 
 if TYPE_CHECKING:
-    from ._batch import BatchItem, ProgressCallback
+    from ._batch_models import BatchItem, ProgressCallback
+    from ._coordinator import Coordinator
     from ._webhooks import CallbackServer
 
 
@@ -39,9 +40,11 @@ class CustomVoices:
         """Start cloning a voice from a 5–30 s sample (a URL, or a Kling ``video_id``).
 
         Returns the task (usually ``submitted``); follow it with :meth:`wait`. The call carries
-        an ``external_task_id`` (yours, or a generated one), and after an ambiguous failure the
-        SDK looks the task up by it before sending again, so a retry never creates (and bills)
-        a second voice.
+        an ``external_task_id`` (yours, or a generated one). After an ambiguous failure the SDK
+        looks the task up by it and resends only when the server answered "not found", so a
+        retry never creates (and bills) a second voice; a task that landed is returned, never
+        raised. Raises ConflictError only when *your* ``external_task_id`` already belongs to
+        another task (``existing_task_id`` names it).
         """
         return self._runner.run(self._resource.create(voice_name=voice_name, voice_url=voice_url, video_id=video_id, callback_url=callback_url, external_task_id=external_task_id))
 
@@ -50,11 +53,17 @@ class CustomVoices:
         return self._runner.run(self._resource.get(task_id, external_task_id=external_task_id))
 
     def list(self, *, page_num: int=1, page_size: int=DEFAULT_PAGE_SIZE) -> builtins.list[VoiceTask]:
-        """One page of your voice-creation tasks (each holds its voice once it succeeded)."""
+        """One page of your voice-creation tasks (each holds its voice once it succeeded).
+
+        ``page_size`` is sent as given (1–1000); a server that allows less refuses it.
+        """
         return self._runner.run(self._resource.list(page_num=page_num, page_size=page_size))
 
     def iter_all(self, *, page_size: int=DEFAULT_ITER_PAGE_SIZE) -> Iterator[VoiceTask]:
-        """Every task, page after page, until a short or empty page; each task once."""
+        """Every task, page after page, until a short or empty page; each task once.
+
+        A page size the server refuses steps down (1000 → 500 → 100), remembered per client.
+        """
         return self._runner.iterate(self._resource.iter_all(page_size=page_size))
 
     def delete(self, voice_id: str) -> None:
@@ -69,14 +78,18 @@ class CustomVoices:
         """
         return self._runner.run(self._resource.wait(task_id, timeout=timeout, poll_interval=poll_interval))
 
-    def create_many(self, items: Iterable[Mapping[str, Any] | BatchItem], *, max_in_flight: int | None=None, wait: bool=True, item_timeout: float | None=None, timeout: float | None=None, poll_interval: float | None=None, on_progress: ProgressCallback | None=None, journal: str | None=None, callbacks: CallbackServer | None=None) -> builtins.list[BatchResult]:
+    def create_many(self, items: Iterable[Mapping[str, Any] | BatchItem], *, max_in_flight: int | None=None, wait: bool=True, item_timeout: float | None=None, timeout: float | None=None, poll_interval: float | None=None, on_progress: ProgressCallback | None=None, journal: str | None=None, callbacks: CallbackServer | None=None, coordinator: Coordinator | None=None, retry_failed: bool=False) -> builtins.list[BatchResult]:
         """Create many voices while keeping at most N tasks in progress (N learned from 1303s
-        unless ``max_in_flight`` is given). One result per item, in input order; one bad item
-        never stops the batch. With ``callbacks`` (a running CallbackServer), items without a
-        ``callback_url`` get its URL and each callback triggers an immediate status check, so
-        the safety-net polling can be rare. See the README, "Batch uploads".
+        unless ``max_in_flight`` is given; a 1303 still lowers it). One result per item, in
+        input order; one bad item never stops the batch. With ``callbacks`` (a running
+        CallbackServer), items without a ``callback_url`` get its URL and each callback
+        triggers an immediate status check, so the safety-net polling can be rare.
+        ``coordinator`` shares slots, cap, journal and polling with other batches or processes
+        (default: the client's, else one for this batch). ``retry_failed`` creates items whose
+        earlier task failed (or whose voice was deleted) again under a fresh id. See the README,
+        "Batch".
         """
-        return self._runner.run(self._resource.create_many(items, max_in_flight=max_in_flight, wait=wait, item_timeout=item_timeout, timeout=timeout, poll_interval=poll_interval, on_progress=on_progress, journal=journal, callbacks=callbacks))
+        return self._runner.run(self._resource.create_many(items, max_in_flight=max_in_flight, wait=wait, item_timeout=item_timeout, timeout=timeout, poll_interval=poll_interval, on_progress=on_progress, journal=journal, callbacks=callbacks, coordinator=coordinator, retry_failed=retry_failed))
 
 
 class PresetVoices:
@@ -94,5 +107,9 @@ class PresetVoices:
         return self._runner.run(self._resource.list(page_num=page_num, page_size=page_size))
 
     def iter_all(self, *, page_size: int=DEFAULT_ITER_PAGE_SIZE) -> Iterator[Voice]:
-        """Every preset voice, page after page, until a short or empty page."""
+        """Every preset voice, page after page, until a short or empty page.
+
+        A page is short by tasks, not voices (a task may hold several voices); a page size the
+        server refuses steps down (1000 → 500 → 100), remembered per client.
+        """
         return self._runner.iterate(self._resource.iter_all(page_size=page_size))

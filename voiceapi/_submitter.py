@@ -1,0 +1,197 @@
+"""The submitter: asks the coordinator for slots and creates tasks, never one twice.
+
+Each create goes through the shared create flow (``_create.CreateFlow``): an ambiguous outcome
+is looked up by external id, and only a lookup that answered "not found" allows a resend. What
+the submitter adds is the account's view: a 1303 frees the slot and lowers the cap (the next
+create waits for one of our tasks to end, or backs off ≥ 1 s when none of ours runs); a 1302
+backs off by time; any other answer is the item's result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from . import _constants as C
+from ._aio import within
+from ._batch_models import BatchApi, NotSubmittedError
+from ._batch_state import Entry, Ledger
+from ._coordinator import Coordinator, Grant
+from ._create import Created
+from ._errors import RateLimitError, VoiceAPIError
+from ._models import VoiceTask
+
+OnCreated = Callable[[Entry, Created], Awaitable[None]]
+#: An item whose task another worker created: (item, task id, status from the journal).
+OnForeign = Callable[[Entry, str, str], Awaitable[None]]
+
+
+class Submitter:
+    def __init__(self, api: BatchApi, coordinator: Coordinator, ledger: Ledger, *,
+                 on_created: OnCreated, on_foreign: OnForeign, wake: Callable[[], None],
+                 ceiling: int | None) -> None:
+        self._api = api
+        self._on_foreign = on_foreign
+        self._coord = coordinator
+        self._ledger = ledger
+        self._on_created = on_created
+        self._wake = wake
+        self._ceiling = ceiling
+        self.pending: deque[Entry] = deque()
+        #: Items another worker is creating (Grant.FOLLOW): (when to look again, item).
+        self.deferred: deque[tuple[float, Entry]] = deque()
+        self.sending: dict[asyncio.Task[None], Entry] = {}
+        #: No create before this (a 1302, or a 1303 answered while none of ours runs).
+        self.not_before = 0.0
+        #: The last try to start a create found no free slot.
+        self.slot_blocked = False
+        #: Set on a 1303 while our own tasks run: a poll may free a slot sooner.
+        self.want_poll = False
+        #: A rerun (an item of this batch exists already): look each item up before creating
+        #: it, so that a server that accepts a repeated external id gets no second task.
+        self.look_first = False
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending or self.sending or self.deferred)
+
+    async def start(self, own_slots: int) -> None:
+        """Start creates while slots are free (``own_slots``: tasks of this batch holding one)."""
+        self.slot_blocked = False
+        now = time.monotonic()
+        if self.deferred and self.deferred[0][0] <= now:
+            await self._recheck_deferred(now)
+        while self.pending and len(self.sending) < C.BATCH_MAX_CONCURRENT_SUBMITS:
+            if now < self.not_before:
+                return
+            held = own_slots + len(self.sending)
+            if (self._ceiling is not None and held >= self._ceiling) or held >= self._coord.cap:
+                self.slot_blocked = True
+                return
+            entry = self.pending[0]
+            grant = await self._coord.acquire(entry.key)
+            if grant is Grant.WAIT:
+                self.slot_blocked = True
+                return
+            self.pending.popleft()
+            if grant is Grant.FOLLOW:  # another batch creates it; look again a little later
+                entry.look_first = True
+                self.deferred.append((now + C.BATCH_POLL_FLOOR, entry))
+                continue
+            task = asyncio.ensure_future(self._send(entry))
+            self.sending[task] = entry
+            task.add_done_callback(self._sent)
+
+    async def _recheck_deferred(self, now: float) -> None:
+        """Items another worker held: once the journal knows their task, follow it (without a
+        slot: the creator holds that); otherwise ask for a slot again."""
+        due: list[Entry] = []
+        while self.deferred and self.deferred[0][0] <= now:
+            due.append(self.deferred.popleft()[1])
+        known = await self._coord.known([e.key for e in due])
+        for entry in due:
+            jentry = known.get(entry.key)
+            if jentry is not None:
+                await self._on_foreign(entry, jentry.task_id, jentry.status)
+            else:
+                self.pending.append(entry)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self.sending.pop(task, None)
+        self._wake()
+
+    async def _send(self, entry: Entry) -> None:
+        key = entry.key
+        assert entry.body is not None
+        try:
+            look = self.look_first or entry.look_first
+            existing = await self._api.lookup(key) if look else None
+            created = Created(existing, existed=True) if existing is not None else \
+                await self._api.create(entry.body)
+        except RateLimitError as exc:
+            await self._rate_limited(entry, exc)
+            return
+        except VoiceAPIError as exc:
+            # Answered (nothing was created), or the outcome stayed unknown after the lookups
+            # the create flow made: never resent from here.
+            await self._coord.release(key)
+            self._ledger.resolve(entry, error=exc)
+            return
+        await self._coord.accepted(key, created.task.task_id, created.task.task_status.value)
+        await self._on_created(entry, created)
+
+    async def _rate_limited(self, entry: Entry, exc: RateLimitError) -> None:
+        self.pending.appendleft(entry)  # refused before anything was queued: send it again
+        if exc.code == 1303:
+            delay = await self._coord.refused(entry.key)
+            if self._coord.in_flight == 0:
+                self._back_off(exc.retry_after if exc.retry_after is not None else delay)
+            else:  # one of ours ending frees a slot: look for that rather than retry blindly
+                self.want_poll = True
+            return
+        await self._coord.release(entry.key)
+        await self._coord.rate_limited(exc.code, exc.retry_after)
+        self._back_off(exc.retry_after if exc.retry_after is not None
+                       else self._api.rate_limit_delay * random.uniform(1.0, 2.0))
+
+    def _back_off(self, delay: float) -> None:
+        self.not_before = max(self.not_before, time.monotonic() + max(delay, 0.0))
+
+    def wake_at(self) -> float | None:
+        """When a create may start without anything else happening (a backoff ending)."""
+        times = []
+        if self.pending and self.not_before > time.monotonic():
+            times.append(self.not_before)
+        if self.deferred:
+            times.append(self.deferred[0][0])
+        return min(times) if times else None
+
+    # --- ending -------------------------------------------------------------------------------
+
+    async def cancel(self) -> list[Entry]:
+        """Cancel creates in flight; returns the items whose outcome is now unknown."""
+        pairs = list(self.sending.items())
+        for task, _ in pairs:
+            task.cancel()
+        if pairs:
+            await asyncio.gather(*(t for t, _ in pairs), return_exceptions=True)
+        self.sending.clear()
+        return [e for t, e in pairs if t.cancelled() and not e.done and e.task is None]
+
+    def give_up(self, why: str) -> None:
+        """Items never sent get a NotSubmittedError."""
+        while self.deferred:
+            self.pending.append(self.deferred.popleft()[1])
+        while self.pending:
+            self._ledger.resolve(self.pending.popleft(), error=NotSubmittedError(
+                f"not submitted: {why}"))
+
+    async def resolve_unknown(self, entries: list[Entry], timeout: float,
+                              on_found: Callable[[Entry, VoiceTask], Awaitable[None]]) -> None:
+        """Creates cancelled mid-flight may have landed: look each up (within ``timeout``).
+        Found → followed like any task; answered not-found → NotSubmittedError."""
+        async def one(entry: Entry) -> None:
+            try:
+                found = await within(self._api.lookup(entry.key), timeout)
+            except (VoiceAPIError, asyncio.TimeoutError, TimeoutError):
+                self._ledger.resolve(entry, error=NotSubmittedError(
+                    f"the create of {entry.key} was cancelled at the batch deadline and could "
+                    "not be looked up: it may exist"))
+                return
+            if found is None:
+                await self._coord.release(entry.key)
+                self._ledger.resolve(entry, error=NotSubmittedError(
+                    f"not submitted: the create of {entry.key} was cancelled at the batch "
+                    "deadline"))
+                return
+            await self._coord.accepted(entry.key, found.task_id, found.task_status.value)
+            await on_found(entry, found)
+
+        await asyncio.gather(*(one(e) for e in entries))
+
+
+
+__all__ = ["Submitter"]
