@@ -13,15 +13,13 @@ The same module is the harness of ``tests/test_redis_scaleout.py``:
 * ``python -m benchmarks.scaleout worker CONFIG_JSON`` runs one worker and prints one JSON line
   with its results.
 
-Until the batch scheduler accepts ``coordinator=``, a worker drives the coordinator protocol
-with the small loop in :func:`drive` (one submitter in item order, one tracker).
+Every worker runs the real ``client.custom_voices.create_many(items, coordinator=coord)``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import json
 import os
@@ -30,14 +28,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import voiceapi
-from voiceapi import TaskStatus, VoiceTask
-from voiceapi._constants import PATH_CUSTOM_VOICES
-from voiceapi._coordinator import Coordinator, Grant
-from voiceapi._decode import is_duplicate_external_id, is_not_found
 
 # --- the emulator in its own process -----------------------------------------------------------
 
@@ -98,155 +92,18 @@ async def fetch_stats(url: str) -> dict[str, Any]:
 # --- a worker --------------------------------------------------------------------------------
 
 
-def coordinated(coord: Coordinator) -> voiceapi.Middleware:
-    """Every request waits for the account-wide rate; 1302s are shared with every worker.
-
-    A create's 1303 is left to the submitter (``refused``), which knows whether one of our own
-    tasks will free a slot sooner than a blanket backoff would.
-    """
-
-    async def middleware(request: voiceapi.Request,
-                         call_next: voiceapi.Handler) -> voiceapi.Response:
-        create = request.method == "POST" and request.path == PATH_CUSTOM_VOICES
-        await coord.before_request(create=create)
-        try:
-            return await call_next(request)
-        except voiceapi.RateLimitError as exc:
-            if exc.code == 1302:
-                await coord.rate_limited(exc.code, exc.retry_after)
-            raise
-
-    return middleware
-
-
-async def drive(client: voiceapi.AsyncVoiceClient, coord: Coordinator,
-                items: list[dict[str, str]], *, poll_interval: float = 0.3,
-                timeout: float = 120.0,
-                creator: voiceapi.AsyncVoiceClient | None = None) -> dict[str, VoiceTask]:
-    """Create every item once across all workers and follow it to its end.
-
-    A minimal scheduler on the coordinator protocol: one submitter in item order (CREATE →
-    send; FOLLOW → journal; WAIT → ``wait_for_slot``), one tracker (``observe``). Returns the
-    final task per external id.
-    """
-    cv = client.custom_voices
-    # Creates go through a client that does not retry 1303 itself: the submitter learns from it.
-    creates = (creator or client).custom_voices
-    by_key = {item["external_task_id"]: item for item in items}
-    pending = collections.deque(by_key)
-    task_of: dict[str, str] = {}  # key -> task id (ours or another worker's)
-    following: set[str] = set()  # keys with no journal entry yet
-    final: dict[str, VoiceTask] = {}
-    creating: set[asyncio.Task[None]] = set()
-    deadline = time.monotonic() + timeout
-
-    async def lookup(key: str) -> VoiceTask | None:
-        try:
-            return await cv.get(external_task_id=key)
-        except voiceapi.InvalidRequestError as exc:
-            if is_not_found(exc):
-                return None
-            raise
-
-    async def poll(ids: Collection[str]) -> Mapping[str, VoiceTask]:
-        wanted, seen = set(ids), {}
-        for page in range(1, 4):
-            tasks = await cv.list(page_num=page, page_size=500)
-            seen.update({t.task_id: t for t in tasks if t.task_id in wanted})
-            if len(tasks) < 500 or wanted <= seen.keys():
-                break
-        for task_id in wanted - seen.keys():
-            with contextlib.suppress(voiceapi.InvalidRequestError):
-                seen[task_id] = await cv.get(task_id)
-        return seen
-
-    async def create(key: str) -> None:
-        try:
-            task = await creates.create(**by_key[key])
-        except voiceapi.RateLimitError as exc:
-            if exc.code != 1303:
-                raise
-            delay = await coord.refused(key)
-            pending.appendleft(key)
-            if coord.in_flight == 0:
-                await asyncio.sleep(delay)
-            return
-        except voiceapi.InvalidRequestError as exc:
-            if not is_duplicate_external_id(exc):
-                await coord.release(key)
-                raise
-            task = await cv.get(external_task_id=key)
-        await coord.accepted(key, task.task_id, task.task_status.value)
-        task_of[key] = task.task_id
-
-    async def submit() -> None:
-        while pending and time.monotonic() < deadline:
-            key = pending.popleft()  # taken first: the tracker may push keys meanwhile
-            grant = await coord.acquire(key)
-            if grant is Grant.WAIT:
-                pending.appendleft(key)
-                await coord.wait_for_slot(0.5)
-                continue
-            if grant is Grant.FOLLOW:
-                following.add(key)
-                continue
-            job = asyncio.create_task(create(key))
-            creating.add(job)
-            job.add_done_callback(creating.discard)
-
-    async def track() -> None:
-        while len(final) < len(by_key) and time.monotonic() < deadline:
-            if following:
-                for key, entry in (await coord.known(sorted(following))).items():
-                    task_of[key] = entry.task_id
-                    following.discard(key)
-                # Held elsewhere with no task yet: ask again (its holder may have died and
-                # the orphan been freed as "never created").
-                pending.extendleft(sorted(following))
-                following.clear()
-            if pending and submitter.done():
-                restart()
-            open_ids = {task_of[k] for k in task_of if k not in final}
-            seen = await coord.observe(open_ids, poll, lookup) if open_ids else {}
-            ended = []
-            for key, task_id in list(task_of.items()):
-                task = seen.get(task_id)
-                if key not in final and task is not None and task.is_terminal:
-                    final[key] = task
-                    ended.append(coord.finished(key, task_id, task.task_status.value))
-            await asyncio.gather(*ended)  # free the slots at once, not one round trip each
-            if not open_ids and pending:
-                await coord.wait_for_slot(poll_interval)
-            else:
-                await asyncio.sleep(poll_interval)
-
-    submitter = asyncio.create_task(submit())
-    debug = os.environ.get("SCALEOUT_DEBUG")
-
-    def restart() -> None:
-        nonlocal submitter
-        submitter = asyncio.create_task(submit())
-
-    try:
-        await track()
-    finally:
-        submitter.cancel()
-        for job in list(creating):
-            job.cancel()
-        outcomes = await asyncio.gather(submitter, *creating, return_exceptions=True)
-        if debug:
-            missing = [k for k in by_key if k not in final]
-            print(json.dumps({"missing": missing, "task_of": {k: task_of.get(k) for k in missing},
-                              "following": sorted(following), "pending": list(pending),
-                              "outcomes": [repr(o) for o in outcomes]}), file=sys.stderr)
-    return final
+def _items(cfg: dict[str, Any]) -> list[dict[str, str]]:
+    return [{"voice_name": f"v{i}", "voice_url": cfg["sample_url"],
+             "external_task_id": f"{cfg['prefix']}-{i}"} for i in cfg["item_ids"]]
 
 
 async def _run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One process of a shared account: the real ``create_many`` with a ``RedisCoordinator``
+    (the client carries the same coordinator, so every request, reads included, keeps to the
+    account-wide rate and 1302 backoff)."""
     from voiceapi.coordination import RedisCoordinator
 
-    items = [{"voice_name": f"v{i}", "voice_url": cfg["sample_url"],
-              "external_task_id": f"{cfg['prefix']}-{i}"} for i in cfg["item_ids"]]
+    items = _items(cfg)
     started = time.monotonic()
     coord = RedisCoordinator(cfg["redis_url"], namespace=cfg["namespace"],
                              lease_seconds=cfg.get("lease_seconds", 30.0),
@@ -254,32 +111,29 @@ async def _run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
                              max_requests_per_second=cfg.get("max_requests_per_second"),
                              orphan_grace=cfg.get("orphan_grace", 60.0),
                              stale_after=cfg.get("stale_after", 5.0))
-
-    # Reads go through the client's own coordinator= hook; creates through a client that
-    # neither retries nor shares a 1303 (the submitter learns from it; see `coordinated`).
-    reader = voiceapi.AsyncVoiceClient(cfg["access_key"], cfg["secret_key"],
+    client = voiceapi.AsyncVoiceClient(cfg["access_key"], cfg["secret_key"],
                                        base_url=cfg["base_url"],
                                        max_retries=cfg.get("max_retries", 3), coordinator=coord)
-    creator = voiceapi.AsyncVoiceClient(cfg["access_key"], cfg["secret_key"],
-                                        base_url=cfg["base_url"], max_retries=0,
-                                        middlewares=[coordinated(coord)])
-    async with coord, reader, creator:
+    async with coord, client:
         print(json.dumps({"started": True}), flush=True)
-        final = await drive(reader, coord, items, poll_interval=cfg.get("poll", 0.3),
-                            timeout=cfg.get("timeout", 120.0), creator=creator)
+        results = await client.custom_voices.create_many(
+            items, coordinator=coord, max_in_flight=cfg.get("max_in_flight"),
+            poll_interval=cfg.get("poll"), timeout=cfg.get("timeout", 120.0))
         adopted = len(coord.adopted)
         adoptions = coord.adoptions
-    ok = sum(1 for t in final.values() if t.task_status is TaskStatus.SUCCEED)
-    return {"ok": ok, "done": len(final), "items": len(items),
+    if os.environ.get("SCALEOUT_DEBUG"):
+        failed = {r.input.get("external_task_id"): repr(r.error) for r in results if not r.ok}
+        print(json.dumps({"failed": failed}), file=sys.stderr)
+    return {"ok": sum(1 for r in results if r.ok), "done": len(results), "items": len(items),
             "seconds": time.monotonic() - started, "adopted_left": adopted,
             "adoptions": adoptions,
-            "tasks": {k: t.task_id for k, t in final.items()}}
+            "tasks": {str(r.input.get("external_task_id")): r.task.task_id
+                      for r in results if r.task is not None}}
 
 
 async def _run_local_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     """The baseline: the process's own ``create_many``, no sharing."""
-    items = [{"voice_name": f"v{i}", "voice_url": cfg["sample_url"],
-              "external_task_id": f"{cfg['prefix']}-{i}"} for i in cfg["item_ids"]]
+    items = _items(cfg)
     started = time.monotonic()
     async with voiceapi.AsyncVoiceClient(cfg["access_key"], cfg["secret_key"],
                                          base_url=cfg["base_url"]) as client:

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import voiceapi
-from tests.conftest import FAST_RETRY, task_json
+from tests.conftest import FAST_RETRY, scaled_examples, task_json
 from voiceapi import _errors as E
 from voiceapi import _validation as V
 from voiceapi._decode import decode_envelope
@@ -372,7 +372,8 @@ def _framed(status: int, body: bytes, content_type: str, framing: str) -> tuple[
     return http(status, body, content_type=content_type) + fake, True
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=scaled_examples(60), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(status=st.sampled_from([200, 200, 201, 400, 401, 404, 429, 500, 502]),
        payload=ENVELOPE, framing=FRAMING,
        content_type=st.sampled_from(["application/json", "text/html", ""]),
@@ -608,8 +609,6 @@ def test_close_from_another_thread_while_iterating_iter_all(
 #
 # Each is written up in /work/notes/adversary-findings.md (number in the reason).
 
-@pytest.mark.xfail(strict=True, reason="finding A1 (_config.py): a query or fragment in base_url "
-                   "swallows every request path (GET /?a=b/v1/...)")
 @pytest.mark.parametrize("suffix", ["/?tenant=a", "/p?tenant=a", "#frag"])
 async def test_base_url_with_a_query_or_fragment_never_swallows_the_path(suffix: str) -> None:
     async with raw_server(answering(200, env(task_json()))) as (base, seen):
@@ -621,13 +620,10 @@ async def test_base_url_with_a_query_or_fragment_never_swallows_the_path(suffix:
     assert seen.lines and "/v1/general/custom-voices/1" in seen.lines[0].split("?")[0]
 
 
-@pytest.mark.xfail(strict=True, reason="finding A2 (_config.py): an upper-case scheme is refused")
 def test_base_url_scheme_is_case_insensitive() -> None:
     voiceapi.AsyncVoiceClient(api_key="k", base_url="HTTPS://api-singapore.klingai.com")
 
 
-@pytest.mark.xfail(strict=True, reason="finding A3 (_config.py): a base_url or proxy that cannot "
-                   "work is accepted and fails on every call as an APIConnectionError")
 @pytest.mark.parametrize("kw", [{"base_url": "http://"}, {"base_url": "http://:8080"},
                                 {"proxy": "not a url"}], ids=str)
 def test_unusable_base_url_or_proxy_is_refused_at_construction(kw: dict[str, Any]) -> None:
@@ -635,8 +631,6 @@ def test_unusable_base_url_or_proxy_is_refused_at_construction(kw: dict[str, Any
         voiceapi.AsyncVoiceClient(api_key="k", **kw)
 
 
-@pytest.mark.xfail(strict=True, reason="finding A4 (_config.py): settings of the wrong type "
-                   "raise bare TypeError/AttributeError/OverflowError")
 @pytest.mark.parametrize("kw", [{"timeout": "5"}, {"max_retries": "3"}, {"retry_budget": None},
                                 {"max_requests_per_second": "2"}, {"max_retries": float("inf")},
                                 {"base_url": 5}, {"api_key": 5}], ids=str)
@@ -647,8 +641,6 @@ def test_settings_of_the_wrong_type_are_validation_errors(kw: dict[str, Any]) ->
         voiceapi.AsyncVoiceClient(**options)
 
 
-@pytest.mark.xfail(strict=True, reason="finding A5 (_config.py/_auth.py): a credential with "
-                   "CR/LF/NUL inside fails each call with aiohttp's bare ValueError")
 @pytest.mark.parametrize("key", ["key\r\nX-Injected: 1", "key\nrest", "key\x00"], ids=repr)
 async def test_a_credential_with_control_characters_is_a_validation_error(key: str) -> None:
     async with raw_server(answering(200, env(task_json()))) as (base, seen):
@@ -658,8 +650,6 @@ async def test_a_credential_with_control_characters_is_a_validation_error(key: s
     assert seen.lines == []
 
 
-@pytest.mark.xfail(strict=True, reason="finding A6 (_custom_voices.py/_retry.py): the reconcile "
-                   "lookup of a create gets a fresh retry_budget, so the create runs past its own")
 async def test_retry_budget_caps_a_create_including_its_lookup() -> None:
     async def slow(method: str, target: str, writer: asyncio.StreamWriter) -> bool:
         # The POST is dropped unanswered late in the budget; lookups never answer.
@@ -675,8 +665,6 @@ async def test_retry_budget_caps_a_create_including_its_lookup() -> None:
     assert elapsed < 1.0 + 0.5  # the budget plus scheduling noise; today ~1.8 s
 
 
-@pytest.mark.xfail(strict=True, reason="finding A7 (_custom_voices.py): iter_all walks all 1000 "
-                   "pages when a server ignores pageNum, and ends silently at the bound")
 async def test_iter_all_stops_when_a_page_brings_nothing_new() -> None:
     page = [task_json(task_id=str(i)) for i in range(5)]
     async with raw_server(answering(200, env(page))) as (base, seen), \
@@ -698,9 +686,8 @@ async def test_a_create_answered_without_a_task_id_is_looked_up() -> None:
     assert task.task_id == "930801301486305328" and seen.count("POST") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="finding A9 (_cli.py): tables print server text raw, so "
-                   "a voice name or message can carry terminal escapes and fake rows")
 def test_cli_tables_escape_server_text() -> None:
+    """Finding A9 (fixed in voiceapi/_cli/_output.py): server text in tables is escaped."""
     import http.server
 
     from click.testing import CliRunner
@@ -738,8 +725,6 @@ def test_cli_tables_escape_server_text() -> None:
     assert len(result.stdout.strip().splitlines()) == 3  # header, rule, one row
 
 
-@pytest.mark.xfail(strict=True, reason="finding A10 (testing/_emulator.py): the emulator refuses "
-                   "extension-less voice_urls, which the SDK (and the real server) accept")
 async def test_emulator_accepts_an_extension_less_signed_url(emu: KlingEmulator) -> None:
     async with voiceapi.AsyncVoiceClient(emu.access_key, emu.secret_key, base_url=emu.base_url,
                                          retry_policy=FAST_RETRY, timeout=5) as client:
@@ -748,8 +733,6 @@ async def test_emulator_accepts_an_extension_less_signed_url(emu: KlingEmulator)
     assert task.task_id
 
 
-@pytest.mark.xfail(strict=True, reason="finding A12 (_transport.py): MAX_RESPONSE_BYTES is checked "
-                   "on the compressed size; a small gzip answer expands without limit in memory")
 async def test_a_compressed_answer_is_capped_after_decompression(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import gzip
@@ -801,8 +784,6 @@ async def test_get_refuses_an_answer_about_another_task() -> None:
             await client.custom_voices.get("1")
 
 
-@pytest.mark.xfail(strict=True, reason="finding A14 (_auth.py): a token re-signed after 1004 in "
-                   "the same second (no clock skew to learn) is byte-identical to the refused one")
 async def test_a_re_signed_token_differs_from_the_refused_one() -> None:
     import email.utils
 
@@ -829,8 +810,6 @@ async def test_a_re_signed_token_differs_from_the_refused_one() -> None:
     assert len(set(seen.auth)) == 2
 
 
-@pytest.mark.xfail(strict=True, reason="finding A15 (_custom_voices.py): wait() with a timeout or "
-                   "poll_interval of the wrong type raises a bare TypeError")
 @pytest.mark.parametrize("kw", [{"timeout": "5"}, {"poll_interval": None}], ids=str)
 async def test_wait_settings_of_the_wrong_type_are_validation_errors(kw: dict[str, Any]) -> None:
     async with raw_server(answering(200, env(task_json()))) as (base, seen), \

@@ -158,3 +158,107 @@ def test_server_time_corrects_the_token_clock() -> None:
     again = creds.authorization()
     assert creds.invalidate(again, server_time=clock.now + 1)  # within the allowance: no skew
     assert _claims(creds.authorization())["nbf"] == int(clock.now) - 5
+
+
+def test_base_url_is_parsed_and_normalised() -> None:
+    config = make_config(api_key="k", base_url=" HTTPS://Gateway.example:8443/kling/ ", env={})
+    assert config.base_url == "https://Gateway.example:8443/kling"
+
+
+@pytest.mark.parametrize(("env", "needle"), [
+    ({"KLING_BASE_URL": "http://h?tenant=a"}, "KLING_BASE_URL must not have a query"),
+    ({"KLING_BASE_URL": "http://:8080"}, "KLING_BASE_URL must name a host"),
+    ({"KLING_BASE_URL": "http://h:99999"}, "KLING_BASE_URL is not a valid URL"),
+    ({"KLING_BASE_URL": "http://h ost"}, "KLING_BASE_URL must not contain spaces"),
+])
+def test_a_bad_base_url_from_the_environment_is_named_as_such(
+        env: dict[str, str], needle: str) -> None:
+    with pytest.raises(voiceapi.ValidationError, match=needle):
+        make_config(api_key="k", env=env)
+
+
+@pytest.mark.parametrize(("kwargs", "password"), [
+    ({"base_url": "https://me:hunter2@api.example"}, "hunter2"),
+    ({"proxy": "http://me:hunter2@"}, "hunter2"),  # no host
+    ({"proxy": "socks5://me:hunter2@proxy:1080"}, "hunter2"),  # aiohttp's proxy= is HTTP only
+])
+def test_url_errors_never_quote_a_password(kwargs: dict[str, str], password: str) -> None:
+    with pytest.raises(voiceapi.ValidationError) as info:
+        make_config(api_key="k", env={}, **kwargs)  # type: ignore[arg-type]
+    assert password not in str(info.value)
+
+
+def test_a_proxy_with_credentials_and_a_host_is_kept() -> None:
+    proxy = "http://me:pw@proxy.local:3128"
+    assert make_config(api_key="k", proxy=f" {proxy}\n", env={}).proxy == proxy
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"max_retries": 10**400}, {"timeout": float("nan")}, {"retry_budget": float("inf")},
+    {"max_requests_per_second": 0}, {"timeout": True}, {"max_retries": 2.5},
+    {"ssl": "yes"},
+], ids=str)
+def test_numbers_out_of_any_use_are_validation_errors(kwargs: dict[str, object]) -> None:
+    with pytest.raises(voiceapi.ValidationError):
+        make_config(api_key="k", env={}, **kwargs)  # type: ignore[arg-type]
+
+
+def test_any_real_number_type_is_accepted() -> None:
+    from fractions import Fraction
+
+    config = make_config(api_key="k", timeout=Fraction(3, 2),  # type: ignore[arg-type]
+                         max_requests_per_second=2, env={})
+    assert config.timeout == 1.5 and config.max_requests_per_second == 2.0
+
+
+@pytest.mark.parametrize(("kwargs", "env", "needle"), [
+    ({"api_key": "key\nrest"}, {}, "api_key"),
+    ({}, {"KLING_API_KEY": "key\x00rest"}, "KLING_API_KEY"),
+    ({"access_key": "ak", "secret_key": "sk\r\nX: 1"}, {}, "secret_key"),
+    ({"access_key": "ak\ud800", "secret_key": "sk"}, {}, "access_key"),
+])
+def test_a_key_with_control_characters_is_refused_without_quoting_it(
+        kwargs: dict[str, str], env: dict[str, str], needle: str) -> None:
+    with pytest.raises(voiceapi.ValidationError, match=needle) as info:
+        make_config(env=env, **kwargs)  # type: ignore[arg-type]
+    assert "rest" not in str(info.value) and "X: 1" not in str(info.value)
+
+
+def test_credentials_built_directly_check_their_keys_too() -> None:
+    with pytest.raises(voiceapi.ValidationError, match="secret_key"):
+        JWTCredentials("ak", "s\x00k")
+    with pytest.raises(voiceapi.ValidationError, match="api_key must be a string"):
+        APIKeyCredentials(5)  # type: ignore[arg-type]
+
+
+def test_a_token_re_signed_after_a_refusal_is_never_the_refused_one() -> None:
+    clock = FakeClock()
+    creds = JWTCredentials("ak", SECRET, clock=clock)
+    refused = creds.authorization()
+    assert creds.invalidate(refused)  # 1004, no Date: nothing to learn about the clock
+    fresh = creds.authorization()  # the same second
+    assert fresh != refused
+    assert _claims(fresh)["nbf"] == int(clock.now) - 5 + 1
+    # Other calls that were refused the old token do not re-sign again: one new token for all.
+    for _ in range(5):
+        assert creds.invalidate(refused)
+        assert creds.authorization() == fresh
+
+
+def test_a_pinned_certificate_fingerprint_is_accepted_as_ssl() -> None:
+    """Not in the annotation, but aiohttp takes it and it worked before settings were checked."""
+    import hashlib
+    from typing import Any
+
+    import aiohttp
+
+    pin: Any = aiohttp.Fingerprint(hashlib.sha256(b"cert").digest())
+    assert make_config(api_key="k", ssl=pin, env={}).ssl is pin
+
+
+def test_keys_read_with_a_trailing_newline_are_stripped_not_refused() -> None:
+    config = make_config(api_key=" key-from-file\r\n", env={})
+    assert config.credentials.authorization() == "Bearer key-from-file"
+    config = make_config(env={"KLING_ACCESS_KEY": "ak\n", "KLING_SECRET_KEY": "\tsk\n"})
+    assert isinstance(config.credentials, JWTCredentials)
+    assert config.credentials.access_key == "ak"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import os
 import pty
@@ -502,11 +503,11 @@ def test_tables_align_wide_characters_bound_messages_and_show_deleted_voices() -
     with KlingEmulator(task_seconds=0.05, deleted_voices="mark") as emu:
         names = ["北京话播音员", "🎙️ host", "[red]plain"]
         for name in names:
-            assert run(emu, "create", "--name", name, "--url", emu.sample_url(),
-                       "--wait").exit_code == 0
+            assert run(emu, "create", "--name", name, "--url", emu.sample_url()).exit_code == 0
         emu_long = "reason " * 30
         run(emu, "create", "--name", "bad", "--url",
-            f"https://x.test/a-12s.wav?kling_fail={emu_long.replace(' ', '+')}", "--wait")
+            f"https://x.test/a-12s.wav?kling_fail={emu_long.replace(' ', '+')}")
+        emu.advance(3600)  # every task has ended
         first = json.loads(run(emu, "--json", "get", "--external-id",
                                emu.tasks_by_name(names[0])[0]["task_info"]["external_task_id"])
                            .stdout)
@@ -674,8 +675,8 @@ def test_listing_under_each_reading_of_the_api(reading: dict[str, Any]) -> None:
     server's page size, order, deleted-voice handling or number format."""
     with KlingEmulator(task_seconds=0.05, **reading) as emu:
         for i in range(3):
-            assert run(emu, "create", "--name", f"r{i}", "--url", emu.sample_url(),
-                       "--wait").exit_code == 0
+            assert run(emu, "create", "--name", f"r{i}", "--url", emu.sample_url()).exit_code == 0
+        emu.advance(3600)  # every task has ended
         tasks = [json.loads(x) for x in run(emu, "--json", "list", "--all").stdout.splitlines()]
         assert sorted(t["voices"][0]["voice_name"] for t in tasks) == ["r0", "r1", "r2"]
         gone = next(t for t in tasks if t["voices"][0]["voice_name"] == "r1")
@@ -710,3 +711,90 @@ def test_the_suite_passes_in_a_checkout_named_voiceapi(tmp_path: Path) -> None:
                          env=_env())
     assert out.returncode == 0, out.stdout[-2000:]
     assert "1 passed" in out.stdout
+
+
+# --- voiceapi batch --redis (issue 14) ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    from tests._redis_server import running_redis
+
+    with running_redis() as server:
+        yield server.url
+
+
+def test_batch_processes_share_one_account_through_redis(tmp_path: Path, redis_url: str) -> None:
+    """Two `voiceapi batch --redis` processes given the same manifest: every voice is created
+    once, both report every item ready, and the shared state lives under the namespace."""
+    import redis
+
+    namespace = f"cli-{os.getpid()}-{time.monotonic_ns()}"
+    with KlingEmulator(concurrency=3, task_seconds=0.3) as emu:
+        path = _manifest(tmp_path, emu, [f"s{i},{emu.sample_url()}," for i in range(12)])
+        procs = [_cli_proc(["--json", "batch", str(path), "--redis", redis_url, "--namespace",
+                            namespace, "--journal", str(tmp_path / f"w{n}.journal")], _env(emu))
+                 for n in range(2)]
+        outs = [p.communicate(timeout=120) for p in procs]
+        for proc, (stdout, stderr) in zip(procs, outs, strict=True):
+            assert proc.returncode == 0, stderr
+            assert json.loads(stdout)["succeeded"] == 12
+        exts = [t["task_info"]["external_task_id"] for t in emu.tasks()]
+        assert len(exts) == 12 == len(set(exts))  # work shared, nothing created twice
+        assert emu.peak_in_progress <= 3
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert client.keys(f"{{voiceapi:{namespace}}}*")
+    finally:
+        client.close()
+
+
+def test_batch_redis_usage_errors(tmp_path: Path, temu: KlingEmulator) -> None:
+    path = _manifest(tmp_path, temu, [f"ok,{temu.sample_url()},"])
+    alone = run(temu, "batch", str(path), "--namespace", "n")
+    assert alone.exit_code == 2 and "--namespace: not used without --redis" in alone.stderr
+    bad = run(temu, "batch", str(path), "--redis", "http://127.0.0.1:6379")
+    assert bad.exit_code == 2 and "redis://" in bad.stderr and "Traceback" not in bad.output
+    dry = run(temu, "batch", str(path), "--dry-run", "--redis", "redis://127.0.0.1:1")
+    assert dry.exit_code == 2 and "--redis: not used with --dry-run" in dry.stderr
+    assert temu.count("create") == 0
+
+
+def test_batch_redis_unreachable_is_one_clear_error(tmp_path: Path, temu: KlingEmulator) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = _manifest(tmp_path, temu, [f"ok,{temu.sample_url()},"])
+    result = run(temu, "batch", str(path), "--redis", f"redis://:hunter2@127.0.0.1:{port}/0")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.startswith("error: ") and "hunter2" not in result.output
+    assert temu.count("create") == 0
+
+
+def test_batch_redis_without_the_extra_names_it(tmp_path: Path) -> None:
+    path = _write(tmp_path / "m.csv", "voice_name,voice_url\na,https://x.test/a.wav\n")
+    code = ("import sys; sys.modules['redis'] = None\n"
+            "from voiceapi._cli import main\n"
+            f"main(['batch', {str(path)!r}, '--redis', 'redis://127.0.0.1:1'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, env=_env(KLING_API_KEY="k",
+                                              KLING_BASE_URL="http://127.0.0.1:9"), check=False)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: --redis needs the redis extra: pip install " \
+                                 "'voiceapi[redis]'"
+
+
+def test_a_journal_the_batch_cannot_open_is_one_error(
+        tmp_path: Path, temu: KlingEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folder was writable when checked; then the disk filled up before the batch opened
+    the journal (an OSError from the batch, not from the CLI's own checks)."""
+    from voiceapi._local_coordinator import FileJournal
+
+    def full(self: FileJournal, path: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(FileJournal, "__init__", full)
+    path = _manifest(tmp_path, temu, [f"ok,{temu.sample_url()},"])
+    result = run(temu, "batch", str(path), "--journal", str(tmp_path / "j"))
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"error: No space left on device: {tmp_path / 'j'}"
+    assert temu.count("create") == 0

@@ -131,9 +131,10 @@ async def test_strict_auth_collapses_to_1002(http: aiohttp.ClientSession) -> Non
     ({"voice_name": "a"}, "voice_url"),
     ({"voice_name": "a", "voice_url": "", "video_id": ""}, "voice_url"),
     ({"voice_name": "a", "voice_url": "https://x/a.mp3", "video_id": "123"}, "exclusive"),
-    ({"voice_name": "a", "voice_url": "https://x/a.ogg"}, "voice_url"),
     ({"voice_name": "a", "voice_url": 5}, "voice_url"),
     ({"voice_name": "a", "video_id": "12ab"}, "video_id"),
+    ({"voice_name": "a", "video_id": "\u0661\u0662\u0663"}, "video_id"),  # Arabic-Indic digits
+    ({"voice_name": "a", "video_id": "12\u00b2"}, "video_id"),  # superscript two
 ])
 async def test_create_validation_is_400_1201_naming_the_field(
         emu: KlingEmulator, http: aiohttp.ClientSession, body: dict[str, Any], needle: str
@@ -808,8 +809,8 @@ SIGNED = "https://cdn.test/o/abc123?X-Amz-Signature=f00"
 
 
 @pytest.mark.parametrize("url", [SIGNED, "https://x.test/a.ogg"])
-async def test_url_extension_checked_by_default(http: aiohttp.ClientSession, url: str) -> None:
-    async with KlingEmulator() as emu:
+async def test_url_extension_checked_when_asked(http: aiohttp.ClientSession, url: str) -> None:
+    async with KlingEmulator(check_url_extension=True) as emu:
         status, body = await call(http, emu, "POST", CV, json={"voice_name": "v",
                                                                "voice_url": url})
         assert (status, body["code"]) == (400, 1201) and "voice_url" in body["message"]
@@ -821,9 +822,10 @@ async def test_url_extension_checked_by_default(http: aiohttp.ClientSession, url
     ("https://x.test/a.ogg", "format is not supported"),
     ("https://cdn.test/clip-3s", "between 5s and 30s"),
 ])
+@pytest.mark.parametrize("options", [{}, {"check_url_extension": False}], ids=["default", "off"])
 async def test_without_url_extension_check_the_media_is_judged(
-        http: aiohttp.ClientSession, url: str, outcome: str) -> None:
-    async with KlingEmulator(check_url_extension=False) as emu:
+        http: aiohttp.ClientSession, url: str, outcome: str, options: dict[str, Any]) -> None:
+    async with KlingEmulator(**options) as emu:
         status, created = await call(http, emu, "POST", CV, json={"voice_name": "v",
                                                                   "voice_url": url})
         assert status == 200

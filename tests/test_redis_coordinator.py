@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import time
@@ -423,6 +424,36 @@ async def test_one_leader_polls_for_everyone_and_hands_over_when_it_stops(make: 
     assert set(await a.observe(["ta"], poller("a"), no_lookup)) == {"ta"}
 
 
+async def test_the_poller_frees_the_slots_of_tasks_it_saw_end_for_every_worker(
+        make: Make) -> None:
+    holder, poller = make(max_in_flight=2), make(max_in_flight=2)
+    for key in ("k1", "k2"):
+        assert await holder.acquire(key) is Grant.CREATE
+        await holder.accepted(key, f"t-{key}", "submitted")
+    assert await poller.acquire("k3") is Grant.WAIT  # the account is full
+
+    async def poll(ids: Collection[str]) -> Mapping[str, VoiceTask]:
+        # k1's task ended; a task of another id that claims k2's key must not free k2's slot.
+        return {"t-k1": task("t-k1", TaskStatus.SUCCEED, "k1"),
+                "t-other": task("t-other", TaskStatus.FAILED, "k2")}
+
+    async def nothing(ids: Collection[str]) -> Mapping[str, VoiceTask]:
+        return {}
+
+    await poller.observe(["t-none"], nothing, no_lookup)  # poller: the leader
+    await holder.observe(["t-k1", "t-k2"], no_poll, no_lookup)  # holder registers its ids
+    await poller.observe([], poll, no_lookup)
+    snap = await poller.snapshot()
+    assert snap["slots"] == ["k2"]  # freed at the poll, before the holder read anything
+    assert await poller.known(["k1"]) == {"k1": JournalEntry("t-k1", "succeed")}
+    assert await poller.acquire("k3") is Grant.CREATE
+    # The holder learns it later: its own finish is a no-op, renewing drops the key.
+    await holder.finished("k1", "t-k1", "succeed")
+    await holder.renew()
+    assert holder.in_flight == 1
+    assert sorted((await poller.snapshot())["slots"]) == ["k2", "k3"]
+
+
 # --- Redis failures ---------------------------------------------------------------------------
 
 async def test_scripts_are_reloaded_after_noscript(make: Make, server: RedisServer) -> None:
@@ -516,6 +547,34 @@ async def test_a_cancelled_acquire_never_leaks_a_slot(make: Make) -> None:
         assert snap["slots"] == [], (turns, snap)
     assert "cancelled" in outcomes
     assert await coord.acquire("last") is Grant.CREATE  # the only slot is still free
+
+
+async def test_a_cancel_that_redis_py_swallows_is_given_back(make: Make) -> None:
+    """redis-py awaits asyncio.wait_for, which on Python 3.11 returns a ready result and drops
+    a cancel that came meanwhile; a cancelled batch must still stop."""
+    coord = make(max_in_flight=1)
+    await coord.renew()
+    real = coord._scripts["ACQUIRE"]
+
+    async def swallowing(**kw: Any) -> Any:
+        answer = await real(**kw)
+        me = asyncio.current_task()
+        assert me is not None
+        me.cancel()  # the cancel arrives as the answer is ready...
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0)  # ...and is dropped, as wait_for does
+        return answer
+
+    coord._scripts["ACQUIRE"] = swallowing  # type: ignore[assignment]
+    job = asyncio.create_task(coord.acquire("k"))
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    coord._scripts["ACQUIRE"] = real
+    for _ in range(100):  # the slot granted just before the cancel is given back
+        if not coord._chores:
+            break
+        await asyncio.sleep(0.01)
+    assert (await coord.snapshot())["slots"] == []
 
 
 async def test_adopt_counts_a_running_task_found_on_a_rerun(make: Make) -> None:

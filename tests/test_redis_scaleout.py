@@ -25,6 +25,9 @@ from benchmarks.scaleout import (
 
 from ._redis_server import RedisServer, running_redis
 
+# Real worker processes for tens of seconds each: CI runs them (VOICEAPI_SLOW_TESTS=1).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RedisServer]:
@@ -53,7 +56,7 @@ def test_three_processes_share_the_same_items_and_learn_the_cap_once(
         server: RedisServer) -> None:
     task_s, cap, n = 0.5, 5, 300
     with emulator_process(concurrency=cap, task_seconds=task_s) as emu:
-        cfg = _config(emu, server, list(range(n)), poll=0.04, timeout=150)
+        cfg = _config(emu, server, list(range(n)), poll=0.05, timeout=150)
         procs = [start_worker(cfg) for _ in range(3)]
         results = [worker_result(p, timeout=200) for p in procs]
         stats = asyncio.run(fetch_stats(emu["stats_url"]))
@@ -67,10 +70,11 @@ def test_three_processes_share_the_same_items_and_learn_the_cap_once(
                "utilisation": utilisation}
     assert figures["1303"] <= 15, figures
     assert figures["requests_per_voice"] <= 3.5, figures
-    # Measured 0.91-0.92 here (0.5 s tasks, 40 ms polls); the 0.9 target itself is a speed
-    # figure, tracked by `python -m benchmarks.scaleout`. On a loaded 2-core runner a slot's
-    # turnover (poll, free, wake, create) costs a few percent more, so the test keeps a margin
-    # and still catches what matters: workers that serialise or fight (separate: ~0.6).
+    # With the real create_many in every worker: measured 0.87-0.88 on a loaded 2-core
+    # machine (0.5 s tasks, 50 ms polls; 2.6-3.3 requests per voice). A slot turns over in
+    # about one poll plus a create (~60 ms of every 0.5 s task); the 0.9 is a speed
+    # figure tracked by `python -m benchmarks.scaleout`. The margin still catches what matters:
+    # workers that serialise or fight over the cap (separate processes: ~0.6).
     assert utilisation >= 0.85, figures
     assert asyncio.run(_leftovers(server.url, cfg["namespace"])) == {"slots": 0, "orphans": 0}
 

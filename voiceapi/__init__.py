@@ -2,7 +2,9 @@
 
 from ._auth import APIKeyCredentials, JWTCredentials
 from ._batch import BatchItem, BatchProgress
+from ._batch_models import JournalError, NotSubmittedError, VoiceGoneError
 from ._client import AsyncVoiceClient
+from ._coordinator import Coordinator, Grant, JournalEntry
 from ._errors import (
     AccountError,
     APIConnectionError,
@@ -24,6 +26,7 @@ from ._errors import (
     WaitTimeoutError,
     WebhookVerificationError,
 )
+from ._local_coordinator import LocalCoordinator
 from ._middlewares import Handler, Middleware, Request, Response
 from ._models import BalanceDeduction, BatchResult, TaskStatus, Voice, VoiceTask
 from ._retry import RetryPolicy
@@ -56,11 +59,17 @@ __all__ = [
     "CallbackServer",
     "ClientClosedError",
     "ConflictError",
+    "Coordinator",
     "EventLoopError",
+    "Grant",
     "Handler",
     "InvalidRequestError",
     "JWTCredentials",
+    "JournalEntry",
+    "JournalError",
+    "LocalCoordinator",
     "Middleware",
+    "NotSubmittedError",
     "PermissionDeniedError",
     "PolicyError",
     "RateLimitError",
@@ -75,6 +84,7 @@ __all__ = [
     "Voice",
     "VoiceAPIError",
     "VoiceClient",
+    "VoiceGoneError",
     "VoiceTask",
     "WaitTimeoutError",
     "WebhookVerificationError",

@@ -8,15 +8,36 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from ._constants import JWT_NBF_SKEW_SECONDS, JWT_REFRESH_MARGIN_SECONDS, JWT_TTL_SECONDS
+from ._errors import ValidationError
 
 if TYPE_CHECKING:
     from jwt.api_jws import PyJWS
+
+
+# Control characters (C0, DEL, C1) and lone surrogates: in a key they are a paste or file-reading
+# accident (an inner newline, a NUL), and each would fail every call deep in the transport
+# (aiohttp refuses them in headers; UTF-8 cannot encode a surrogate for the HMAC key).
+_UNUSABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def check_key(value: object, name: str) -> str:
+    """``value`` as a usable key string, or a ValidationError that never quotes it (it is a
+    secret): only its type, or the position of the first unusable character, is shown."""
+    if not isinstance(value, str):
+        raise ValidationError(f"{name} must be a string, got {type(value).__name__}")
+    bad = _UNUSABLE.search(value)
+    if bad is not None:
+        raise ValidationError(
+            f"{name} contains a control character or invalid text at position {bad.start()} "
+            f"(U+{ord(bad.group()):04X}); check how it was read (an inner line break, a NUL)")
+    return value
 
 
 @functools.cache
@@ -56,7 +77,7 @@ class APIKeyCredentials:
     __slots__ = ("_header",)
 
     def __init__(self, api_key: str) -> None:
-        self._header = f"Bearer {api_key}"
+        self._header = f"Bearer {check_key(api_key, 'api_key')}"
 
     def authorization(self) -> str:
         return self._header
@@ -75,8 +96,8 @@ class JWTCredentials:
     Thread-safe: the sync facade and many threads may share one client.
     """
 
-    __slots__ = ("_access_key", "_clock", "_expires", "_header", "_lock", "_margin", "_secret_key",
-                 "_skew", "_ttl")
+    __slots__ = ("_access_key", "_clock", "_expires", "_header", "_lock", "_margin",
+                 "_refused_second", "_secret_key", "_signed_second", "_skew", "_ttl")
 
     def __init__(
         self,
@@ -87,8 +108,8 @@ class JWTCredentials:
         refresh_margin: int = JWT_REFRESH_MARGIN_SECONDS,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._access_key = access_key
-        self._secret_key = secret_key
+        self._access_key = check_key(access_key, "access_key")
+        self._secret_key = check_key(secret_key, "secret_key")
         self._ttl = ttl
         self._margin = min(refresh_margin, ttl // 2)
         self._clock = clock
@@ -98,6 +119,11 @@ class JWTCredentials:
         # Seconds to add to our clock for the token's claims, learned when the server
         # refuses a token on time grounds (our clock is off from Kling's).
         self._skew = 0.0
+        # The whole second the current token's claims are built on, and that of the last token
+        # the server refused: claims have 1 s resolution, so a re-sign within the same second
+        # would produce the very bytes that were refused.
+        self._signed_second: int | None = None
+        self._refused_second: int | None = None
 
     @property
     def access_key(self) -> str:
@@ -119,7 +145,11 @@ class JWTCredentials:
             return header
         with self._lock:
             if self._header is None or now >= self._expires - self._margin:
-                self._header = f"Bearer {self.sign(now + self._skew)}"
+                second = int(now + self._skew)
+                if second == self._refused_second:
+                    second += 1  # still within nbf's allowance, and a token of its own
+                self._header = f"Bearer {self.sign(second)}"
+                self._signed_second = second
                 self._expires = int(now) + self._ttl
             return self._header
 
@@ -132,6 +162,7 @@ class JWTCredentials:
             # Only drop the token that failed: concurrent 1004s must not each re-sign.
             if self._header == header_value:
                 self._header = None
+                self._refused_second = self._signed_second
                 if server_time is not None:
                     skew = server_time - self._clock()
                     # The Date header has 1 s resolution; below the nbf allowance, ignore it.

@@ -336,6 +336,8 @@ class _Run:
             if self.deadline is not None and now >= self.deadline:
                 await self._end_at_deadline()
                 return
+            if submitter.failure is not None:
+                raise submitter.failure
             next_expiry = follower.expire(now)
             await submitter.start(len(follower.tracked))
             if submitter.want_poll:

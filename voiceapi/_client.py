@@ -76,6 +76,11 @@ class AsyncVoiceClient:
                                     retry_policy=retry_policy, coordinator=coordinator)
         self.custom_voices = AsyncCustomVoices(self._transport)
         self.preset_voices = AsyncPresetVoices(self._transport)
+        # A shared coordinator learns which Kling account it serves from us (its namespace is
+        # a hash of our key), so users need not repeat it; ``bind`` is an optional extra.
+        bind = getattr(coordinator, "bind", None)
+        if callable(bind):
+            bind(self)
 
     @property
     def base_url(self) -> str:
@@ -92,8 +97,14 @@ class AsyncVoiceClient:
         return self._transport.closed
 
     async def aclose(self) -> None:
-        """Close the HTTP session (safe to call twice). The client is unusable afterwards."""
+        """Close the HTTP session (safe to call twice). The client is unusable afterwards.
+
+        A coordinator bound to this client hears of it (``client_closed``): one the user never
+        opened with ``async with`` closes with its last client, on the loop it ran on."""
         await self._transport.aclose()
+        closed = getattr(self._transport.coordinator, "client_closed", None)
+        if callable(closed):
+            await closed(self)
 
     async def __aenter__(self) -> AsyncVoiceClient:
         return self

@@ -117,6 +117,7 @@ DEFAULT_MAX_CONCURRENT_REQUESTS = 100
 
 # --- command line (voiceapi[cli]) --------------------------------------------------------------
 CLI_INSTALL_HINT = "pip install 'voiceapi[cli]'"
+CLI_REDIS_INSTALL_HINT = "pip install 'voiceapi[redis]'"
 # Exit codes: 130 is what shells report for Ctrl-C (128 + SIGINT).
 CLI_EXIT_API_ERROR = 1
 CLI_EXIT_USAGE = 2

@@ -15,6 +15,10 @@ Vocabulary:
 * the **cap** is the number of slots: a fixed ceiling from the user, lowered by 1303 answers, or
   learned from them.
 
+Optional extension: ``async def adopt(key, task_id, status)``. When a rerun re-attaches a task
+still running from an earlier run, the scheduler calls it (if the coordinator has it) so the
+task holds a slot until it is seen ending, even above the cap; without it, ``record`` is called.
+
 Layering: this module depends only on the models; the scheduler and the client depend on it.
 """
 
@@ -35,6 +39,9 @@ class Grant(enum.Enum):
     #: The slot is yours: create the task under this key, then report accepted/refused/release.
     CREATE = "create"
     #: Another worker holds or created this key: do not create; follow it through the journal.
+    #: (The scheduler asks ``known`` again a little later: once the journal names the task it
+    #: follows it without holding a slot — never ``finished``/``release`` for it — else it
+    #: asks ``acquire`` again, and looks the key up before any create.)
     FOLLOW = "follow"
     #: No slot is free (or the account is backing off after a 1303): try again later.
     WAIT = "wait"

@@ -18,18 +18,22 @@ The transport's retry middleware already reconciles between its own attempts (th
 from __future__ import annotations
 
 import asyncio
+import inspect
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import attrs
 
 from . import _constants as C
 from . import _validation as V
+from ._aio import within
 from ._decode import is_duplicate_external_id, is_not_found, parse_task
 from ._errors import (
     AccountError,
     APIConnectionError,
+    APITimeoutError,
     AuthenticationError,
     ClientClosedError,
     ConflictError,
@@ -43,6 +47,8 @@ from ._errors import (
 )
 from ._middlewares import Response
 from ._models import TaskStatus, VoiceTask
+
+T = TypeVar("T")
 
 
 def new_external_task_id() -> str:
@@ -113,12 +119,15 @@ class CreateFlow:
     def __init__(self, requester: Requester, *, lookup_delay: float = C.RETRY_INITIAL_DELAY,
                  max_lookup_delay: float = C.RETRY_MAX_DELAY,
                  lookup_tries: int = C.CREATE_LOOKUP_TRIES,
-                 max_resends: int = C.CREATE_MAX_RESENDS) -> None:
+                 max_resends: int = C.CREATE_MAX_RESENDS,
+                 budget: float = C.DEFAULT_RETRY_BUDGET) -> None:
         self._requester = requester
         self._lookup_delay = lookup_delay
         self._max_lookup_delay = max_lookup_delay
         self._lookup_tries = lookup_tries
         self._max_resends = max_resends
+        #: One create, lookups and resends included, never takes longer than this.
+        self._budget = budget
 
     async def lookup_response(self, ext: str) -> Response | None:
         """The task under ``ext`` as the raw answer, or None only when the server answered
@@ -137,17 +146,20 @@ class CreateFlow:
             return None
         return parse_task(response.data, request_id=response.request_id)
 
-    async def find(self, ext: str) -> VoiceTask | None:
+    async def find(self, ext: str, deadline: float | None = None) -> VoiceTask | None:
         """``lookup`` until it answers: failures other than "not found" are retried with
-        backoff (a failed lookup is never read as "not found"); the last failure is raised."""
+        backoff (a failed lookup is never read as "not found"); the last failure is raised.
+        Never past ``deadline`` (default: the retry budget from now)."""
+        if deadline is None:
+            deadline = time.monotonic() + self._budget
         delay = self._lookup_delay
         for attempt in range(1, self._lookup_tries + 1):
             try:
-                return await self.lookup(ext)
+                return await _before(deadline, self.lookup(ext), ext)
             except INCURABLE:
                 raise
             except VoiceAPIError:
-                if attempt == self._lookup_tries:
+                if attempt == self._lookup_tries or time.monotonic() + delay >= deadline:
                     raise
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._max_lookup_delay)
@@ -170,6 +182,7 @@ class CreateFlow:
         """``create``, also telling whether the task existed before this call (its id was
         refused as already used before anything of this call could have landed)."""
         ext = body["external_task_id"]
+        deadline = time.monotonic() + self._budget  # the whole create, lookups included
         sent = False  # a POST of this call may have reached the server
         lookup_failures: list[VoiceAPIError] = []  # lookups the transport gave up on
 
@@ -177,7 +190,7 @@ class CreateFlow:
             nonlocal sent
             sent = True
             try:
-                return await self.lookup_response(ext)
+                return await _before(deadline, self.lookup_response(ext), ext)
             except VoiceAPIError as exc:
                 lookup_failures.append(exc)
                 raise
@@ -185,27 +198,27 @@ class CreateFlow:
         resends = 0
         while True:
             try:
-                response = await self._requester.request(
+                response = await _before(deadline, self._requester.request(
                     "POST", C.PATH_CUSTOM_VOICES, json_body=body, idempotent=False,
-                    reconcile=reconcile, retry_rate_limits=retry_rate_limits)
+                    reconcile=reconcile, retry_rate_limits=retry_rate_limits), ext)
                 return Created(_created_task(response, ext), existed=False)
             except VoiceAPIError as exc:
                 if lookup_failures and exc is lookup_failures[-1]:
                     # The transport's reconciling lookup failed for good: the outcome is
                     # unknown. Keep looking up (a failed lookup is never a "not found").
                     lookup_failures.clear()
-                    found = await self._find_or_unknown(ext, exc, exc)
+                    found = await self._find_or_unknown(ext, exc, exc, deadline)
                 elif isinstance(exc, InvalidRequestError) and is_duplicate_external_id(exc):
                     if caller_id and not sent:
                         raise await self._conflict(ext, exc) from None
                     existed = not sent
-                    found = await self.find(ext)
+                    found = await self.find(ext, deadline)
                     if found is None:  # refused as existing, yet not found: never loop
                         raise
                     return Created(found, existed=existed)
                 elif _ambiguous(exc):
                     sent = True
-                    found = await self._find_or_unknown(ext, exc, None)
+                    found = await self._find_or_unknown(ext, exc, None, deadline)
                 else:
                     raise
                 if found is not None:
@@ -216,11 +229,12 @@ class CreateFlow:
                     raise
 
     async def _find_or_unknown(self, ext: str, cause: VoiceAPIError,
-                               lookup_error: VoiceAPIError | None) -> VoiceTask | None:
+                               lookup_error: VoiceAPIError | None,
+                               deadline: float) -> VoiceTask | None:
         """``find``; when it fails too, raise the create's error (or, when the transport hid
         it behind its own failed lookup, an APIConnectionError saying the outcome is unknown)."""
         try:
-            return await self.find(ext)
+            return await self.find(ext, deadline)
         except VoiceAPIError as exc:
             if lookup_error is None:
                 raise cause from exc
@@ -238,6 +252,20 @@ class CreateFlow:
             + (f" ({existing})" if existing else "") + f": {exc.message}",
             existing_task_id=existing, code=exc.code, http_status=exc.http_status,
             request_id=exc.request_id)
+
+
+async def _before(deadline: float, call: Awaitable[T], ext: str) -> T:
+    """``await call``, but not past ``deadline`` (the create's retry budget): then an
+    APITimeoutError, which the create flow treats as an unknown outcome."""
+    remaining = deadline - time.monotonic()
+    try:
+        if remaining <= 0:
+            raise TimeoutError
+        return await within(call, remaining)
+    except (asyncio.TimeoutError, TimeoutError):
+        if inspect.iscoroutine(call):
+            call.close()  # never started when the budget was already spent
+        raise APITimeoutError(f"the create of {ext!r} ran out of its retry budget") from None
 
 
 def _unknown(ext: str, lookup_error: VoiceAPIError) -> APIConnectionError:

@@ -20,7 +20,13 @@ from ._constants import (
     POLL_BACKOFF_FACTOR,
     POLL_INTERVAL_MAX,
 )
-from ._create import Created, CreateFlow, build_create_body, new_external_task_id, task_path
+from ._create import (
+    Created,
+    CreateFlow,
+    build_create_body,
+    new_external_task_id,
+    task_path,
+)
 from ._decode import parse_task, parse_task_list
 from ._errors import TaskFailedError, ValidationError, WaitTimeoutError
 from ._models import BatchResult, TaskStatus, VoiceTask
@@ -71,7 +77,8 @@ class AsyncCustomVoices:
         self._transport = transport
         policy = transport.retry_policy
         self._flow = CreateFlow(transport, lookup_delay=policy.initial_delay,
-                                max_lookup_delay=policy.max_delay)
+                                max_lookup_delay=policy.max_delay,
+                                budget=transport.config.retry_budget)
         # The page size this server accepts, learned once for this client.
         self._page_limit = PageLimit()
 
@@ -160,8 +167,10 @@ class AsyncCustomVoices:
         """
         ref = task_id.task_id if isinstance(task_id, VoiceTask) else V.identifier(task_id,
                                                                                   "task_id")
-        if not timeout > 0 or not poll_interval > 0:
-            raise ValidationError("timeout and poll_interval must be > 0")
+        for name, value in (("timeout", timeout), ("poll_interval", poll_interval)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not value > 0:
+                raise ValidationError(f"{name} must be a number > 0, got {value!r}")
         deadline = time.monotonic() + timeout
         interval = poll_interval
         cap = max(POLL_INTERVAL_MAX, poll_interval)

@@ -30,6 +30,7 @@ from ._errors import (
     PermissionDeniedError,
     PolicyError,
     RateLimitError,
+    SentCredential,
     ServerError,
     UnexpectedResponseError,
     printable,
@@ -167,11 +168,14 @@ def _server_time(headers: Mapping[str, str]) -> float | None:
 
 
 def decode_envelope(
-    status: int, headers: Mapping[str, str], body: bytes, *, retry_after_max: float = 60.0
+    status: int, headers: Mapping[str, str], body: bytes, *, retry_after_max: float = 60.0,
+    sent: SentCredential | None = None,
 ) -> tuple[Any, str | None]:
     """Turn one HTTP answer into ``(data, request_id)`` or raise the matching typed error.
 
     Every malformed answer (non-JSON, truncated, wrong types, no code) becomes a VoiceAPIError.
+    ``sent``: the credential the request carried; if the server echoes it in its texts, it is
+    masked in the error.
     """
     envelope: Any
     try:
@@ -191,7 +195,8 @@ def decode_envelope(
         if location:
             # Kling never redirects (and we never follow): most often http:// was typed for
             # https://, or base_url points at a web page rather than the API host.
-            raise cls(f"HTTP {status} redirect to {printable(location, 200)!r}: the API never "
+            shown = printable(location, 200, sent)
+            raise cls(f"HTTP {status} redirect to {shown!r}: the API never "
                       "redirects; check base_url", http_status=status)
         raise cls(f"HTTP {status} without a Kling JSON envelope (likely from a proxy)",
                   http_status=status)
@@ -201,10 +206,11 @@ def decode_envelope(
     if code == 0 and 200 <= status < 300:
         return envelope.get("data"), request_id
     if request_id is not None:
-        request_id = printable(request_id, 200)
+        request_id = printable(request_id, 200, sent)
     msg = envelope.get("message")
     # The message goes into str(exc), logs and terminals: made safe first (errors.printable).
-    message = printable(msg) if isinstance(msg, str) and msg else f"Kling error {code}"
+    message = printable(msg, sent=sent) if isinstance(msg, str) and msg \
+        else f"Kling error {code}"
     if code == 0:
         code_or_none = None
         message = f"HTTP {status} with code 0"

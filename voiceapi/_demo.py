@@ -11,6 +11,7 @@ from . import _constants as C
 from ._batch import BatchProgress
 from ._cli._output import task_table
 from ._client import AsyncVoiceClient
+from ._errors import printable
 from ._models import BatchResult, VoiceTask
 
 
@@ -46,7 +47,7 @@ async def _scenario(client: AsyncVoiceClient, samples: list[str], cap: int | Non
     say(_line("Preset voices (first page)"))
     presets = await client.preset_voices.list(page_size=5)
     for v in presets:
-        say(f"  {v.voice_id}  {v.voice_name}")
+        say(f"  {printable(v.voice_id)}  {printable(v.voice_name)}")  # server text: escaped
     summary["presets_shown"] = len(presets)
 
     results: list[BatchResult] = []

@@ -32,12 +32,42 @@ def _escape(match: re.Match[str]) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
-def printable(text: str, limit: int = SERVER_TEXT_MAX) -> str:
-    """Server text made safe for ``str(exc)``, logs and terminals (see above)."""
+#: A credential shorter than this is not masked by its literal text (it would blank out
+#: ordinary words); real keys and tokens are far longer.
+SECRET_MIN_CHARS = 8
+
+
+class SentCredential:
+    """The Authorization header a request carried, to mask in what the server says back: a
+    server may echo the API key without the "Bearer" that the patterns recognise.
+
+    Its repr never shows the value, so a traceback with locals does not either.
+    """
+
+    __slots__ = ("_header",)
+
+    def __init__(self, header: str | None) -> None:
+        self._header = header or ""
+
+    def mask(self, text: str) -> str:
+        token = self._header.partition(" ")[2].strip() or self._header
+        return text.replace(token, "***") if len(token) >= SECRET_MIN_CHARS else text
+
+    def __repr__(self) -> str:
+        return "SentCredential(***)"
+
+
+def printable(text: str, limit: int = SERVER_TEXT_MAX,
+              sent: SentCredential | None = None) -> str:
+    """Server text made safe for ``str(exc)``, logs and terminals (see above); ``sent``: the
+    credential the request carried, masked wherever it appears."""
     size = len(text)
     # Masked before the final cut, so a token split by it is still masked as a whole; the
     # first cut keeps the work bounded whatever the server sent.
-    text = _JWT.sub("***", _BEARER.sub(r"\1\2***", text[:limit + _TOKEN_MARGIN]))
+    text = text[:limit + _TOKEN_MARGIN]
+    if sent is not None:
+        text = sent.mask(text)
+    text = _JWT.sub("***", _BEARER.sub(r"\1\2***", text))
     if size > limit:
         text = f"{text[:limit]}… ({size - limit} more characters)"
     return _UNSHOWABLE.sub(_escape, text)
@@ -162,7 +192,10 @@ class ServerError(APIError):
 
 
 class APIConnectionError(VoiceAPIError):
-    """The request did not get an answer: DNS failure, refused, reset, broken body."""
+    """The request did not get an answer: DNS failure, refused, reset, broken body.
+
+    ``http_status`` is set only when a proxy refused the tunnel (e.g. 407): it is the proxy's.
+    """
 
     def __init__(self, message: str, *, maybe_sent: bool = True, **kw: Any) -> None:
         super().__init__(message, **kw)

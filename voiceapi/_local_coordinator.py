@@ -56,6 +56,7 @@ class FileJournal:
         self._fh: IO[str] | None = fh
         self.entries: dict[str, JournalEntry] = {}
         fh.seek(0)
+        line = ""
         for line in fh:
             with contextlib.suppress(ValueError):
                 rec = json.loads(line)
@@ -63,6 +64,10 @@ class FileJournal:
                         and isinstance(rec.get("task_id"), str):
                     self.entries[rec["ext"]] = JournalEntry(rec["task_id"],
                                                             str(rec.get("status")))
+        if line and not line.endswith("\n"):
+            # A line cut short by a crash: end it, or the next record would be glued to it.
+            fh.write("\n")
+            fh.flush()
 
     def record(self, ext: str, task_id: str, status: str) -> None:
         entry = JournalEntry(task_id, status)

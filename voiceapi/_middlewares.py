@@ -15,6 +15,7 @@ import asyncio
 import collections
 import logging
 import math
+import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,13 @@ import attrs
 
 from ._auth import Credentials
 from ._constants import LOGGER_NAME
-from ._errors import APIError, RateLimitError, UnexpectedResponseError, VoiceAPIError
+from ._errors import (
+    APIError,
+    APITimeoutError,
+    RateLimitError,
+    UnexpectedResponseError,
+    VoiceAPIError,
+)
 
 if TYPE_CHECKING:
     from ._coordinator import Coordinator
@@ -87,6 +94,40 @@ class _Layer:
         return self._mw(request, self._call_next)
 
 
+async def wait_turn(request: Request, turn: Callable[[], Awaitable[None]],
+                    waiting_for: str) -> None:
+    """``await turn()`` (a wait for a slot or a shared rate), but never past the call's
+    deadline: ``retry_budget`` caps the whole call, time spent queued included.
+
+    Running out is an APITimeoutError with ``maybe_sent=False``: the attempt never started.
+    """
+    left = request.deadline - time.monotonic()
+    if left == math.inf:  # no retry middleware in this chain: nothing to cap
+        await turn()
+        return
+    if left <= 0:
+        raise _budget_spent(request, waiting_for)
+    if sys.version_info >= (3, 11):
+        scope = asyncio.timeout(left)
+        try:
+            async with scope:
+                await turn()
+        except TimeoutError:
+            if not scope.expired():
+                raise  # the wait itself failed (a coordinator's own error), not our limit
+            raise _budget_spent(request, waiting_for) from None
+    else:  # pragma: no cover - Python 3.10
+        try:
+            await asyncio.wait_for(turn(), left)
+        except asyncio.TimeoutError:
+            raise _budget_spent(request, waiting_for) from None
+
+
+def _budget_spent(request: Request, waiting_for: str) -> APITimeoutError:
+    return APITimeoutError(f"{request.method} {request.path}: retry_budget used up while "
+                           f"waiting for {waiting_for}", maybe_sent=False)
+
+
 class AuthMiddleware:
     """Sets ``Authorization`` on every attempt (a retried call after 1004 gets a new token)."""
 
@@ -114,7 +155,9 @@ class CoordinatorMiddleware:
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
         # Only creates are non-idempotent; they also wait out a shared 1303 backoff.
-        await self._coordinator.before_request(create=not request.idempotent)
+        create = not request.idempotent
+        await wait_turn(request, lambda: self._coordinator.before_request(create=create),
+                        "the shared request rate (coordinator)")
         try:
             return await call_next(request)
         except RateLimitError as exc:
@@ -129,8 +172,9 @@ class Limits:
     Not a middleware: ``send`` enters and leaves them around the request itself, so the common
     case (a free slot, no pacing) costs a counter, not an extra coroutine per call. Both waits
     happen before the attempt's timeout starts, so a queued call never times out for having
-    waited its turn. A cancelled waiter gives its turn back: nothing is reserved ahead of
-    time, only the head of the pacing queue waits for the next free instant.
+    waited its turn (the call's ``retry_budget`` still caps the wait: :func:`wait_turn`).
+    A cancelled waiter gives its turn back: nothing is reserved ahead of time, only the head
+    of the pacing queue waits for the next free instant.
     """
 
     def __init__(self, *, max_concurrent: int, per_second: float | None) -> None:
@@ -168,7 +212,7 @@ class Limits:
             except BaseException:
                 if turn.done() and not turn.cancelled():
                     self.leave()  # handed a slot while being cancelled: pass it on
-                else:
+                elif turn in self._slot_queue:  # leave() may have dropped it, already cancelled
                     self._slot_queue.remove(turn)
                 raise
         if self._interval:

@@ -87,14 +87,32 @@ async def fetch_page(fetch: FetchPage, page_num: int, size: int,
 
 async def walk_pages(fetch: FetchPage, *, page_size: int, limit: PageLimit,
                      max_pages: int = C.MAX_PAGES) -> AsyncIterator[list[Any]]:
-    """Raw pages from the first until a short or empty one (at most ``max_pages``)."""
+    """Raw pages from the first until a short or empty one (at most ``max_pages``).
+
+    A full page that brings no record not seen before also ends the walk: the server ignores
+    ``pageNum`` (or the list stopped moving), and reading on would only repeat it to the bound.
+    """
     page_num, size = 1, page_size
+    seen: set[Any] = set()
     for _ in range(max_pages):
         records, page_num, size = await fetch_page(fetch, page_num, size, limit)
+        keys = {_key(r) for r in records}
+        if records and keys <= seen:
+            return
+        seen |= keys
         yield records
         if len(records) < size:
             return
         page_num += 1
+
+
+def _key(record: Any) -> Any:
+    """What tells records apart: the task id, else the record itself as text."""
+    if isinstance(record, dict):
+        tid = record.get("task_id")
+        if isinstance(tid, (str, int)) and not isinstance(tid, bool):
+            return str(tid)
+    return repr(record)
 
 
 __all__ = ["FetchPage", "PageLimit", "fetch_page", "is_page_size_refusal", "records_of",

@@ -78,6 +78,8 @@ def classify(exc: BaseException, policy: RetryPolicy = RetryPolicy()) -> Decisio
             return Decision(retry=True, ambiguous=True)
         return NO_RETRY
     if isinstance(exc, APIConnectionError):  # includes APITimeoutError
+        if exc.http_status is not None and 400 <= exc.http_status < 500:
+            return NO_RETRY  # a proxy refused us (407): the same request cannot fare better
         return Decision(retry=True, ambiguous=exc.maybe_sent)
     if isinstance(exc, UnexpectedResponseError):
         # A 2xx we could not read (truncated by a proxy, garbage): the call probably landed.

@@ -53,6 +53,8 @@ class Submitter:
         #: A rerun (an item of this batch exists already): look each item up before creating
         #: it, so that a server that accepts a repeated external id gets no second task.
         self.look_first = False
+        #: An unexpected exception from a send (not an API answer): the batch re-raises it.
+        self.failure: BaseException | None = None
 
     @property
     def busy(self) -> bool:
@@ -101,6 +103,10 @@ class Submitter:
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         self.sending.pop(task, None)
+        if not task.cancelled() and task.exception() is not None and self.failure is None:
+            # A bug or a coordinator that failed (e.g. its server is gone): the batch stops
+            # with it rather than leaving the item in limbo.
+            self.failure = task.exception()
         self._wake()
 
     async def _send(self, entry: Entry) -> None:

@@ -21,8 +21,10 @@ from ._errors import (
     APITimeoutError,
     ClientClosedError,
     EventLoopError,
+    SentCredential,
     UnexpectedResponseError,
     VoiceAPIError,
+    printable,
 )
 from ._logs import configure_from_env
 from ._middlewares import (
@@ -34,6 +36,7 @@ from ._middlewares import (
     Response,
     build_chain,
     logging_middleware,
+    wait_turn,
 )
 from ._retry import RetryMiddleware, RetryPolicy
 
@@ -44,8 +47,9 @@ _CLOSED = "this client is closed; create a new one"
 
 
 async def _read_streamed(resp: aiohttp.ClientResponse) -> bytes:
-    """A body without Content-Length, refused once it passes MAX_RESPONSE_BYTES (answers
-    that large come from a broken or hostile proxy, never from Kling)."""
+    """The body, refused once it passes MAX_RESPONSE_BYTES (answers that large come from a
+    broken or hostile proxy, never from Kling). Counted as read: ``iter_any`` yields the
+    decompressed bytes, so a small gzip answer cannot expand without limit in memory."""
     limit = _constants.MAX_RESPONSE_BYTES
     chunks: list[bytes] = []
     size = 0
@@ -59,13 +63,12 @@ async def _read_streamed(resp: aiohttp.ClientResponse) -> bytes:
 
 
 async def _read(resp: aiohttp.ClientResponse) -> bytes:
+    # Content-Length (the size on the wire, compressed or not) refuses the obvious case unread.
     size = resp.content_length
-    if size is None:
-        return await _read_streamed(resp)
-    if size > _constants.MAX_RESPONSE_BYTES:
+    if size is not None and size > _constants.MAX_RESPONSE_BYTES:
         raise UnexpectedResponseError(
             f"HTTP {resp.status} answer of {size} bytes is too large", http_status=resp.status)
-    return await resp.read()
+    return await _read_streamed(resp)
 
 
 class Transport:
@@ -184,7 +187,8 @@ class Transport:
         timeout: aiohttp.ClientTimeout | None = None
         limits = self._limits
         if not limits.try_enter():  # the common case: a free slot, no pacing, no extra frame
-            await limits.enter()
+            await wait_turn(request, limits.enter,
+                            "a request slot (max_concurrent_requests, max_requests_per_second)")
         try:
             timeout = self._attempt_timeout(request)  # after the wait: a turn is not a timeout
             # Kling never redirects; a redirect must not carry a token (or a create) elsewhere.
@@ -202,6 +206,13 @@ class Transport:
             seconds = timeout.total if timeout is not None else self.config.timeout
             error = APITimeoutError(
                 f"{request.method} {request.path}: no answer within {seconds:g}s")
+        except aiohttp.ClientHttpProxyError as exc:
+            # The proxy refused the CONNECT tunnel (407: proxy credentials; 5xx: it could not
+            # reach Kling): nothing reached the API, so even a create needs no lookup.
+            error = APIConnectionError(
+                f"{request.method} {request.path}: the proxy refused the connection: HTTP "
+                f"{exc.status} {printable(exc.message, 200)}", maybe_sent=False,
+                http_status=exc.status)
         except aiohttp.ClientConnectorError as exc:
             error = APIConnectionError(
                 f"{request.method} {request.path}: cannot connect: {exc.os_error}",
@@ -222,7 +233,8 @@ class Transport:
                 error = ClientClosedError("the client was closed during this call")
             raise error
         data_out, request_id = decode_envelope(
-            status, headers, body, retry_after_max=self.retry_policy.retry_after_max)
+            status, headers, body, retry_after_max=self.retry_policy.retry_after_max,
+            sent=SentCredential(request.headers.get("Authorization")))
         return Response(status=status, headers=headers, data=data_out, request_id=request_id)
 
     async def aclose(self) -> None:

@@ -102,9 +102,10 @@ class State:
         return {"timeout": self.request_timeout, "max_retries": self.max_retries,
                 "middlewares": [self._count]}
 
-    def client(self) -> AsyncVoiceClient:
+    def client(self, coordinator: Any = None) -> AsyncVoiceClient:
         client = AsyncVoiceClient(self.access_key, self.secret_key, api_key=self.api_key,
-                                  base_url=self.base_url, **self.client_options())
+                                  base_url=self.base_url, coordinator=coordinator,
+                                  **self.client_options())
         self.host = urlsplit(client.base_url).netloc
         return client
 
@@ -156,6 +157,10 @@ def _run(state: State, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted{': ' + state.doing if state.doing else ''}", err=True)
         raise SystemExit(C.CLI_EXIT_INTERRUPTED) from None
+    except OSError as exc:  # a local file went away mid-command (journal folder, full disk)
+        if isinstance(exc, BrokenPipeError):
+            raise
+        error(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
     raise SystemExit(C.CLI_EXIT_API_ERROR)
 
 
@@ -441,18 +446,26 @@ def _batch_summary(results: list[BatchResult], wheres: list[str]) -> dict[str, A
 @click.option("--wait/--no-wait", default=True, help="Wait for every voice to finish.")
 @click.option("--timeout", "batch_timeout", type=_POSITIVE,
               help="Overall seconds for the batch (--request-timeout is per HTTP attempt).")
+@click.option("--redis", "redis_url", metavar="URL",
+              help="Share the account's cap, request rate and journal with every process "
+                   "using the same Redis and namespace (pip install 'voiceapi[redis]').")
+@click.option("--namespace", metavar="NAME",
+              help="Which shared state to use with --redis (default: a hash of the key).")
 @_json_option
 @pass_state
 def batch(state: State, manifest: Path, max_in_flight: int | None, journal: Path | None,
           report: Path | None, encoding: str, dry_run: bool, wait: bool,
-          batch_timeout: float | None) -> None:
+          batch_timeout: float | None, redis_url: str | None, namespace: str | None) -> None:
     """Create many voices from a CSV, JSON-lines or JSON-array MANIFEST.
 
     \b
     Columns / keys: voice_name, voice_url or video_id, optional external_task_id,
     callback_url. Every row is checked before anything is sent. A rerun with the same
     journal follows what was created and creates only the rest. Exit 1 if any item failed.
+    With --redis, processes on several hosts can share one account (and one manifest).
     """
+    if namespace is not None and redis_url is None:
+        raise click.UsageError("--namespace: not used without --redis")
     items, wheres, problems = _manifest.validate(_manifest.read_manifest(manifest, encoding))
     if problems:
         for p in problems:
@@ -461,13 +474,16 @@ def batch(state: State, manifest: Path, max_in_flight: int | None, journal: Path
     if report is not None:
         _manifest.check_report_path(report)
     if dry_run:
-        _refuse_unused(["max_in_flight", "journal", "report", "wait", "batch_timeout"],
-                       "with --dry-run (nothing is sent)")
+        _refuse_unused(["max_in_flight", "journal", "report", "wait", "batch_timeout",
+                        "redis_url", "namespace"], "with --dry-run (nothing is sent)")
         out(dump({"valid": len(items)}) if state.json else f"{len(items)} rows are valid")
         return
     journal = journal or manifest.with_name(manifest.name + C.CLI_JOURNAL_SUFFIX)
     _writable_journal(journal)
-    resume = f"voiceapi batch {manifest} --journal {journal}"
+    coordinator_class = _redis_coordinator_class() if redis_url is not None else None
+    # The Redis URL may hold a password: the resume hint says "same --redis", not the URL.
+    resume = f"voiceapi batch {manifest} --journal {journal}" + \
+        (" --redis … (the same)" if redis_url is not None else "")
     state.doing = (f"batch of {len(items)} from {manifest}; rerun to resume without "
                    f"duplicates (same --journal): {resume}")
     started = time.monotonic()
@@ -475,9 +491,20 @@ def batch(state: State, manifest: Path, max_in_flight: int | None, journal: Path
         def on_progress(p: BatchProgress) -> None:
             bar.update(p)
 
-        results = _run(state, lambda: _with_client(state, lambda c: c.custom_voices.create_many(
-            items, max_in_flight=max_in_flight, journal=str(journal), wait=wait,
-            timeout=batch_timeout, on_progress=on_progress)))
+        async def go() -> list[BatchResult]:
+            options: dict[str, Any] = {
+                "max_in_flight": max_in_flight, "journal": str(journal), "wait": wait,
+                "timeout": batch_timeout, "on_progress": on_progress}
+            if coordinator_class is None:
+                return await _with_client(state, lambda c: c.custom_voices.create_many(
+                    items, **options))
+            async with coordinator_class(redis_url, namespace=namespace,
+                                         max_in_flight=max_in_flight) as coord, \
+                    state.client(coordinator=coord) as client:
+                return await client.custom_voices.create_many(items, coordinator=coord,
+                                                              **options)
+
+        results = _run(state, go)
     if report is not None:
         try:
             _manifest.write_report(report, results, wheres)
@@ -494,6 +521,15 @@ def batch(state: State, manifest: Path, max_in_flight: int | None, journal: Path
             + (f"; results in {report}" if report is not None else ""))
     if any(r.error is not None for r in results):
         raise SystemExit(C.CLI_EXIT_API_ERROR)
+
+
+def _redis_coordinator_class() -> Any:
+    """``RedisCoordinator``, imported only for ``--redis`` (the extra may not be installed)."""
+    try:
+        from ..coordination import RedisCoordinator
+    except ImportError:
+        raise InputError(f"--redis needs the redis extra: {C.CLI_REDIS_INSTALL_HINT}") from None
+    return RedisCoordinator
 
 
 # --- the emulator ---------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from rich.text import Text
 
 from .. import _constants as C
 from .._batch import BatchProgress
-from .._errors import TaskFailedError
+from .._errors import TaskFailedError, printable
 from .._models import BatchResult, Voice, VoiceTask
 
 
@@ -141,8 +141,10 @@ def render_table(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str
         else:
             table.add_column(header, no_wrap=True)
     for row in rows:
-        # Text() never interprets markup: a voice named "[red]x" prints as typed.
-        table.add_row(*(Text(cell, style=_STYLES.get(cell, "") if tty else "") for cell in row))
+        # Server text is escaped (a control character could retitle the terminal or forge a
+        # row); Text() never interprets markup, so a voice named "[red]x" prints as typed.
+        table.add_row(*(Text(printable(cell), style=_STYLES.get(cell, "") if tty else "")
+                        for cell in row))
     buf = io.StringIO()
     console = Console(file=buf, width=_width(), force_terminal=tty,
                       color_system="standard" if tty else None, no_color=not tty,

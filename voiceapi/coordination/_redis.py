@@ -72,6 +72,12 @@ def _redact(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
+def _cancelling(task: asyncio.Task[Any] | None) -> int:
+    """Cancel requests pending on ``task`` (Python >= 3.11; 0 where unknown)."""
+    count = getattr(task, "cancelling", None)
+    return int(count()) if callable(count) else 0
+
+
 def namespace_for(credentials: Any) -> str:
     """A stable namespace for one Kling account, derived from its access key or API key.
 
@@ -165,7 +171,7 @@ class RedisCoordinator:
         self._scripts = {name: self._redis.register_script(getattr(S, name)) for name in (
             "ACQUIRE", "ACCEPTED", "REFUSED", "FREE", "RENEW", "ORPHANS", "ADOPT",
             "FREE_MISSING_ORPHAN", "HOLD_RUNNING", "RATE", "BACKOFF", "OBSERVE",
-            "PUBLISH_OBSERVATIONS", "RESIGN")}
+            "PUBLISH_OBSERVATIONS", "FREE_ENDED", "RESIGN")}
         self._held: set[str] = set()
         self._adopted: dict[str, str] = {}  # key -> task id, orphans this worker follows
         self._cap = max_in_flight if max_in_flight is not None else C.BATCH_INITIAL_SLOTS
@@ -181,17 +187,35 @@ class RedisCoordinator:
         self._started = False
         self._closed = False
         self._closing = False
+        self._entered = False  # opened with ``async with``: the user closes it
+        self._clients: set[int] = set()  # clients bound to us and not closed yet
         self._outage_logged = False
         #: Orphans this worker adopted so far (for progress reports and tests).
         self.adoptions = 0
         if namespace is None and credentials_of is not None:
-            self.bind(credentials_of)
+            self._bind_account(credentials_of)
 
     # --- identity ---------------------------------------------------------------------------
 
     def bind(self, client_or_credentials: Any) -> None:
         """Learn the account from a client (``AsyncVoiceClient(..., coordinator=coord)`` calls
-        this) when no ``namespace`` was given. Binding clients of two accounts is an error."""
+        this) when no ``namespace`` was given. Binding clients of two accounts is an error.
+
+        A coordinator that was not opened with ``async with`` is closed together with the last
+        client bound to it (:meth:`client_closed`): a blocking ``VoiceClient`` runs it on the
+        client's private loop, which nobody else can reach to close it.
+        """
+        self._bind_account(client_or_credentials)
+        self._clients.add(id(client_or_credentials))
+
+    async def client_closed(self, client: Any) -> None:
+        """A bound client closed (``AsyncVoiceClient.aclose`` calls this). The last one closes
+        a coordinator nobody entered with ``async with``; one the user entered is theirs."""
+        self._clients.discard(id(client))
+        if not self._clients and not self._entered:
+            await self.aclose()
+
+    def _bind_account(self, client_or_credentials: Any) -> None:
         if self._namespace is not None and not self._namespace_from_credentials:
             return  # an explicit namespace wins
         namespace = namespace_for(_credentials_of(client_or_credentials))
@@ -231,6 +255,7 @@ class RedisCoordinator:
     # --- lifecycle --------------------------------------------------------------------------
 
     async def __aenter__(self) -> RedisCoordinator:
+        self._entered = True
         async with self._guard():
             await self._redis.ping()  # fail here, not mid-batch
         if self._namespace is not None:
@@ -276,6 +301,8 @@ class RedisCoordinator:
 
     @contextlib.asynccontextmanager
     async def _guard(self) -> AsyncIterator[None]:
+        task = asyncio.current_task()
+        cancels = _cancelling(task)
         try:
             yield
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
@@ -285,6 +312,11 @@ class RedisCoordinator:
         except RedisError as exc:
             raise CoordinationError(f"Redis at {self._where} refused a coordinator command "
                                     f"({type(exc).__name__}: {exc})") from exc
+        if _cancelling(task) > cancels:
+            # redis-py sends through asyncio.wait_for, which on Python 3.11 returns a result
+            # that was ready as we were cancelled and drops the cancel: a cancelled batch then
+            # ran to its end. Give the cancel back to the caller.
+            raise asyncio.CancelledError
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         await self._ensure_started()
@@ -550,6 +582,7 @@ class RedisCoordinator:
             everyone = {_text(x) for x in result[1:]} | ids | set(self._adopted.values())
             seen = dict(await poll(everyone)) if everyone else {}
             await self._publish(seen)
+            await self._free_ended(seen)
         else:
             seen = await self._read_observations(ids)
         for key, task_id in list(self._adopted.items()):
@@ -582,6 +615,21 @@ class RedisCoordinator:
             args += [task_id, dump_task(task)]
         await self._run("PUBLISH_OBSERVATIONS", self._k("obs", "obs_at", "tracked"),
                         [self._k("events")[0], D.STATE_TTL_SECONDS * 1000, *args])
+
+    async def _free_ended(self, seen: Mapping[str, VoiceTask]) -> None:
+        """Free the slots of every task this poll saw end, for all workers at once: the holder
+        would free it only after reading the observations (a poll interval later), and the
+        cap's turnover is what bounds a shared account's throughput."""
+        args: list[str] = []
+        for task_id, task in seen.items():
+            if task.is_terminal and task.external_task_id:
+                args += [task.external_task_id, task_id,
+                         dump_entry(task_id, task.task_status.value)]
+        if args:
+            freed = await self._run("FREE_ENDED", self._k("slots", "orphans", "owners", "journal"),
+                                    [self._k("events")[0], D.STATE_TTL_SECONDS * 1000, *args])
+            if int(freed):
+                self._wake()
 
     async def _read_observations(self, ids: Collection[str]) -> dict[str, VoiceTask]:
         obs = self._k("obs")[0]

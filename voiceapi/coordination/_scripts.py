@@ -262,6 +262,36 @@ redis.call('PUBLISH', ARGV[1], 'observed')
 return 1
 """
 
+# The poller saw these tasks end: free their slots now, whoever holds them, so a slot turns
+# over at the poll rather than when its holder next reads the observations. Only a slot whose
+# journal names this very task is freed (never a retry's or another task's under the key).
+# KEYS: slots orphans owners journal
+# ARGV: channel state_ttl_ms (key task_id journal_value)...
+# -> slots freed
+FREE_ENDED = """
+local freed = 0
+for i = 3, #ARGV, 3 do
+  local key, tid = ARGV[i], ARGV[i + 1]
+  local raw = redis.call('HGET', KEYS[4], key)
+  if raw then
+    local ok, entry = pcall(cjson.decode, raw)
+    if ok and type(entry) == 'table' and entry['task_id'] == tid then
+      local n = redis.call('ZREM', KEYS[1], key) + redis.call('ZREM', KEYS[2], key)
+      if n > 0 then
+        redis.call('HDEL', KEYS[3], key)
+        redis.call('HSET', KEYS[4], key, ARGV[i + 2])
+        freed = freed + n
+      end
+    end
+  end
+end
+if freed > 0 then
+  redis.call('PEXPIRE', KEYS[4], ARGV[2])
+  redis.call('PUBLISH', ARGV[1], 'free')
+end
+return freed
+"""
+
 # KEYS: leader  ARGV: me  -> hand leadership over at once on a clean exit
 RESIGN = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end

@@ -907,7 +907,8 @@ class KlingEmulator:
             if self.check_url_extension and not parsed.path.lower().endswith(_MEDIA_EXTS):
                 raise _ApiError(1201, "voice_url must be an http(s) URL of a mp3/wav/mp4/mov "
                                       "file")
-        if video_id is not None and not video_id.isdigit():
+        # ASCII digits only: str.isdigit() also takes "١٢٣" and "12²".
+        if video_id is not None and not (video_id.isascii() and video_id.isdigit()):
             raise _ApiError(1201, "video_id is invalid")
         callback_url = self._opt_str(body, "callback_url")
         ext = self._opt_str(body, "external_task_id")

@@ -21,7 +21,9 @@ READING_DEFAULTS: dict[str, Any] = {
     "voice_status": True,
     "numeric_money": False,
     "unique_external_ids": True,
-    "check_url_extension": True,
+    # Off: the mp3/wav/mp4/mov rule is about the media, not the URL (kling-api.md §11.1);
+    # signed/CDN URLs often have no extension, and a wrong format becomes a failed task.
+    "check_url_extension": False,
     "pending_voices": "empty",
 }
 
@@ -138,7 +140,8 @@ def build_parser(prog: str = "python -m voiceapi.testing") -> argparse.ArgumentP
     add("--unique-external-ids", action=flag, help="refuse a repeated external_task_id "
         "(default on)")
     add("--check-url-extension", action=flag, help="refuse a voice_url whose path does not "
-        "end in .mp3/.wav/.mp4/.mov (default on)")
+        "end in .mp3/.wav/.mp4/.mov (default off: the media is judged, a wrong format fails "
+        "the task)")
     add("--reject-both-sources", action=flag, help="refuse voice_url and video_id together")
     add("--unique-voice-names", action=flag, help="refuse a repeated voice_name")
     add("--max-body-bytes", type=int, help="largest request body")
