@@ -8,14 +8,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # a minute or more: real batches, callgrind rounds
 def test_quick_benchmarks_complete(tmp_path: Path) -> None:
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
     out = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--json", str(out_json),
                           "--markdown", str(out_md)], capture_output=True, text=True,
-                         timeout=600, check=False, cwd=ROOT)
+                         timeout=840, check=False, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     results = json.loads(out_json.read_text())
     assert set(results) >= {"percall", "batch", "scaling", "memory", "import", "targets"}
