@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -12,6 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 import voiceapi
+from tests._raw_server import fixed, raw_server
 from tests.conftest import FAST_RETRY
 
 API_KEY = "sk-live-0123456789abcdef"
@@ -22,38 +22,8 @@ URL = "https://cdn.example.com/sample.mp3"
 async def raw(answer: bytes) -> AsyncIterator[tuple[str, list[str]]]:
     """A loopback server giving every request the same raw answer; yields its URL and the
     request lines it saw."""
-    lines: list[str] = []
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        tasks.add(task)
-        try:
-            for _ in range(100):  # bounded: requests per connection
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines.append(head.split(b"\r\n", 1)[0].decode("latin-1"))
-                for line in head.split(b"\r\n"):
-                    name, _, value = line.partition(b":")
-                    if name.lower() == b"content-length" and int(value):
-                        await reader.readexactly(int(value))
-                writer.write(answer)
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}", lines
-    finally:
-        server.close()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await server.wait_closed()
+    async with raw_server(fixed(answer)) as (base, seen):
+        yield base, seen.lines
 
 
 def http(status: int, body: bytes) -> bytes:

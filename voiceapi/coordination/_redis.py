@@ -393,18 +393,22 @@ class RedisCoordinator:
 
     async def known(self, keys: Sequence[str]) -> Mapping[str, JournalEntry]:
         await self._ensure_started()
-        journal = self._k("journal")[0]
         found: dict[str, JournalEntry] = {}
-        keys = list(keys)
-        for start in range(0, len(keys), _MAX_ARGS):
-            chunk = keys[start:start + _MAX_ARGS]
-            async with self._guard():
-                values = await self._redis.hmget(journal, chunk)
-            for key, raw in zip(chunk, values, strict=True):
-                entry = load_entry(raw)
-                if entry is not None:
-                    found[key] = entry
+        async for key, raw in self._hmget(self._k("journal")[0], list(keys)):
+            entry = load_entry(raw)
+            if entry is not None:
+                found[key] = entry
         return found
+
+    async def _hmget(self, name: str, fields: list[str]) -> AsyncIterator[tuple[str, Any]]:
+        """(field, raw value) for each field of hash ``name``, read in bounded chunks (a
+        command's argument count is limited, and a huge one would block the server)."""
+        for start in range(0, len(fields), _MAX_ARGS):
+            chunk = fields[start:start + _MAX_ARGS]
+            async with self._guard():
+                values = await self._redis.hmget(name, chunk)
+            for pair in zip(chunk, values, strict=True):
+                yield pair
 
     async def record(self, key: str, task_id: str, status: str) -> None:
         await self._ensure_started()
@@ -637,17 +641,11 @@ class RedisCoordinator:
                 self._wake()
 
     async def _read_observations(self, ids: Collection[str]) -> dict[str, VoiceTask]:
-        obs = self._k("obs")[0]
-        ordered = sorted(ids)
         seen: dict[str, VoiceTask] = {}
-        for start in range(0, len(ordered), _MAX_ARGS):
-            chunk = ordered[start:start + _MAX_ARGS]
-            async with self._guard():
-                values = await self._redis.hmget(obs, chunk)
-            for task_id, raw in zip(chunk, values, strict=True):
-                task = load_task(raw)
-                if task is not None and task.task_id == task_id:
-                    seen[task_id] = task
+        async for task_id, raw in self._hmget(self._k("obs")[0], sorted(ids)):
+            task = load_task(raw)
+            if task is not None and task.task_id == task_id:
+                seen[task_id] = task
         return seen
 
     # --- plain client calls -------------------------------------------------------------------
