@@ -45,7 +45,7 @@ def emulator_process(*, concurrency: int = 5, task_seconds: float = 0.3,
            "--task-seconds", str(task_seconds)]
     if qps is not None:
         cmd += ["--qps", str(qps)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=_ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=_ROOT, env=_untraced())
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -143,9 +143,16 @@ async def _run_local_worker(cfg: dict[str, Any]) -> dict[str, Any]:
             "seconds": time.monotonic() - started}
 
 
+def _untraced() -> dict[str, str]:
+    """The environment without coverage's subprocess hook: these processes are measured for
+    speed (slot turnover, utilisation), which tracing would distort two- or threefold."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")}
+
+
 def start_worker(cfg: dict[str, Any]) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "benchmarks.scaleout", "worker",
-                             json.dumps(cfg)], stdout=subprocess.PIPE, text=True, cwd=_ROOT)
+                             json.dumps(cfg)], stdout=subprocess.PIPE, text=True, cwd=_ROOT,
+                            env=_untraced())
 
 
 def worker_result(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:

@@ -96,8 +96,10 @@ def test_three_processes_with_distinct_items_and_a_fixed_cap_never_see_1303(
 
 def test_a_worker_killed_mid_batch_is_taken_over_by_the_survivors(
         server: RedisServer) -> None:
-    n = 40
-    with emulator_process(concurrency=5, task_seconds=1.5) as emu:
+    # Tasks long enough that the victim's are still running when its leases lapse, even on a
+    # loaded machine (they would otherwise end first and be freed, not adopted).
+    n = 20
+    with emulator_process(concurrency=5, task_seconds=4.0) as emu:
         cfg = _config(emu, server, list(range(n)), max_in_flight=5, lease_seconds=0.6,
                       orphan_grace=1.0, stale_after=1.0, poll=0.1, timeout=100)
         victim = start_worker(cfg)

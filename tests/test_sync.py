@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -151,7 +152,9 @@ def test_unclosed_client_exits_quietly(temu: KlingEmulator) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "3"
     assert "Unclosed" not in out.stderr and "Event loop is closed" not in out.stderr
-    assert out.stderr == ""
+    # -X dev also reports callbacks slower than 0.1 s, which a loaded machine produces.
+    noise = re.compile(r"Executing <.*> took [0-9.]+ seconds")
+    assert [line for line in out.stderr.splitlines() if not noise.fullmatch(line)] == []
 
 
 FORK_SCRIPT = """
