@@ -48,7 +48,12 @@ class Follower:
         self.tracked: dict[str, Entry] = {}
         self.waiting = 0  # tracked items whose result is not final yet
         self._durations: deque[float] = deque(maxlen=50)
+        self._typical: float | None = None  # median of _durations, kept as they change
+        #: (attached_at, task id) in attach order: when each tracked task should end is
+        #: attached_at + typical, so the next expected end is near the left (amortised O(1)).
+        self._ends: deque[tuple[float, str]] = deque()
         self._last_poll = 0.0
+        self._poll_started = 0.0  # a task expected to end before this was checked by a poll
         self._soon: float | None = None  # poll no later than this (a hint that a task ended)
         #: An error no later poll can cure (closed client, bad credentials): the batch ends.
         self.fatal: VoiceAPIError | None = None
@@ -87,6 +92,7 @@ class Follower:
         if not self.tracked:  # a task just created is not done: the poll clock starts now
             self._last_poll = entry.attached_at
         self.tracked[task.task_id] = entry
+        self._ends.append((entry.attached_at, task.task_id))
         self._ledger.set_phase(entry, phase_of(task))
         if entry.done:
             return
@@ -129,6 +135,7 @@ class Follower:
     def _note_duration(self, task: VoiceTask) -> None:
         if task.created_at is not None and task.updated_at is not None:
             self._durations.append((task.updated_at - task.created_at).total_seconds())
+            self._typical = statistics.median(self._durations)
 
     def expire(self, now: float) -> float | None:
         """Time out items whose task ran longer than ``item_timeout`` (they keep their slot).
@@ -163,7 +170,7 @@ class Follower:
         if self._fixed_interval is not None:
             base = self._fixed_interval
         else:
-            typical = statistics.median(self._durations) if self._durations else 0.0
+            typical = self._typical or 0.0
             base = min(max(typical * C.BATCH_POLL_FRACTION, C.BATCH_POLL_FLOOR),
                        C.BATCH_POLL_INTERVAL)
             if self._callbacks:
@@ -181,15 +188,37 @@ class Follower:
         of our own, a poll still lets the coordinator free slots of tasks nobody follows."""
         if not (self.tracked and self.waiting) and not slots_wanted:
             return None
+        spacing = C.BATCH_POLL_SPACING_FACTOR * self.tracker.last_duration
         due = self._last_poll + self.interval()
+        expected = self._next_expected_end()
+        if expected is not None:
+            # A slot frees when its task ends: look then, not up to an interval later.
+            due = min(due, max(expected, self._last_poll + spacing))
         if self._soon is not None:
             due = min(due, max(self._soon, self._last_poll + C.BATCH_MIN_POLL_GAP))
         return due
+
+    def _next_expected_end(self) -> float | None:
+        """When the next tracked task should end (attached + a typical successful task), among
+        those no poll has looked at since; None before any task succeeded. Tasks expected
+        earlier but still running are late: the regular interval follows them."""
+        typical = self._typical
+        if typical is None:
+            return None
+        ends, checked = self._ends, self._poll_started
+        while ends:
+            attached, tid = ends[0]
+            end = attached + typical
+            if tid in self.tracked and end > checked:
+                return end
+            ends.popleft()
+        return None
 
     async def poll(self, time_left: float | None) -> None:
         """One look at the tracked tasks. A failed poll is tried again later, except for
         errors no retry cures (closed client, credentials): those end the batch (``fatal``)."""
         self._soon = None
+        self._poll_started = time.monotonic()
         ids = list(self.tracked)
         found: dict[str, VoiceTask] = {}
         try:
