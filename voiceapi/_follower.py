@@ -47,6 +47,7 @@ class Follower:
         #: Task id → item, for every task of this batch that holds a slot.
         self.tracked: dict[str, Entry] = {}
         self.waiting = 0  # tracked items whose result is not final yet
+        self._own = 0  # tracked tasks this batch created (kept as they change: read every turn)
         self._durations: deque[float] = deque(maxlen=50)
         self._typical: float | None = None  # median of _durations, kept as they change
         #: (attached_at, task id) in attach order: when each tracked task should end is
@@ -65,7 +66,7 @@ class Follower:
         """Tracked tasks that hold a slot of this batch. Tasks another worker created are
         followed too, but their slots are their creator's: counting them here kept a worker
         sharing an account from even asking for a slot."""
-        return sum(1 for entry in self.tracked.values() if not entry.foreign)
+        return self._own
 
     async def attach(self, entry: Entry, task: VoiceTask) -> None:
         """Follow a task the server has: just created, re-attached or found by lookup."""
@@ -91,7 +92,10 @@ class Follower:
         entry.attached_at = time.monotonic()
         if not self.tracked:  # a task just created is not done: the poll clock starts now
             self._last_poll = entry.attached_at
+        self._untrack(task.task_id)  # attached again: counted once
         self.tracked[task.task_id] = entry
+        if not entry.foreign:
+            self._own += 1
         self._ends.append((entry.attached_at, task.task_id))
         self._ledger.set_phase(entry, phase_of(task))
         if entry.done:
@@ -101,8 +105,14 @@ class Follower:
         else:
             self._ledger.resolve(entry, task=task)  # wait=False: submitted is the result
 
+    def _untrack(self, task_id: str) -> Entry | None:
+        entry = self.tracked.pop(task_id, None)
+        if entry is not None and not entry.foreign:
+            self._own -= 1
+        return entry
+
     async def _ended(self, entry: Entry, task: VoiceTask) -> None:
-        if self.tracked.pop(task.task_id, None) is not None:
+        if self._untrack(task.task_id) is not None:
             self.tracker.forget(task.task_id)
             if self._wait and not entry.done:
                 self.waiting -= 1
@@ -238,7 +248,7 @@ class Follower:
     async def _gone(self, task_id: str, error: VoiceAPIError) -> None:
         """The server says a tracked task does not exist: stop following it."""
         self.tracker.forget(task_id)
-        entry = self.tracked.pop(task_id, None)
+        entry = self._untrack(task_id)
         if entry is None:
             return
         if not entry.foreign:
