@@ -50,9 +50,9 @@ class Follower:
         self._own = 0  # tracked tasks this batch created (kept as they change: read every turn)
         self._durations: deque[float] = deque(maxlen=50)
         self._typical: float | None = None  # median of _durations, kept as they change
-        #: (attached_at, task id) in attach order: when each tracked task should end is
-        #: attached_at + typical, so the next expected end is near the left (amortised O(1)).
-        self._ends: deque[tuple[float, str]] = deque()
+        #: Task ids in attach order: each should end at its attached_at + typical, so the
+        #: next expected end is near the left (amortised O(1); ids only, 8 bytes a task).
+        self._ends: deque[str] = deque()
         self._last_poll = 0.0
         self._poll_started = 0.0  # a task expected to end before this was checked by a poll
         self._soon: float | None = None  # poll no later than this (a hint that a task ended)
@@ -96,7 +96,7 @@ class Follower:
         self.tracked[task.task_id] = entry
         if not entry.foreign:
             self._own += 1
-        self._ends.append((entry.attached_at, task.task_id))
+        self._ends.append(task.task_id)
         self._ledger.set_phase(entry, phase_of(task))
         if entry.done:
             return
@@ -199,11 +199,16 @@ class Follower:
         if not (self.tracked and self.waiting) and not slots_wanted:
             return None
         spacing = C.BATCH_POLL_SPACING_FACTOR * self.tracker.last_duration
-        due = self._last_poll + self.interval()
+        interval = self.interval()
         expected = self._next_expected_end()
-        if expected is not None:
-            # A slot frees when its task ends: look then, not up to an interval later.
-            due = min(due, max(expected, self._last_poll + spacing))
+        if expected is None:
+            due = self._last_poll + interval
+        else:
+            # A slot frees when its task ends: look then, not up to an interval later. Those
+            # polls find most ends, so the interval only backs them up (tasks ending early)
+            # and stretches, which keeps requests per voice where they were.
+            due = min(self._last_poll + interval * C.BATCH_POLL_SCHEDULED_STRETCH,
+                      max(expected, self._last_poll + spacing))
         if self._soon is not None:
             due = min(due, max(self._soon, self._last_poll + C.BATCH_MIN_POLL_GAP))
         return due
@@ -212,15 +217,15 @@ class Follower:
         """When the next tracked task should end (attached + a typical successful task), among
         those no poll has looked at since; None before any task succeeded. Tasks expected
         earlier but still running are late: the regular interval follows them."""
-        typical = self._typical
-        if typical is None:
-            return None
-        ends, checked = self._ends, self._poll_started
+        typical, ends, tracked = self._typical, self._ends, self.tracked
         while ends:
-            attached, tid = ends[0]
-            end = attached + typical
-            if tid in self.tracked and end > checked:
-                return end
+            entry = tracked.get(ends[0])
+            if entry is not None:
+                if typical is None:
+                    return None
+                end = entry.attached_at + typical
+                if end > self._poll_started:
+                    return end
             ends.popleft()
         return None
 
