@@ -198,17 +198,20 @@ class Follower:
         of our own, a poll still lets the coordinator free slots of tasks nobody follows."""
         if not (self.tracked and self.waiting) and not slots_wanted:
             return None
-        spacing = C.BATCH_POLL_SPACING_FACTOR * self.tracker.last_duration
         interval = self.interval()
         expected = self._next_expected_end()
         if expected is None:
             due = self._last_poll + interval
         else:
-            # A slot frees when its task ends: look then, not up to an interval later. Those
-            # polls find most ends, so the interval only backs them up (tasks ending early)
-            # and stretches, which keeps requests per voice where they were.
+            # A slot frees when its task ends: look then, not up to an interval later (never
+            # closer to the last poll than its cost allows, nor than the floor unless the user
+            # chose the interval). Those polls find most ends, so the interval poll only backs
+            # them up (tasks ending early) and stretches, which keeps requests per voice down.
+            gap = C.BATCH_POLL_SPACING_FACTOR * self.tracker.last_duration
+            if self._fixed_interval is None:
+                gap = max(gap, C.BATCH_POLL_FLOOR)
             due = min(self._last_poll + interval * C.BATCH_POLL_SCHEDULED_STRETCH,
-                      max(expected, self._last_poll + spacing))
+                      max(expected, self._last_poll + gap))
         if self._soon is not None:
             due = min(due, max(self._soon, self._last_poll + C.BATCH_MIN_POLL_GAP))
         return due
