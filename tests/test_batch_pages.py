@@ -224,3 +224,38 @@ async def test_tracker_drops_a_task_the_server_says_is_gone() -> None:
         found = await tracker.poll(mine)
     assert set(found) == {mine[0]} and set(tracker.gone) == {mine[1]}
     assert voiceapi._decode.is_not_found(tracker.gone[mine[1]])
+
+
+async def test_poll_cost_leaves_out_time_queued_behind_the_rate_limit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Polls are spaced by their own cost: a page that waited behind the client's rate limit
+    (creates sent meanwhile) must not count as a slow poll (12 items of 0.5 s tasks at
+    8 req/s took 6.9 s when it did). A poll of several pages still costs several pages."""
+    import voiceapi._tracker as tracker_mod
+
+    now = [100.0]
+
+    class Clock:
+        @staticmethod
+        def monotonic() -> float:
+            return now[0]
+
+    class QueuedApi(FakeApi):
+        took = 0.01
+
+        async def list_page(self, page_num: int, page_size: int) -> list[Any]:
+            now[0] += self.took
+            return await super().list_page(page_num, page_size)
+
+    monkeypatch.setattr(tracker_mod, "time", Clock)
+    api = QueuedApi(0, "newest")
+    tracker = ListTracker(api)
+    mine = [api.add() for _ in range(3)]
+    await tracker.poll(mine)
+    assert tracker.last_duration == pytest.approx(0.01)
+    api.took = 0.26  # this time the page waited 0.25 s for a request slot
+    await tracker.poll(mine)
+    assert tracker.last_duration == pytest.approx(0.01)
+    api.took = 0.005  # faster than ever: that is the new own time
+    await tracker.poll(mine)
+    assert tracker.last_duration == pytest.approx(0.005)

@@ -577,3 +577,68 @@ async def test_a_failing_coordinator_stops_the_batch_with_its_error(emu: KlingEm
         with pytest.raises(ConnectionError, match="unreachable"):
             await asyncio.wait_for(client.custom_voices.create_many(
                 items_for(emu, 3), coordinator=coord, poll_interval=0.02), 10)
+
+
+async def test_a_poll_is_due_when_the_next_task_should_end() -> None:
+    """Slot turnover: once a task's typical time is known, the next poll is due when the
+    oldest running task should end, not a whole (here long) interval later; a task seen
+    still running at its expected end falls back to the interval."""
+    import datetime as dt
+
+    from voiceapi._batch_state import Entry, Ledger
+    from voiceapi._follower import Follower
+
+    async def journal(entry: Entry, task: voiceapi.VoiceTask) -> None:
+        return None
+
+    entries = [Entry(input={}, body={"external_task_id": f"k{i}"}) for i in range(3)]
+    follower = Follower(object(), LocalCoordinator(None), Ledger(entries, None),  # type: ignore[arg-type]
+                        wait=True, item_timeout=None, poll_interval=10.0, callbacks=False,
+                        retry=lambda e: False, journal=journal)
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    running = [voiceapi.VoiceTask(task_id=f"t{i}", external_task_id=f"k{i}",
+                                  task_status=voiceapi.TaskStatus.SUBMITTED) for i in range(3)]
+    for entry, task in zip(entries, running, strict=True):
+        await follower.attach(entry, task)
+    assert follower.next_poll_at(slots_wanted=False) == pytest.approx(
+        follower._last_poll + 10.0)  # nothing known about task times yet: the interval
+    done = voiceapi.VoiceTask(task_id="t0", external_task_id="k0",
+                              task_status=voiceapi.TaskStatus.SUCCEED, created_at=t0,
+                              updated_at=t0 + dt.timedelta(seconds=3))
+    await follower.observed(done)  # t0 took 3 s: t1 should end 3 s after it was attached
+    assert "t0" not in follower.tracked
+    assert follower.next_poll_at(slots_wanted=False) == pytest.approx(
+        entries[1].attached_at + 3.0)
+    # t1 and t2 were looked at after their expected end and still run: they are late, and
+    # only the interval remains (no poll storm for late tasks).
+    follower._poll_started = follower._last_poll = entries[2].attached_at + 3.5
+    assert follower.next_poll_at(slots_wanted=False) == pytest.approx(
+        follower._last_poll + 10.0)
+
+
+async def test_expected_end_polls_keep_the_floor_by_default() -> None:
+    """Fast successful tasks (50 ms) make an expected end due almost at once; without a
+    poll_interval from the user, polls still come no closer than the floor (issue 11.5)."""
+    import datetime as dt
+
+    from voiceapi import _constants as C
+    from voiceapi._batch_state import Entry, Ledger
+    from voiceapi._follower import Follower
+
+    async def journal(entry: Entry, task: voiceapi.VoiceTask) -> None:
+        return None
+
+    entries = [Entry(input={}, body={"external_task_id": f"k{i}"}) for i in range(2)]
+    follower = Follower(object(), LocalCoordinator(None), Ledger(entries, None),  # type: ignore[arg-type]
+                        wait=True, item_timeout=None, poll_interval=None, callbacks=False,
+                        retry=lambda e: False, journal=journal)
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    for i, entry in enumerate(entries):
+        await follower.attach(entry, voiceapi.VoiceTask(
+            task_id=f"t{i}", external_task_id=f"k{i}", task_status=voiceapi.TaskStatus.SUBMITTED))
+    await follower.observed(voiceapi.VoiceTask(
+        task_id="t0", external_task_id="k0", task_status=voiceapi.TaskStatus.SUCCEED,
+        created_at=t0, updated_at=t0 + dt.timedelta(seconds=0.05)))
+    due = follower.next_poll_at(slots_wanted=False)
+    assert due is not None
+    assert due == pytest.approx(follower._last_poll + C.BATCH_POLL_FLOOR)

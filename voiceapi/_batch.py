@@ -60,10 +60,13 @@ class _CallbackSource(Protocol):
 def derive_external_task_id(item: Mapping[str, Any], occurrence: int) -> str:
     """A stable id from what defines the voice (name and source), so a rerun of the same batch
     finds its tasks; ``occurrence`` tells identical items apart."""
+    return f"vb-{_identity_digest(item)}-{occurrence}"
+
+
+def _identity_digest(item: Mapping[str, Any]) -> str:
     key = json.dumps({k: item.get(k) for k in _IDENTITY_FIELDS}, sort_keys=True,
                      ensure_ascii=False, default=str)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:32]
-    return f"vb-{digest}-{occurrence}"
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def retry_key(base: str, generation: int) -> str:
@@ -117,9 +120,10 @@ def prepare(items: Iterable[Mapping[str, Any] | BatchItem], *,
                 raise ValidationError(f"unknown field(s): {', '.join(sorted(unknown))}")
             fields = dict(data)
             if not fields.get("external_task_id"):
-                base = derive_external_task_id(data, 0)
-                occurrences[base] = occurrences.get(base, -1) + 1
-                fields["external_task_id"] = derive_external_task_id(data, occurrences[base])
+                # derive_external_task_id(data, n), hashing the identity once per item
+                digest = _identity_digest(data)
+                n = occurrences[digest] = occurrences.get(digest, -1) + 1
+                fields["external_task_id"] = f"vb-{digest}-{n}"
             if callback_url and not fields.get("callback_url"):
                 fields["callback_url"] = callback_url
             body = build_create_body(**{k: fields.get(k) for k in CREATE_FIELDS})

@@ -77,6 +77,9 @@ BATCH_PROBE_EVERY = 4
 BATCH_POLL_INTERVAL = 1.0
 BATCH_POLL_FLOOR = 0.5
 BATCH_POLL_FRACTION = 1 / 8
+# While polls are due at the expected end of running tasks (their start plus a typical task),
+# the interval poll only backs them up, at this many intervals.
+BATCH_POLL_SCHEDULED_STRETCH = 2.0
 # Polls never come closer than this many times the duration of the previous poll.
 BATCH_POLL_SPACING_FACTOR = 4.0
 # With callbacks, polling is only the safety net for a lost callback.

@@ -47,8 +47,14 @@ class Follower:
         #: Task id → item, for every task of this batch that holds a slot.
         self.tracked: dict[str, Entry] = {}
         self.waiting = 0  # tracked items whose result is not final yet
+        self._own = 0  # tracked tasks this batch created (kept as they change: read every turn)
         self._durations: deque[float] = deque(maxlen=50)
+        self._typical: float | None = None  # median of _durations, kept as they change
+        #: Task ids in attach order: each should end at its attached_at + typical, so the
+        #: next expected end is near the left (amortised O(1); ids only, 8 bytes a task).
+        self._ends: deque[str] = deque()
         self._last_poll = 0.0
+        self._poll_started = 0.0  # a task expected to end before this was checked by a poll
         self._soon: float | None = None  # poll no later than this (a hint that a task ended)
         #: An error no later poll can cure (closed client, bad credentials): the batch ends.
         self.fatal: VoiceAPIError | None = None
@@ -60,7 +66,7 @@ class Follower:
         """Tracked tasks that hold a slot of this batch. Tasks another worker created are
         followed too, but their slots are their creator's: counting them here kept a worker
         sharing an account from even asking for a slot."""
-        return sum(1 for entry in self.tracked.values() if not entry.foreign)
+        return self._own
 
     async def attach(self, entry: Entry, task: VoiceTask) -> None:
         """Follow a task the server has: just created, re-attached or found by lookup."""
@@ -86,7 +92,11 @@ class Follower:
         entry.attached_at = time.monotonic()
         if not self.tracked:  # a task just created is not done: the poll clock starts now
             self._last_poll = entry.attached_at
+        self._untrack(task.task_id)  # attached again: counted once
         self.tracked[task.task_id] = entry
+        if not entry.foreign:
+            self._own += 1
+        self._ends.append(task.task_id)
         self._ledger.set_phase(entry, phase_of(task))
         if entry.done:
             return
@@ -95,8 +105,14 @@ class Follower:
         else:
             self._ledger.resolve(entry, task=task)  # wait=False: submitted is the result
 
+    def _untrack(self, task_id: str) -> Entry | None:
+        entry = self.tracked.pop(task_id, None)
+        if entry is not None and not entry.foreign:
+            self._own -= 1
+        return entry
+
     async def _ended(self, entry: Entry, task: VoiceTask) -> None:
-        if self.tracked.pop(task.task_id, None) is not None:
+        if self._untrack(task.task_id) is not None:
             self.tracker.forget(task.task_id)
             if self._wait and not entry.done:
                 self.waiting -= 1
@@ -129,6 +145,7 @@ class Follower:
     def _note_duration(self, task: VoiceTask) -> None:
         if task.created_at is not None and task.updated_at is not None:
             self._durations.append((task.updated_at - task.created_at).total_seconds())
+            self._typical = statistics.median(self._durations)
 
     def expire(self, now: float) -> float | None:
         """Time out items whose task ran longer than ``item_timeout`` (they keep their slot).
@@ -163,7 +180,7 @@ class Follower:
         if self._fixed_interval is not None:
             base = self._fixed_interval
         else:
-            typical = statistics.median(self._durations) if self._durations else 0.0
+            typical = self._typical or 0.0
             base = min(max(typical * C.BATCH_POLL_FRACTION, C.BATCH_POLL_FLOOR),
                        C.BATCH_POLL_INTERVAL)
             if self._callbacks:
@@ -181,15 +198,45 @@ class Follower:
         of our own, a poll still lets the coordinator free slots of tasks nobody follows."""
         if not (self.tracked and self.waiting) and not slots_wanted:
             return None
-        due = self._last_poll + self.interval()
+        interval = self.interval()
+        expected = self._next_expected_end()
+        if expected is None:
+            due = self._last_poll + interval
+        else:
+            # A slot frees when its task ends: look then, not up to an interval later (never
+            # closer to the last poll than its cost allows, nor than the floor unless the user
+            # chose the interval). Those polls find most ends, so the interval poll only backs
+            # them up (tasks ending early) and stretches, which keeps requests per voice down.
+            gap = C.BATCH_POLL_SPACING_FACTOR * self.tracker.last_duration
+            if self._fixed_interval is None:
+                gap = max(gap, C.BATCH_POLL_FLOOR)
+            due = min(self._last_poll + interval * C.BATCH_POLL_SCHEDULED_STRETCH,
+                      max(expected, self._last_poll + gap))
         if self._soon is not None:
             due = min(due, max(self._soon, self._last_poll + C.BATCH_MIN_POLL_GAP))
         return due
+
+    def _next_expected_end(self) -> float | None:
+        """When the next tracked task should end (attached + a typical successful task), among
+        those no poll has looked at since; None before any task succeeded. Tasks expected
+        earlier but still running are late: the regular interval follows them."""
+        typical, ends, tracked = self._typical, self._ends, self.tracked
+        while ends:
+            entry = tracked.get(ends[0])
+            if entry is not None:
+                if typical is None:
+                    return None
+                end = entry.attached_at + typical
+                if end > self._poll_started:
+                    return end
+            ends.popleft()
+        return None
 
     async def poll(self, time_left: float | None) -> None:
         """One look at the tracked tasks. A failed poll is tried again later, except for
         errors no retry cures (closed client, credentials): those end the batch (``fatal``)."""
         self._soon = None
+        self._poll_started = time.monotonic()
         ids = list(self.tracked)
         found: dict[str, VoiceTask] = {}
         try:
@@ -209,7 +256,7 @@ class Follower:
     async def _gone(self, task_id: str, error: VoiceAPIError) -> None:
         """The server says a tracked task does not exist: stop following it."""
         self.tracker.forget(task_id)
-        entry = self.tracked.pop(task_id, None)
+        entry = self._untrack(task_id)
         if entry is None:
             return
         if not entry.foreign:
