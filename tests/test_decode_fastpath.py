@@ -91,3 +91,20 @@ def test_numeric_money_in_the_balance_is_its_decimal_text() -> None:
 def test_page_of_fast_records_equals_the_records_one_by_one() -> None:
     page = [dict(RECORD, task_id=str(i)) for i in range(1, 31)]
     assert parse_task_list(page) == [parse_task(r) for r in page]
+
+
+@pytest.mark.parametrize("info", [{"external_task_id": 42}, {"external_task_id": ""}, {},
+                                  None, "ext", {"external_task_id": None}])
+def test_odd_task_info_is_read_as_before(info: Any) -> None:
+    expected = "42" if isinstance(info, dict) and info.get("external_task_id") == 42 else None
+    assert parse_task({**RECORD, "task_info": info}).external_task_id == expected
+
+
+def test_shared_balances_are_equal_values_and_the_table_stays_bounded() -> None:
+    from voiceapi import _decode
+    tasks = [parse_task({**RECORD, "final_balance_deduction": {"quota": str(i),
+                                                                "list_price": "0"}})
+             for i in range(2 * _decode._BALANCE_CACHE_SIZE)]
+    assert [t.final_balance_deduction for t in tasks] == [
+        BalanceDeduction(str(i), "0") for i in range(2 * _decode._BALANCE_CACHE_SIZE)]
+    assert len(_decode._BALANCES) <= _decode._BALANCE_CACHE_SIZE

@@ -451,10 +451,24 @@ def _structure_voice(raw: Any, _: Any = Voice) -> Voice:
     return voice
 
 
+_BALANCES: dict[tuple[str, str], BalanceDeduction] = {}
+_BALANCE_CACHE_SIZE = 256
+
+
 def _balance(value: Any) -> BalanceDeduction | None:
     if type(value) is not dict and not isinstance(value, Mapping):
         return None
     quota, price = value.get("quota"), value.get("list_price")
+    if type(quota) is str and type(price) is str:
+        # Frozen and nearly always the same few amounts ("0", "0"): one shared instance per
+        # pair, as the interpreter shares small ints. The table is bounded.
+        key = (quota, price)
+        found = _BALANCES.get(key)
+        if found is None:
+            if len(_BALANCES) >= _BALANCE_CACHE_SIZE:
+                _BALANCES.clear()
+            found = _BALANCES[key] = _new_balance(quota, price)
+        return found
     return _new_balance(quota if type(quota) is str else (_money(quota) or ""),
                         price if type(price) is str else (_money(price) or ""))
 
@@ -495,7 +509,12 @@ def _structure_task_record(raw: Any, _: Any = VoiceTask) -> VoiceTask:
     if status is None:
         status, raw_status = _status(raw_status)
     msg = get("task_status_msg")
-    ext = _external_id(get("task_info"))
+    info = get("task_info")
+    ext = info.get("external_task_id") if type(info) is dict else None
+    if type(ext) is str:
+        ext = ext or None
+    elif ext is not None or type(info) is not dict:
+        ext = _external_id(info)
     created = get("created_at")
     updated = get("updated_at")
     if type(created) is int:
