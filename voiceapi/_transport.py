@@ -65,9 +65,16 @@ async def _read_streamed(resp: aiohttp.ClientResponse) -> bytes:
 async def _read(resp: aiohttp.ClientResponse) -> bytes:
     # Content-Length (the size on the wire, compressed or not) refuses the obvious case unread.
     size = resp.content_length
-    if size is not None and size > _constants.MAX_RESPONSE_BYTES:
-        raise UnexpectedResponseError(
-            f"HTTP {resp.status} answer of {size} bytes is too large", http_status=resp.status)
+    if size is not None:
+        if size > _constants.MAX_RESPONSE_BYTES:
+            raise UnexpectedResponseError(
+                f"HTTP {resp.status} answer of {size} bytes is too large",
+                http_status=resp.status)
+        headers = resp.headers
+        if "Content-Encoding" not in headers and "Transfer-Encoding" not in headers:
+            # Plain bytes of a declared size (Kling's usual answer): the parser delivers exactly
+            # that many, so one read is bounded too; the chunk loop guards the other cases.
+            return await resp.read()
     return await _read_streamed(resp)
 
 
