@@ -108,3 +108,30 @@ def test_shared_balances_are_equal_values_and_the_table_stays_bounded() -> None:
     assert [t.final_balance_deduction for t in tasks] == [
         BalanceDeduction(str(i), "0") for i in range(2 * _decode._BALANCE_CACHE_SIZE)]
     assert len(_decode._BALANCES) <= _decode._BALANCE_CACHE_SIZE
+
+
+def test_models_built_by_the_twin_are_true_instances_of_the_model() -> None:
+    import pickle
+
+    task = parse_task(RECORD)
+    assert type(task) is VoiceTask and type(task.voices[0]) is Voice
+    assert isinstance(task, VoiceTask) and attrs.has(type(task))
+    assert pickle.loads(pickle.dumps(task)) == task
+    assert attrs.evolve(task, task_status_msg="x").task_status_msg == "x"
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        task.voices[0].__setattr__("voice_id", "x")
+    with pytest.raises(AttributeError):
+        task.__dict__  # noqa: B018 - slotted: the twin added no instance dict
+
+
+def test_a_layout_the_twin_cannot_take_falls_back_to_slot_descriptors() -> None:
+    from voiceapi._decode import _fast_constructor
+
+    @attrs.frozen  # keeps its __weakref__ slot: __class__ assignment is refused
+    class WithWeakref:
+        a: str
+        b: int = 0
+
+    build = _fast_constructor(WithWeakref)
+    assert "set0" in build.__code__.co_names
+    assert build("x", 2) == WithWeakref("x", 2) and type(build("x", 2)) is WithWeakref
