@@ -397,17 +397,6 @@ def _voices(result: Any) -> list[Voice]:
     if type(result) is not dict and not isinstance(result, Mapping):
         return []
     raw = result.get("voices")
-    if type(raw) is list and len(raw) == 1:
-        # The common record: one well-formed voice, read inline (no call per field).
-        entry = raw[0]
-        if type(entry) is dict:
-            get = entry.get
-            vid, name, url, owner, status = (get("voice_id"), get("voice_name"),
-                                             get("trial_url"), get("owned_by"), get("status"))
-            if type(vid) is str and vid and not vid.isspace() and type(name) is str and \
-                    type(url) is str and type(owner) is str and \
-                    (type(status) is str or status is None):
-                return [_new_voice(vid, name, url, owner, status)]
     if type(raw) is not list:
         if raw is None:
             return []
@@ -514,15 +503,36 @@ def _structure_task_record(raw: Any, _: Any = VoiceTask) -> VoiceTask:
         updated = _timestamp(updated)
     unit = get("final_unit_deduction")
     balance = get("final_balance_deduction")
+    if balance is not None:
+        found = None
+        if type(balance) is dict:  # the common amounts: their shared instance, no call
+            quota, price = balance.get("quota"), balance.get("list_price")
+            if type(quota) is str and type(price) is str:
+                found = _BALANCES.get((quota, price))
+        balance = found if found is not None else _balance(balance)
+    result = get("task_result")
+    voices: list[Voice] | None = None
+    if type(result) is dict:
+        entries = result.get("voices")
+        if type(entries) is list and len(entries) == 1 and type(entries[0]) is dict:
+            # The common record: one well-formed voice, read inline (no call per field).
+            vget = entries[0].get
+            vid, name, url, owner, vstatus = (vget("voice_id"), vget("voice_name"),
+                                              vget("trial_url"), vget("owned_by"),
+                                              vget("status"))
+            if type(vid) is str and vid and not vid.isspace() and type(name) is str and \
+                    type(url) is str and type(owner) is str and \
+                    (type(vstatus) is str or vstatus is None):
+                voices = [_new_voice(vid, name, url, owner, vstatus)]
     return _new_task(
         tid, status,
         msg if type(msg) is str else ("" if msg is None else str(msg)),
         ext,
-        _voices(get("task_result")),
+        voices if voices is not None else _voices(result),
         created,
         updated,
         unit if type(unit) is str else (None if unit is None else _money(unit)),
-        None if balance is None else _balance(balance),
+        balance,
         raw_status,
     )
 
