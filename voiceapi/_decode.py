@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
+import attrs
 import cattrs
 
 from . import _constants as C
@@ -242,6 +243,49 @@ def decode_envelope(
 
 converter = cattrs.Converter(detailed_validation=False)
 
+
+def _fast_constructor(cls: type[Any]) -> Callable[..., Any]:
+    """A constructor for a frozen slotted attrs class taking every field positionally.
+
+    attrs' own ``__init__`` of a frozen class sets each field through a bound
+    ``object.__setattr__`` (a call and a generic attribute lookup per field), about a quarter
+    of the cost of reading a task. Instead the fields are stored into an instance of a
+    mutable twin with the same slots (plain slot stores), which then becomes an instance of
+    ``cls`` by ``__class__`` assignment: CPython allows it exactly when the two layouts are
+    the same, which needs ``cls`` without a ``__weakref__`` slot (``weakref_slot=False``).
+    Where that is refused (another layout, another interpreter) the slot descriptors' own
+    ``__set__`` are used. Only for classes without validators, converters or
+    ``__attrs_post_init__``: the result is the object ``cls(*values)`` builds.
+    """
+    fields = attrs.fields(cls)
+    assert not any(f.validator or f.converter for f in fields), cls
+    assert not hasattr(cls, "__attrs_post_init__"), cls
+    names = tuple(f.name for f in fields)
+    params = ", ".join(f"v{i}" for i in range(len(names)))
+    twin: type[Any] = type(f"_{cls.__name__}Twin", (), {"__slots__": names})
+    try:
+        probe = twin()
+        for name in names:
+            setattr(probe, name, None)
+        probe.__class__ = cls
+    except TypeError:
+        body = ["    obj = new(cls)"] + [f"    set{i}(obj, v{i})" for i in range(len(names))]
+        scope: dict[str, Any] = {"new": object.__new__, "cls": cls, **{
+            f"set{i}": cls.__dict__[name].__set__ for i, name in enumerate(names)}}
+    else:
+        body = ["    obj = twin()"] + [f"    obj.{name} = v{i}" for i, name in enumerate(names)]
+        body.append("    obj.__class__ = cls")
+        scope = {"twin": twin, "cls": cls}
+    # Generated like attrs' own __init__: one straight-line function per class.
+    exec("\n".join([f"def build({params}):", *body, "    return obj"]), scope)
+    build: Callable[..., Any] = scope["build"]
+    return build
+
+
+_new_voice: Callable[[str, str, str, str, str | None], Voice] = _fast_constructor(Voice)
+_new_balance: Callable[[str, str], BalanceDeduction] = _fast_constructor(BalanceDeduction)
+_new_task: Callable[..., VoiceTask] = _fast_constructor(VoiceTask)
+
 _UTC = timezone.utc
 _fromtimestamp = datetime.fromtimestamp
 _STATUS_BY_VALUE: dict[str, TaskStatus] = {m.value: m for m in TaskStatus}
@@ -341,11 +385,12 @@ def _voice_or_none(raw: Any) -> Voice | None:
             return None
     name, url, owner, status = (get("voice_name"), get("trial_url"), get("owned_by"),
                                 get("status"))
-    return Voice(vid,
-                 name if type(name) is str else _text(name, ""),
-                 url if type(url) is str else _text(url, ""),
-                 owner if type(owner) is str else _text(owner, ""),
-                 status if type(status) is str or status is None else _voice_status(status))
+    return _new_voice(vid,
+                      name if type(name) is str else _text(name, ""),
+                      url if type(url) is str else _text(url, ""),
+                      owner if type(owner) is str else _text(owner, ""),
+                      status if type(status) is str or status is None
+                      else _voice_status(status))
 
 
 def _voices(result: Any) -> list[Voice]:
@@ -377,11 +422,26 @@ def _structure_voice(raw: Any, _: Any = Voice) -> Voice:
     return voice
 
 
+_BALANCES: dict[tuple[str, str], BalanceDeduction] = {}
+_BALANCE_CACHE_SIZE = 256
+
+
 def _balance(value: Any) -> BalanceDeduction | None:
     if type(value) is not dict and not isinstance(value, Mapping):
         return None
-    return BalanceDeduction(_money(value.get("quota")) or "",
-                            _money(value.get("list_price")) or "")
+    quota, price = value.get("quota"), value.get("list_price")
+    if type(quota) is str and type(price) is str:
+        # Frozen and nearly always the same few amounts ("0", "0"): one shared instance per
+        # pair, as the interpreter shares small ints. The table is bounded.
+        key = (quota, price)
+        found = _BALANCES.get(key)
+        if found is None:
+            if len(_BALANCES) >= _BALANCE_CACHE_SIZE:
+                _BALANCES.clear()
+            found = _BALANCES[key] = _new_balance(quota, price)
+        return found
+    return _new_balance(quota if type(quota) is str else (_money(quota) or ""),
+                        price if type(price) is str else (_money(price) or ""))
 
 
 def _external_id(info: Any) -> str | None:
@@ -420,20 +480,59 @@ def _structure_task_record(raw: Any, _: Any = VoiceTask) -> VoiceTask:
     if status is None:
         status, raw_status = _status(raw_status)
     msg = get("task_status_msg")
-    ext = _external_id(get("task_info"))
+    info = get("task_info")
+    ext = info.get("external_task_id") if type(info) is dict else None
+    if type(ext) is str:
+        ext = ext or None
+    elif ext is not None or type(info) is not dict:
+        ext = _external_id(info)
     created = get("created_at")
     updated = get("updated_at")
+    if type(created) is int:
+        try:  # the common stamp, inline: an int of milliseconds
+            created = _fromtimestamp(created / 1000, _UTC)
+        except (OverflowError, OSError, ValueError):
+            created = None
+    elif created is not None:
+        created = _timestamp(created)
+    if updated is None:
+        pass
+    elif type(updated) is int and updated == get("created_at") and created is not None:
+        updated = created  # equal stamps (a task that never changed): one datetime, shared
+    else:
+        updated = _timestamp(updated)
     unit = get("final_unit_deduction")
     balance = get("final_balance_deduction")
-    return VoiceTask(
+    if balance is not None:
+        found = None
+        if type(balance) is dict:  # the common amounts: their shared instance, no call
+            quota, price = balance.get("quota"), balance.get("list_price")
+            if type(quota) is str and type(price) is str:
+                found = _BALANCES.get((quota, price))
+        balance = found if found is not None else _balance(balance)
+    result = get("task_result")
+    voices: list[Voice] | None = None
+    if type(result) is dict:
+        entries = result.get("voices")
+        if type(entries) is list and len(entries) == 1 and type(entries[0]) is dict:
+            # The common record: one well-formed voice, read inline (no call per field).
+            vget = entries[0].get
+            vid, name, url, owner, vstatus = (vget("voice_id"), vget("voice_name"),
+                                              vget("trial_url"), vget("owned_by"),
+                                              vget("status"))
+            if type(vid) is str and vid and not vid.isspace() and type(name) is str and \
+                    type(url) is str and type(owner) is str and \
+                    (type(vstatus) is str or vstatus is None):
+                voices = [_new_voice(vid, name, url, owner, vstatus)]
+    return _new_task(
         tid, status,
         msg if type(msg) is str else ("" if msg is None else str(msg)),
         ext,
-        _voices(get("task_result")),
-        None if created is None else _timestamp(created),
-        None if updated is None else _timestamp(updated),
+        voices if voices is not None else _voices(result),
+        created,
+        updated,
         unit if type(unit) is str else (None if unit is None else _money(unit)),
-        None if balance is None else _balance(balance),
+        balance,
         raw_status,
     )
 

@@ -38,7 +38,9 @@ class TaskStatus(str, enum.Enum):
         return self.value
 
 
-@attrs.frozen
+# weakref_slot=False: no per-instance weakref slot (tasks are many and never weakly
+# referenced), and the parser's fast constructor needs that layout (_decode._fast_constructor).
+@attrs.frozen(weakref_slot=False)
 class Voice:
     """A voice usable in video generation: a custom voice or a Kling preset."""
 
@@ -67,7 +69,7 @@ class BalanceDeduction:
     list_price: str = ""
 
 
-@attrs.frozen
+@attrs.frozen(weakref_slot=False)
 class VoiceTask:
     """A voice-creation task; ``voices`` holds the created voice once the task succeeded."""
 

@@ -1,0 +1,137 @@
+"""The parser's fast paths build exactly what attrs' own constructors and the lenient path build."""
+
+from __future__ import annotations
+
+import copy
+from datetime import datetime, timezone
+from typing import Any
+
+import attrs
+import pytest
+
+from voiceapi import BalanceDeduction, TaskStatus, Voice, VoiceTask
+from voiceapi._decode import _new_balance, _new_task, _new_voice, parse_task, parse_task_list
+
+RECORD: dict[str, Any] = {
+    "task_id": "930801301486305328", "task_status": "succeed", "task_status_msg": "",
+    "task_info": {"external_task_id": "ext-1"},
+    "task_result": {"voices": [{"voice_id": "829824295735410756", "voice_name": "v",
+                                "trial_url": "https://x/t.mp3", "owned_by": "929",
+                                "status": "succeed"}]},
+    "created_at": 1790605869865, "updated_at": 1790605869999,
+    "final_unit_deduction": "0.05", "final_balance_deduction": {"quota": "0", "list_price": "1"},
+}
+
+
+def _expected(raw: dict[str, Any]) -> VoiceTask:
+    v = raw["task_result"]["voices"][0]
+    return VoiceTask(
+        "930801301486305328", TaskStatus.SUCCEED, "", "ext-1",
+        [Voice(v["voice_id"], v["voice_name"], v["trial_url"], v["owned_by"], v["status"])],
+        datetime.fromtimestamp(raw["created_at"] / 1000, timezone.utc),
+        datetime.fromtimestamp(raw["updated_at"] / 1000, timezone.utc),
+        "0.05", BalanceDeduction("0", "1"), "succeed")
+
+
+def test_fast_constructors_equal_attrs_constructors_and_stay_frozen() -> None:
+    built = _new_task("1", TaskStatus.FAILED, "m", None, [], None, None, None, None, "failed")
+    assert type(built) is VoiceTask
+    assert built == VoiceTask("1", TaskStatus.FAILED, "m", raw_status="failed")
+    assert repr(built) == repr(VoiceTask("1", TaskStatus.FAILED, "m", raw_status="failed"))
+    assert attrs.asdict(_new_voice("7", "n", "u", "o", None)) == attrs.asdict(
+        Voice("7", "n", "u", "o"))
+    assert _new_balance("1", "2") == BalanceDeduction("1", "2")
+    for obj in (built, _new_voice("7", "", "", "", None), _new_balance("", "")):
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            attrs.evolve(obj).__setattr__("quota", "x")
+        assert copy.deepcopy(obj) == obj
+
+
+def test_well_formed_record_matches_the_model_built_by_hand() -> None:
+    assert parse_task(RECORD) == _expected(RECORD)
+    assert parse_task(RECORD).updated_at != parse_task(RECORD).created_at
+
+
+def test_equal_stamps_share_one_datetime_and_keep_their_value() -> None:
+    raw = {**RECORD, "updated_at": RECORD["created_at"]}
+    task = parse_task(raw)
+    assert task.updated_at == task.created_at == \
+        datetime.fromtimestamp(RECORD["created_at"] / 1000, timezone.utc)
+
+
+@pytest.mark.parametrize(("field", "value", "attr", "expected"), [
+    ("voice_name", 12, "voice_name", "12"),
+    ("status", 3, "status", "3"),
+    ("owned_by", None, "owned_by", ""),
+    ("voice_id", 829824295735410756, "voice_id", "829824295735410756"),
+])
+def test_odd_voice_fields_leave_the_fast_path_and_stay_lenient(
+        field: str, value: Any, attr: str, expected: Any) -> None:
+    voice = dict(RECORD["task_result"]["voices"][0], **{field: value})
+    raw = {**RECORD, "task_result": {"voices": [voice]}}
+    assert getattr(parse_task(raw).voices[0], attr) == expected
+
+
+@pytest.mark.parametrize(("created", "expected"), [
+    (10**30, None), (-(10**30), None), ("1790605869865",
+                                        datetime.fromtimestamp(1790605869.865, timezone.utc)),
+    (True, None), (1790605869865.0, datetime.fromtimestamp(1790605869.865, timezone.utc)),
+])
+def test_odd_stamps_stay_lenient(created: Any, expected: datetime | None) -> None:
+    task = parse_task({**RECORD, "created_at": created, "updated_at": created})
+    assert task.created_at == expected
+    assert task.updated_at == expected
+
+
+def test_numeric_money_in_the_balance_is_its_decimal_text() -> None:
+    raw = {**RECORD, "final_balance_deduction": {"quota": 0.05, "list_price": 0}}
+    assert parse_task(raw).final_balance_deduction == BalanceDeduction("0.05", "0")
+
+
+def test_page_of_fast_records_equals_the_records_one_by_one() -> None:
+    page = [dict(RECORD, task_id=str(i)) for i in range(1, 31)]
+    assert parse_task_list(page) == [parse_task(r) for r in page]
+
+
+@pytest.mark.parametrize("info", [{"external_task_id": 42}, {"external_task_id": ""}, {},
+                                  None, "ext", {"external_task_id": None}])
+def test_odd_task_info_is_read_as_before(info: Any) -> None:
+    expected = "42" if isinstance(info, dict) and info.get("external_task_id") == 42 else None
+    assert parse_task({**RECORD, "task_info": info}).external_task_id == expected
+
+
+def test_shared_balances_are_equal_values_and_the_table_stays_bounded() -> None:
+    from voiceapi import _decode
+    tasks = [parse_task({**RECORD, "final_balance_deduction": {"quota": str(i),
+                                                                "list_price": "0"}})
+             for i in range(2 * _decode._BALANCE_CACHE_SIZE)]
+    assert [t.final_balance_deduction for t in tasks] == [
+        BalanceDeduction(str(i), "0") for i in range(2 * _decode._BALANCE_CACHE_SIZE)]
+    assert len(_decode._BALANCES) <= _decode._BALANCE_CACHE_SIZE
+
+
+def test_models_built_by_the_twin_are_true_instances_of_the_model() -> None:
+    import pickle
+
+    task = parse_task(RECORD)
+    assert type(task) is VoiceTask and type(task.voices[0]) is Voice
+    assert isinstance(task, VoiceTask) and attrs.has(type(task))
+    assert pickle.loads(pickle.dumps(task)) == task
+    assert attrs.evolve(task, task_status_msg="x").task_status_msg == "x"
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        task.voices[0].__setattr__("voice_id", "x")
+    with pytest.raises(AttributeError):
+        task.__dict__  # noqa: B018 - slotted: the twin added no instance dict
+
+
+def test_a_layout_the_twin_cannot_take_falls_back_to_slot_descriptors() -> None:
+    from voiceapi._decode import _fast_constructor
+
+    @attrs.frozen  # keeps its __weakref__ slot: __class__ assignment is refused
+    class WithWeakref:
+        a: str
+        b: int = 0
+
+    build = _fast_constructor(WithWeakref)
+    assert "set0" in build.__code__.co_names
+    assert build("x", 2) == WithWeakref("x", 2) and type(build("x", 2)) is WithWeakref
