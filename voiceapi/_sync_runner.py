@@ -16,7 +16,7 @@ import sys
 import threading
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar
 
 from ._errors import ClientClosedError
 
@@ -261,7 +261,7 @@ class _Call(Generic[T]):
     def outcome(self, closing: bool) -> T:
         error = self.error
         if error is None:
-            return cast(T, self.result)
+            return self.result  # type: ignore[return-value]  # set: no error, so a result
         self.error = None  # no reference cycle through the traceback
         if closing and isinstance(error, asyncio.CancelledError):
             raise ClientClosedError("the client was closed during this call")
