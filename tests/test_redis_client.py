@@ -219,15 +219,20 @@ async def test_workers_sharing_items_do_not_look_each_item_up_before_creating_it
         items = [{"voice_name": f"v{i}", "voice_url": url, "external_task_id": f"{ns}-{i}"}
                  for i in range(16)]
 
-        async def worker(delay: float) -> list[voiceapi.BatchResult]:
-            await asyncio.sleep(delay)  # the second starts once the first created some
+        async def worker(second: bool) -> list[voiceapi.BatchResult]:
+            # The second starts once the first has created some (a condition, not a delay:
+            # a loaded machine may take any time to get there). Bounded: 30 s.
+            for _ in range(3000 if second else 0):
+                if emu.task_count >= 2:
+                    break
+                await asyncio.sleep(0.01)
             async with RedisCoordinator(server.url, namespace=ns) as coord, \
                     voiceapi.AsyncVoiceClient(emu.access_key, emu.secret_key,
                                               base_url=emu.base_url, coordinator=coord) as c:
                 return await c.custom_voices.create_many(items, poll_interval=0.05,
                                                          timeout=30)
 
-        first, second = await asyncio.gather(worker(0), worker(0.1))
+        first, second = await asyncio.gather(worker(False), worker(True))
     assert [r.ok for r in first + second] == [True] * 32
     assert emu.stats()["tasks_per_external_id"] == {"1": 16}
     # One probe per worker at most; each of the second worker's creates looked up first
