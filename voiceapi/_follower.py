@@ -5,7 +5,10 @@ timed-out item is reported as timed out but its task still runs at Kling, so its
 counted (freeing it early let 12 tasks run at a cap of 3). Polls come no more often than the
 tasks need (an eighth of a typical successful task, never below a floor unless the user chose
 the interval, spaced by how long the last poll took) and only when a poll can change something:
-an item waits for its task, or a pending item waits for a slot.
+an item waits for its task, or a pending item waits for a slot. Once a typical task time is
+known, a poll is also due when the oldest running task should end (when its create was answered
+plus that time, on our own clock: the server's clock may differ), so a freed slot is refilled
+about as soon as it frees; the interval poll then only backs those up.
 """
 
 from __future__ import annotations
