@@ -642,3 +642,19 @@ async def test_expected_end_polls_keep_the_floor_by_default() -> None:
     due = follower.next_poll_at(slots_wanted=False)
     assert due is not None
     assert due == pytest.approx(follower._last_poll + C.BATCH_POLL_FLOOR)
+
+
+async def test_a_voice_another_batch_created_and_finished_is_followed_not_created_again() -> None:
+    """A batch that waited for a slot while another batch of the same coordinator created and
+    finished the same item must follow that task: on a server that accepts a repeated
+    external id, a second create would be a second, billed voice."""
+    async with LocalCoordinator(max_in_flight=1) as coord:
+        assert await coord.acquire("k") is voiceapi.Grant.CREATE
+        assert await coord.acquire("k") is voiceapi.Grant.FOLLOW  # held: being created
+        await coord.accepted("k", "930801301486305328", "submitted")
+        await coord.finished("k", "930801301486305328", "succeed")
+        assert coord.in_flight == 0  # the slot is free again ...
+        assert await coord.acquire("k") is voiceapi.Grant.FOLLOW  # ... but the voice exists
+        known = await coord.known(["k"])
+        assert known["k"].task_id == "930801301486305328"
+        assert await coord.acquire("other") is voiceapi.Grant.CREATE

@@ -146,6 +146,7 @@ class LocalCoordinator:
             {k: (e.task_id, e.status) for k, e in self._file.entries.items()}
             if self._file else {})
         self._held: dict[str, str | None] = {}  # key -> task id once accepted
+        self._created: set[str] = set()  # keys whose create a batch of ours saw accepted
         self._by_task: dict[str, str] = {}  # task id -> key, for held slots with a task
         self._followed: dict[str, float] = {}  # key -> when a batch last asked about it
         self._rate_limit_delay = rate_limit_delay
@@ -170,7 +171,12 @@ class LocalCoordinator:
     # --- slots --------------------------------------------------------------------------------
 
     async def acquire(self, key: str) -> Grant:
-        if key in self._held:
+        # Held now, or created by a batch of this coordinator whose task has since ended (its
+        # slot is free again): either way another batch owns this voice, so follow it through
+        # the journal. Without the second test, a batch that waited for a slot while another
+        # created and finished the same item would create it again on a server that accepts a
+        # repeated external id.
+        if key in self._held or key in self._created:
             return Grant.FOLLOW
         if time.monotonic() < self._not_before or len(self._held) >= self._cap.value:
             return Grant.WAIT
@@ -208,6 +214,7 @@ class LocalCoordinator:
         self._changed = asyncio.Event()
 
     async def accepted(self, key: str, task_id: str, status: str) -> None:
+        self._created.add(key)
         self._hold(key, task_id)
         self._write(key, task_id, status)
         self._cap.on_accepted(len(self._held))
