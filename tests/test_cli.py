@@ -631,6 +631,7 @@ def test_ctrl_c_during_create_wait_names_the_created_task() -> None:
     assert proc.returncode == 130 and task_id in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_batch_says_how_to_resume(tmp_path: Path) -> None:
     with KlingEmulator(concurrency=2, task_seconds=120) as emu:
         path = _manifest(tmp_path, emu, [f"c{i},{emu.sample_url()}," for i in range(4)])

@@ -220,6 +220,7 @@ def _fds() -> int:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+@pytest.mark.slow
 def test_dropped_clients_are_closed_by_the_finalizer(kling_emulator: KlingEmulator) -> None:
     emu = kling_emulator
     gc.collect()
