@@ -967,8 +967,9 @@ def test_our_suite_fails_a_test_whose_emulator_hit_a_bug_once(tmp_path: Path) ->
                 pass
     '''))
     root = Path(__file__).resolve().parents[1]
+    # -n 0: our pyproject runs xdist workers, and each would report the bug once.
     out = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
-                          "-c", str(root / "pyproject.toml"), "-p", "tests.conftest",
+                          "-c", str(root / "pyproject.toml"), "-p", "tests.conftest", "-n", "0",
                           str(tmp_path)], capture_output=True, text=True, timeout=120,
                          cwd=root)
     assert out.returncode == 1, out.stdout + out.stderr

@@ -90,6 +90,7 @@ class LoopThread:
         that finished before keeps its result.
         """
         call: _Call[T] = _Call(coro)
+        scheduling = False
         try:
             with self._lock:
                 # Submitting under the lock orders every call before close()'s shutdown
@@ -102,9 +103,16 @@ class LoopThread:
                         "a VoiceClient method was called from the client's own event-loop "
                         "thread (e.g. from a middleware); that would deadlock. Use "
                         "AsyncVoiceClient there.")
+                scheduling = True
                 loop.call_soon_threadsafe(call.start, loop, self._calls)
-        except BaseException:
-            coro.close()  # never leave a "coroutine was never awaited" behind
+        except BaseException as exc:
+            if scheduling and not isinstance(exc, RuntimeError):
+                # Ctrl-C while handing the call over: the loop may own the coroutine already
+                # (the wake-up write comes after the callback is queued), so end it there.
+                with contextlib.suppress(RuntimeError):  # the loop may be closed by now
+                    loop.call_soon_threadsafe(call.abort)
+            else:
+                coro.close()  # never leave a "coroutine was never awaited" behind
             raise
         try:
             # The timeout is a safety net, not a poll: a call whose task close() could not
@@ -213,7 +221,7 @@ class _Call(Generic[T]):
     Every method runs on the loop thread, except ``outcome`` (after ``done``).
     """
 
-    __slots__ = ("coro", "done", "error", "pending", "result", "started", "task")
+    __slots__ = ("aborted", "coro", "done", "error", "pending", "result", "started", "task")
 
     def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
         self.coro = coro
@@ -222,10 +230,13 @@ class _Call(Generic[T]):
         self.task: asyncio.Task[None] | None = None
         self.pending: set[_Call[Any]] | None = None
         self.started = False
+        self.aborted = False
         self.result: T | None = None
         self.error: BaseException | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop, pending: set[_Call[Any]]) -> None:
+        if self.aborted:  # aborted before it started (Ctrl-C during the hand-off)
+            return
         self.pending = pending
         pending.add(self)
         # asyncio.Task directly rather than loop.create_task (a Python-level wrapper): the
@@ -251,6 +262,11 @@ class _Call(Generic[T]):
         ``_body``, so an unstarted call is ended here: its coroutine closed, its caller
         released."""
         if self.task is None:
+            if not self.aborted:
+                self.aborted = True
+                self.coro.close()
+                self.error = asyncio.CancelledError()
+                self.done.release()
             return
         self.task.cancel()
         if not self.started and self.pending is not None and self in self.pending:
