@@ -967,11 +967,13 @@ def test_our_suite_fails_a_test_whose_emulator_hit_a_bug_once(tmp_path: Path) ->
                 pass
     '''))
     root = Path(__file__).resolve().parents[1]
-    # -n 0: our pyproject runs xdist workers, and each would report the bug once.
+    # -n 0: our pyproject runs xdist workers, and each would report the bug once. Without CI
+    # and BUILD_NUMBER: under CI pytest repeats each error's message in its short summary.
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "BUILD_NUMBER")}
     out = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
                           "-c", str(root / "pyproject.toml"), "-p", "tests.conftest", "-n", "0",
                           str(tmp_path)], capture_output=True, text=True, timeout=120,
-                         cwd=root)
+                         cwd=root, env=env)
     assert out.returncode == 1, out.stdout + out.stderr
     assert "3 passed, 2 errors" in out.stdout
     assert out.stdout.count("RuntimeError: fixture bug") == 1
