@@ -75,9 +75,23 @@ load_hypothesis_profile()
 SLOW_TESTS_ENV = "VOICEAPI_SLOW_TESTS"
 
 
+#: The per-test timeout of a hypothesis test grows with its profile (a thorough run makes ten
+#: times the examples, so a real-socket property test under load can pass the quick run's
+#: limit), up to this many seconds: a hang still fails the test.
+HYPOTHESIS_TIMEOUT_CAP = 900.0
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``slow`` (real worker processes, long scenarios) run when
-    VOICEAPI_SLOW_TESTS=1, as CI does; the default run stays quick for everyday work."""
+    VOICEAPI_SLOW_TESTS=1, as CI does; the default run stays quick for everyday work.
+    Hypothesis tests get a timeout scaled like their number of examples."""
+    scale = settings().max_examples / HYPOTHESIS_PROFILES["quick"]
+    base = float(config.getini("timeout") or 0)
+    if scale > 1 and base > 0:
+        for item in items:
+            is_property = getattr(getattr(item, "obj", None), "is_hypothesis_test", False)
+            if is_property and item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(min(base * scale, HYPOTHESIS_TIMEOUT_CAP)))
     if os.environ.get(SLOW_TESTS_ENV, "").strip() in ("1", "true", "yes"):
         return
     skip = pytest.mark.skip(reason=f"slow: set {SLOW_TESTS_ENV}=1 to run it (CI does)")
