@@ -658,3 +658,46 @@ async def test_a_voice_another_batch_created_and_finished_is_followed_not_create
         known = await coord.known(["k"])
         assert known["k"].task_id == "930801301486305328"
         assert await coord.acquire("other") is voiceapi.Grant.CREATE
+
+
+async def test_a_create_just_answered_is_not_counted_twice_against_the_cap() -> None:
+    # A send whose task is attached already (its done-callback has not run yet) held two slots
+    # in the count: near the end of a batch at its cap the scheduler thought itself blocked and
+    # polled every tracked task for nothing (issue 16: the 1.6 vs 2.2 KB/task RSS figures).
+    from voiceapi._batch_state import Ledger
+    from voiceapi._models import TaskStatus, VoiceTask
+    from voiceapi._submitter import Submitter
+
+    class Api:
+        rate_limit_delay = 0.01
+        coordinator = None
+
+        def __init__(self) -> None:
+            self.started: list[str] = []
+
+        async def create(self, body: dict[str, str]) -> Any:
+            self.started.append(body["external_task_id"])
+            await asyncio.Event().wait()  # never answered: the test looks at the count only
+
+    entries = prepare([{"voice_name": f"v{i}", "voice_url": "https://x/a.wav"}
+                       for i in range(2)])
+    coord = LocalCoordinator(2)
+    api = Api()
+    submitter = Submitter(api, coord, Ledger(entries, None),  # type: ignore[arg-type]
+                          on_created=None, on_foreign=None,  # type: ignore[arg-type]
+                          wake=lambda: None, ceiling=2)
+    answered, pending = entries
+    assert await coord.acquire(answered.key) is voiceapi.Grant.CREATE
+    answered.task = VoiceTask(task_id="1", task_status=TaskStatus.SUBMITTED)  # attached
+    waiter: asyncio.Future[None] = asyncio.ensure_future(asyncio.Event().wait())  # type: ignore[arg-type]
+    submitter.sending[waiter] = answered  # type: ignore[index]  # its send has not returned yet
+    submitter.pending.append(pending)
+    try:
+        await submitter.start(own_slots=1)  # the answered one: 1 own + 0 unanswered sends
+        assert not submitter.slot_blocked
+        assert len(submitter.sending) == 2 and not submitter.pending
+        await asyncio.sleep(0)  # the new send reaches the server
+        assert api.started == [pending.key]
+    finally:
+        waiter.cancel()
+        await submitter.cancel()
