@@ -701,3 +701,43 @@ async def test_a_create_just_answered_is_not_counted_twice_against_the_cap() -> 
     finally:
         waiter.cancel()
         await submitter.cancel()
+
+
+async def test_results_hold_the_callers_own_items(emu: KlingEmulator) -> None:
+    """A dict item is the result's ``input`` itself (a copy per item cost ≈ 180 bytes for the
+    whole batch); other mappings and BatchItems still become a dict of their own."""
+    import types
+
+    items: list[Any] = items_for(emu, 2)
+    items.append(types.MappingProxyType({"voice_name": "proxy", "voice_url": emu.sample_url(10)}))
+    items.append(voiceapi.BatchItem(voice_name="attrs", voice_url=emu.sample_url(10)))
+    async with client_for(emu) as client:
+        results = await client.custom_voices.create_many(items, wait=False)
+    assert results[0].input is items[0] and results[1].input is items[1]
+    assert type(results[2].input) is dict and results[2].input == dict(items[2])
+    assert results[3].input == items[3].to_dict()
+    assert all(r.error is None and r.task is not None for r in results)
+    # The item's own id came from the item, not from a body the batch let go of.
+    assert [r.task.external_task_id for r in results if r.task] == [
+        derive_external_task_id(dict(item) if not isinstance(item, voiceapi.BatchItem)
+                                else item.to_dict(), 0) for item in items]
+
+
+@pytest.mark.parametrize("status", ["submitted", "processing", "succeed", "failed"])
+async def test_the_local_journal_keeps_every_status(tmp_path: Path, status: str) -> None:
+    """A task still "submitted" is journalled as its bare id (no tuple per item): it must read
+    back exactly like any other status, in memory and from the file on a rerun."""
+    path = tmp_path / "j.jsonl"
+    coord = LocalCoordinator(journal=path)
+    try:
+        await coord.record("k", "930801301486305328", status)
+        assert await coord.known(["k", "other"]) == {
+            "k": voiceapi.JournalEntry("930801301486305328", status)}
+    finally:
+        coord.close()
+    again = LocalCoordinator(journal=path)
+    try:
+        assert await again.known(["k"]) == {
+            "k": voiceapi.JournalEntry("930801301486305328", status)}
+    finally:
+        again.close()
