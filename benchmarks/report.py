@@ -106,6 +106,9 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
                         f"run; {mem['submitted']:,} submitted"
                         + (f"; settled after the call {fmt(settled, 0)} B/task" if settled
                            else "")
+                        + (f"; once per process before it (a one-item batch: imports, first "
+                           f"calls) {fmt(warm, 0, scale_by=2**-10)} KB"
+                           if (warm := mem.get("rss_warm_batch_all")) else "")
                         + f"; {mem.get('runs', 1)} run(s)"))
         else:
             out.append((f"Memory while tracking {mem['items']:,} tasks", "not finished", ""))

@@ -101,13 +101,16 @@ def run_memory(quick: bool) -> dict[str, Any]:
     for rep in range(reps):
         log(f"memory: tracking {n:,} tasks ({rep + 1}/{reps})")
         with emulator(n + 10, 3600) as emu:  # tasks stay in progress: every one is tracked
-            runs.append(scale.measure(emu, n, wait=False, max_in_flight=n, budget=300))
+            runs.append(scale.measure(emu, n, wait=False, max_in_flight=n, budget=300,
+                                      warm_batch=True))
     done = sorted((r for r in runs if r["finished"]), key=lambda r: r["rss_per_item_bytes"])
     row = done[len(done) // 2] if done else runs[0]
     row["runs"] = len(runs)
     row["rss_per_item_all"] = [r["rss_per_item_bytes"] for r in done]
     row["rss_settled_all"] = [r["rss_settled_per_item_bytes"] for r in done
                               if r.get("rss_settled_per_item_bytes") is not None]
+    row["rss_warm_batch_all"] = [r["rss_warm_batch"] for r in done
+                                 if r.get("rss_warm_batch") is not None]
     return row
 
 

@@ -741,3 +741,16 @@ async def test_the_local_journal_keeps_every_status(tmp_path: Path, status: str)
             "k": voiceapi.JournalEntry("930801301486305328", status)}
     finally:
         again.close()
+
+
+def test_the_typical_task_time_is_the_median() -> None:
+    """The follower's own median (no ``statistics`` import per batch) agrees with statistics'."""
+    import random
+    import statistics
+
+    from voiceapi._follower import _median
+
+    rng = random.Random(16)
+    for n in (1, 2, 3, 4, 49, 50):
+        values = collections.deque((rng.uniform(0, 100) for _ in range(n)), maxlen=50)
+        assert _median(values) == statistics.median(values)
