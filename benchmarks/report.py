@@ -100,14 +100,14 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
         if mem["finished"]:
             settled = mem.get("rss_settled_all")
             out.append((f"Memory while tracking {mem['items']:,} tasks (wait=False)",
-                        f"{fmt(_memory_runs(mem), 0)} B/task",
+                        _bytes(_memory_runs(mem), "B/task"),
                         f"peak RSS growth ({mem.get('peak_source', 'sampled')}) "
                         f"{(mem['rss_peak'] - mem['rss_before']) / 2**20:.1f} MB in the median "
                         f"run; {mem['submitted']:,} submitted"
-                        + (f"; settled after the call {fmt(settled, 0)} B/task" if settled
+                        + (f"; settled after the call {_bytes(settled, 'B/task')}" if settled
                            else "")
                         + (f"; once per process before it (a one-item batch: imports, first "
-                           f"calls) {fmt(warm, 0, scale_by=2**-10)} KB"
+                           f"calls) {_bytes([w / 1024 for w in warm], 'KB')}"
                            if (warm := mem.get("rss_warm_batch_all")) else "")
                         + f"; {mem.get('runs', 1)} run(s)"))
         else:
@@ -139,6 +139,14 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 Target = tuple[str, str, str, bool | None, str]
+
+
+def _bytes(values: Sequence[float], unit: str = "B") -> str:
+    """``1,038 B/task (1,038–1,063)``: median (min–max) with thousands separators."""
+    s = spread(values)
+    if s["min"] == s["max"]:
+        return f"{s['median']:,.0f} {unit}"
+    return f"{s['median']:,.0f} {unit} ({s['min']:,.0f}–{s['max']:,.0f})"
 
 
 def _memory_runs(mem: dict[str, Any]) -> list[float]:
@@ -241,7 +249,7 @@ def targets(r: dict[str, Any]) -> list[Target]:
                     f"{len(figures)} run(s)", f"{worst:,.0f} B", "≤ 1,536 B", worst <= 1536,
                     "" if worst <= 1536 else
                     f"peak RSS grew {worst * mem['items'] / 2**20:.1f} MB in the worst run "
-                    f"(median {fmt(figures, 0)} B)"))
+                    f"(median {_bytes(figures)})"))
     im = r.get("import")
     if im:
         ratio = im.get("instructions_ratio") or _median(im["cpu_ratio"])
