@@ -754,3 +754,28 @@ def test_the_typical_task_time_is_the_median() -> None:
     for n in (1, 2, 3, 4, 49, 50):
         values = collections.deque((rng.uniform(0, 100) for _ in range(n)), maxlen=50)
         assert _median(values) == statistics.median(values)
+
+
+async def test_a_journal_file_gets_one_line_per_change(tmp_path: Path) -> None:
+    """The coordinator holds the journal's state once (not also in the file object) and still
+    writes a line only when a task's state changes; a rerun reads the newest state."""
+    path = tmp_path / "j.jsonl"
+    coord = LocalCoordinator(journal=path)
+    try:
+        for status in ("submitted", "submitted", "processing", "processing", "succeed"):
+            await coord.record("k", "930801301486305328", status)
+        await coord.record("k2", "930801301486305329", "submitted")
+    finally:
+        coord.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["ext"], r["status"]) for r in lines] == [
+        ("k", "submitted"), ("k", "processing"), ("k", "succeed"), ("k2", "submitted")]
+    again = LocalCoordinator(journal=path)
+    try:
+        await again.record("k", "930801301486305328", "succeed")  # known already: no line
+        assert await again.known(["k", "k2"]) == {
+            "k": voiceapi.JournalEntry("930801301486305328", "succeed"),
+            "k2": voiceapi.JournalEntry("930801301486305329", "submitted")}
+    finally:
+        again.close()
+    assert len(path.read_text().splitlines()) == 4
