@@ -65,7 +65,7 @@ def load_hypothesis_profile(environ: Mapping[str, str] = os.environ) -> str:
 
 def scaled_examples(quick: int) -> int:
     """``quick`` examples under the quick profile, proportionally more under thorough."""
-    return max(1, quick * settings().max_examples // HYPOTHESIS_PROFILES["quick"])
+    return max(1, quick * int(settings().max_examples) // HYPOTHESIS_PROFILES["quick"])
 
 
 load_hypothesis_profile()

@@ -8,7 +8,10 @@ from typing import Any
 
 import attrs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from tests.conftest import scaled_examples
 from voiceapi import BalanceDeduction, TaskStatus, Voice, VoiceTask
 from voiceapi._decode import _new_balance, _new_task, _new_voice, parse_task, parse_task_list
 
@@ -135,3 +138,68 @@ def test_a_layout_the_twin_cannot_take_falls_back_to_slot_descriptors() -> None:
     build = _fast_constructor(WithWeakref)
     assert "set0" in build.__code__.co_names
     assert build("x", 2) == WithWeakref("x", 2) and type(build("x", 2)) is WithWeakref
+
+
+# Values a server (or a caller's own dict) might put in any field: every JSON type, the odd
+# Python ones, and edge cases of the right type (blank ids, huge or negative stamps).
+_ODD = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(10**20), max_value=10**20),
+    st.floats(allow_nan=True), st.text(max_size=5), st.sampled_from(["", "  ", "succeed",
+                                                                      "0", "1790605869865"]),
+    st.just([]), st.just({}), st.just(b"x"),
+    st.lists(st.dictionaries(st.sampled_from(["voice_id", "voice_name", "status"]),
+                             st.one_of(st.none(), st.text(max_size=3), st.integers()),
+                             max_size=3), max_size=2),
+)
+
+
+def _mutations() -> st.SearchStrategy[dict[str, Any]]:
+    """The common record with a few fields replaced or removed, top level or nested."""
+    voice_keys = list(RECORD["task_result"]["voices"][0])
+    top = st.dictionaries(st.sampled_from(sorted(RECORD)), st.one_of(st.just(KeyError), _ODD),
+                          max_size=3)
+    nested = st.dictionaries(st.sampled_from(voice_keys), st.one_of(st.just(KeyError), _ODD),
+                             max_size=2)
+    balance = st.one_of(st.none(), st.dictionaries(st.sampled_from(["quota", "list_price"]),
+                                                   _ODD, max_size=2))
+
+    def build(changes: dict[str, Any], voice_changes: dict[str, Any],
+              bal: dict[str, Any] | None) -> dict[str, Any]:
+        voice = dict(RECORD["task_result"]["voices"][0])
+        for key, value in voice_changes.items():
+            voice.pop(key) if value is KeyError else voice.__setitem__(key, value)
+        raw = {**RECORD, "task_result": {"voices": [voice]}}
+        if bal is not None:
+            raw["final_balance_deduction"] = {**RECORD["final_balance_deduction"], **bal}
+        for key, value in changes.items():
+            raw.pop(key) if value is KeyError else raw.__setitem__(key, value)
+        return raw
+
+    return st.builds(build, top, nested, balance)
+
+
+def _outcome(parse: Any, raw: Any) -> Any:
+    try:
+        task = parse(raw)
+    except Exception as exc:  # compared below, not swallowed
+        return type(exc)
+    # Field by field with exact types (raw_status is outside equality), and the voices' types.
+    return ([(getattr(task, f.name), type(getattr(task, f.name)))
+             for f in attrs.fields(VoiceTask)],
+            [[(getattr(v, f.name), type(getattr(v, f.name))) for f in attrs.fields(Voice)]
+             for v in task.voices])
+
+
+@settings(max_examples=scaled_examples(300), deadline=None)
+@given(_mutations())
+def test_the_fast_path_reads_every_record_as_the_lenient_path_does(raw: dict[str, Any]) -> None:
+    from voiceapi._decode import _structure_task_lenient, _structure_task_record
+
+    assert _outcome(_structure_task_record, raw) == _outcome(_structure_task_lenient, raw)
+
+
+@pytest.mark.parametrize("raw", [None, [], "task", 7, [("task_id", "1")]])
+def test_records_that_are_not_objects_fail_the_same_on_both_paths(raw: Any) -> None:
+    from voiceapi._decode import _structure_task_lenient, _structure_task_record
+
+    assert _outcome(_structure_task_record, raw) == _outcome(_structure_task_lenient, raw)

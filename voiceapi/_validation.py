@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import urllib.parse
 from typing import Any
@@ -55,7 +56,21 @@ def _http_url(value: str, what: str) -> str:
         raise ValidationError(f"{what} must be an http(s) URL")
     if not parsed.hostname:
         raise ValidationError(f"{what} must name a host")
+    if "[" in parsed.netloc and not _ipv6_literal(parsed.hostname):
+        # Python 3.11.4+ refuses these in urlsplit itself; older versions let them through.
+        raise ValidationError(f"{what} is not a valid URL")
     return value
+
+
+def _ipv6_literal(host: str) -> bool:
+    """A bracketed host is an IPv6 address (or an IPvFuture ``v…`` literal), never a name."""
+    if host.startswith("v"):
+        return True
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def voice_url(value: Any) -> str:
