@@ -98,10 +98,18 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     mem = r.get("memory")
     if mem:
         if mem["finished"]:
+            settled = mem.get("rss_settled_all")
             out.append((f"Memory while tracking {mem['items']:,} tasks (wait=False)",
-                        f"{mem['rss_per_item_bytes']:,.0f} B/task",
-                        f"peak RSS growth {(mem['rss_peak'] - mem['rss_before']) / 2**20:.1f} "
-                        f"MB; {mem['submitted']:,} submitted"))
+                        _bytes(_memory_runs(mem), "B/task"),
+                        f"peak RSS growth ({mem.get('peak_source', 'sampled')}) "
+                        f"{(mem['rss_peak'] - mem['rss_before']) / 2**20:.1f} MB in the median "
+                        f"run; {mem['submitted']:,} submitted"
+                        + (f"; settled after the call {_bytes(settled, 'B/task')}" if settled
+                           else "")
+                        + (f"; once per process before it (a one-item batch: imports, first "
+                           f"calls) {_bytes([w / 1024 for w in warm], 'KB')}"
+                           if (warm := mem.get("rss_warm_batch_all")) else "")
+                        + f"; {mem.get('runs', 1)} run(s)"))
         else:
             out.append((f"Memory while tracking {mem['items']:,} tasks", "not finished", ""))
     im = r.get("import")
@@ -131,6 +139,20 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 Target = tuple[str, str, str, bool | None, str]
+
+
+def _bytes(values: Sequence[float], unit: str = "B") -> str:
+    """``1,038 B/task (1,038–1,063)``: median (min–max) with thousands separators."""
+    s = spread(values)
+    if s["min"] == s["max"]:
+        return f"{s['median']:,.0f} {unit}"
+    return f"{s['median']:,.0f} {unit} ({s['min']:,.0f}–{s['max']:,.0f})"
+
+
+def _memory_runs(mem: dict[str, Any]) -> list[float]:
+    """Every run's peak RSS growth per task (one figure in results saved before the runs were
+    repeated)."""
+    return list(mem.get("rss_per_item_all") or [mem["rss_per_item_bytes"]])
 
 
 def _median(values: Sequence[float]) -> float:
@@ -220,11 +242,14 @@ def targets(r: dict[str, Any]) -> list[Target]:
                         f"{f['peak']:.0f}"))
     mem = r.get("memory")
     if mem and mem["finished"]:
-        b = mem["rss_per_item_bytes"]
-        out.append((f"RSS per tracked task ({mem['items']:,} tracked)", f"{b:,.0f} B",
-                    "≤ 1,536 B", b <= 1536,
-                    "" if b <= 1536 else
-                    f"peak RSS grew {(mem['rss_peak'] - mem['rss_before']) / 2**20:.1f} MB"))
+        # Judged on the worst run: a figure that passes only in some runs is not a pass.
+        figures = _memory_runs(mem)
+        worst = max(figures)
+        out.append((f"RSS per tracked task ({mem['items']:,} tracked), worst of "
+                    f"{len(figures)} run(s)", f"{worst:,.0f} B", "≤ 1,536 B", worst <= 1536,
+                    "" if worst <= 1536 else
+                    f"peak RSS grew {worst * mem['items'] / 2**20:.1f} MB in the worst run "
+                    f"(median {_bytes(figures)})"))
     im = r.get("import")
     if im:
         ratio = im.get("instructions_ratio") or _median(im["cpu_ratio"])

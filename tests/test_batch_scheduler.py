@@ -658,3 +658,124 @@ async def test_a_voice_another_batch_created_and_finished_is_followed_not_create
         known = await coord.known(["k"])
         assert known["k"].task_id == "930801301486305328"
         assert await coord.acquire("other") is voiceapi.Grant.CREATE
+
+
+async def test_a_create_just_answered_is_not_counted_twice_against_the_cap() -> None:
+    # A send whose task is attached already (its done-callback has not run yet) held two slots
+    # in the count: near the end of a batch at its cap the scheduler thought itself blocked and
+    # polled every tracked task for nothing (issue 16: the 1.6 vs 2.2 KB/task RSS figures).
+    from voiceapi._batch_state import Ledger
+    from voiceapi._models import TaskStatus, VoiceTask
+    from voiceapi._submitter import Submitter
+
+    class Api:
+        rate_limit_delay = 0.01
+        coordinator = None
+
+        def __init__(self) -> None:
+            self.started: list[str] = []
+
+        async def create(self, body: dict[str, str]) -> Any:
+            self.started.append(body["external_task_id"])
+            await asyncio.Event().wait()  # never answered: the test looks at the count only
+
+    entries = prepare([{"voice_name": f"v{i}", "voice_url": "https://x/a.wav"}
+                       for i in range(2)])
+    coord = LocalCoordinator(2)
+    api = Api()
+    submitter = Submitter(api, coord, Ledger(entries, None),  # type: ignore[arg-type]
+                          on_created=None, on_foreign=None,  # type: ignore[arg-type]
+                          wake=lambda: None, ceiling=2)
+    answered, pending = entries
+    assert await coord.acquire(answered.key) is voiceapi.Grant.CREATE
+    answered.task = VoiceTask(task_id="1", task_status=TaskStatus.SUBMITTED)  # attached
+    waiter: asyncio.Future[None] = asyncio.ensure_future(asyncio.Event().wait())  # type: ignore[arg-type]
+    submitter.sending[waiter] = answered  # type: ignore[index]  # its send has not returned yet
+    submitter.pending.append(pending)
+    try:
+        await submitter.start(own_slots=1)  # the answered one: 1 own + 0 unanswered sends
+        assert not submitter.slot_blocked
+        assert len(submitter.sending) == 2 and not submitter.pending
+        await asyncio.sleep(0)  # the new send reaches the server
+        assert api.started == [pending.key]
+    finally:
+        waiter.cancel()
+        await submitter.cancel()
+
+
+async def test_results_hold_the_callers_own_items(emu: KlingEmulator) -> None:
+    """A dict item is the result's ``input`` itself (a copy per item cost ≈ 180 bytes for the
+    whole batch); other mappings and BatchItems still become a dict of their own."""
+    import types
+
+    items: list[Any] = items_for(emu, 2)
+    items.append(types.MappingProxyType({"voice_name": "proxy", "voice_url": emu.sample_url(10)}))
+    items.append(voiceapi.BatchItem(voice_name="attrs", voice_url=emu.sample_url(10)))
+    async with client_for(emu) as client:
+        results = await client.custom_voices.create_many(items, wait=False)
+    assert results[0].input is items[0] and results[1].input is items[1]
+    assert type(results[2].input) is dict and results[2].input == dict(items[2])
+    assert results[3].input == items[3].to_dict()
+    assert all(r.error is None and r.task is not None for r in results)
+    # The item's own id came from the item, not from a body the batch let go of.
+    assert [r.task.external_task_id for r in results if r.task] == [
+        derive_external_task_id(dict(item) if not isinstance(item, voiceapi.BatchItem)
+                                else item.to_dict(), 0) for item in items]
+
+
+@pytest.mark.parametrize("status", ["submitted", "processing", "succeed", "failed"])
+async def test_the_local_journal_keeps_every_status(tmp_path: Path, status: str) -> None:
+    """A task still "submitted" is journalled as its bare id (no tuple per item): it must read
+    back exactly like any other status, in memory and from the file on a rerun."""
+    path = tmp_path / "j.jsonl"
+    coord = LocalCoordinator(journal=path)
+    try:
+        await coord.record("k", "930801301486305328", status)
+        assert await coord.known(["k", "other"]) == {
+            "k": voiceapi.JournalEntry("930801301486305328", status)}
+    finally:
+        coord.close()
+    again = LocalCoordinator(journal=path)
+    try:
+        assert await again.known(["k"]) == {
+            "k": voiceapi.JournalEntry("930801301486305328", status)}
+    finally:
+        again.close()
+
+
+def test_the_typical_task_time_is_the_median() -> None:
+    """The follower's own median (no ``statistics`` import per batch) agrees with statistics'."""
+    import random
+    import statistics
+
+    from voiceapi._follower import _median
+
+    rng = random.Random(16)
+    for n in (1, 2, 3, 4, 49, 50):
+        values = collections.deque((rng.uniform(0, 100) for _ in range(n)), maxlen=50)
+        assert _median(values) == statistics.median(values)
+
+
+async def test_a_journal_file_gets_one_line_per_change(tmp_path: Path) -> None:
+    """The coordinator holds the journal's state once (not also in the file object) and still
+    writes a line only when a task's state changes; a rerun reads the newest state."""
+    path = tmp_path / "j.jsonl"
+    coord = LocalCoordinator(journal=path)
+    try:
+        for status in ("submitted", "submitted", "processing", "processing", "succeed"):
+            await coord.record("k", "930801301486305328", status)
+        await coord.record("k2", "930801301486305329", "submitted")
+    finally:
+        coord.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["ext"], r["status"]) for r in lines] == [
+        ("k", "submitted"), ("k", "processing"), ("k", "succeed"), ("k2", "submitted")]
+    again = LocalCoordinator(journal=path)
+    try:
+        await again.record("k", "930801301486305328", "succeed")  # known already: no line
+        assert await again.known(["k", "k2"]) == {
+            "k": voiceapi.JournalEntry("930801301486305328", "succeed"),
+            "k2": voiceapi.JournalEntry("930801301486305329", "submitted")}
+    finally:
+        again.close()
+    assert len(path.read_text().splitlines()) == 4

@@ -89,6 +89,8 @@ def generation_of(key: str, base: str) -> int | None:
 
 
 def _as_dict(item: Any) -> dict[str, Any]:
+    if type(item) is dict:
+        return item  # the caller's own dict, not a copy: ≈ 180 bytes an item for a big batch
     if isinstance(item, BatchItem):
         return item.to_dict()
     if isinstance(item, Mapping):
@@ -127,7 +129,7 @@ def prepare(items: Iterable[Mapping[str, Any] | BatchItem], *,
             if callback_url and not fields.get("callback_url"):
                 fields["callback_url"] = callback_url
             body = build_create_body(**{k: fields.get(k) for k in CREATE_FIELDS})
-            entries.append(Entry(input=data, body=body))
+            entries.append(Entry(input=data, body=body, key=body["external_task_id"]))
         except ValidationError as exc:
             raw = dict(item) if isinstance(item, Mapping) else {"item": item}
             entries.append(Entry(input=raw, body=None, error=exc, done=True,
@@ -172,6 +174,8 @@ class _Run:
 
     async def _created(self, entry: Entry, created: Created) -> None:
         entry.earlier = created.existed
+        if not self.retry_failed:  # only a retry sends an item again
+            entry.release_body()
         await self._journal(entry, created.task)
         await self.follower.attach(entry, created.task)
         self.wake.set()
@@ -199,8 +203,7 @@ class _Run:
         if entry.origin is None:
             entry.origin = entry.key
         entry.generation += 1
-        entry.body = {**entry.body, "external_task_id": retry_key(entry.origin,
-                                                                  entry.generation)}
+        entry.rekey(retry_key(entry.origin, entry.generation))
         entry.task, entry.error, entry.earlier, entry.done = None, None, False, False
         self.ledger.set_phase(entry, Phase.PENDING)
         self.submitter.pending.append(entry)
@@ -260,7 +263,7 @@ class _Run:
         if task is not None and generation:  # the journal points at a retry of this item
             assert entry.body is not None
             entry.origin = entry.key
-            entry.body = {**entry.body, "external_task_id": retry_key(entry.key, generation)}
+            entry.rekey(retry_key(entry.key, generation))
             entry.generation = generation
         elif task is None or generation is None:
             # Not found, unreadable, or the journal line names another task: ask the server

@@ -14,7 +14,6 @@ about as soon as it frees; the interval poll then only backs those up.
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -148,7 +147,7 @@ class Follower:
     def _note_duration(self, task: VoiceTask) -> None:
         if task.created_at is not None and task.updated_at is not None:
             self._durations.append((task.updated_at - task.created_at).total_seconds())
-            self._typical = statistics.median(self._durations)
+            self._typical = _median(self._durations)
 
     def expire(self, now: float) -> float | None:
         """Time out items whose task ran longer than ``item_timeout`` (they keep their slot).
@@ -284,6 +283,14 @@ class Follower:
             self.poll_soon(C.BATCH_CALLBACK_COALESCE)
             return True
         return False
+
+
+def _median(values: deque[float]) -> float:
+    """``statistics.median`` of at most 50 numbers, without importing ``statistics`` (and
+    ``fractions``) into every batch for this one line."""
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _has_voice(task: VoiceTask) -> bool:

@@ -69,7 +69,7 @@ class Submitter:
         while self.pending and len(self.sending) < C.BATCH_MAX_CONCURRENT_SUBMITS:
             if now < self.not_before:
                 return
-            held = own_slots + len(self.sending)
+            held = own_slots + self._unanswered()
             if (self._ceiling is not None and held >= self._ceiling) or held >= self._coord.cap:
                 self.slot_blocked = True
                 return
@@ -86,6 +86,13 @@ class Submitter:
             task = asyncio.ensure_future(self._send(entry))
             self.sending[task] = entry
             task.add_done_callback(self._sent)
+
+    def _unanswered(self) -> int:
+        """Sends whose task is not attached yet. A send's task is attached (and counted in
+        ``own_slots``) before its done-callback drops it from ``sending``: counting both held
+        its slot twice, so a batch at its cap thought itself blocked and polled every tracked
+        task for nothing near its end. At most BATCH_MAX_CONCURRENT_SUBMITS to look at."""
+        return sum(1 for entry in self.sending.values() if entry.task is None)
 
     async def _recheck_deferred(self, now: float) -> None:
         """Items another worker held: once the journal knows their task, follow it (without a
