@@ -203,3 +203,12 @@ def test_records_that_are_not_objects_fail_the_same_on_both_paths(raw: Any) -> N
     from voiceapi._decode import _structure_task_lenient, _structure_task_record
 
     assert _outcome(_structure_task_record, raw) == _outcome(_structure_task_lenient, raw)
+
+
+def test_a_known_status_keeps_the_shared_text_not_the_pages_copy() -> None:
+    import json
+
+    # A decoded page holds its own string objects; a tracked task should not keep them alive.
+    for raw in json.loads(json.dumps([RECORD, {**RECORD, "task_status_msg": 5}])):
+        task = parse_task(raw)
+        assert task.raw_status == "succeed" and task.raw_status is TaskStatus.SUCCEED.value

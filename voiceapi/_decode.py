@@ -290,6 +290,9 @@ _new_task: Callable[..., VoiceTask] = _fast_constructor(VoiceTask)
 _UTC = timezone.utc
 _fromtimestamp = datetime.fromtimestamp
 _STATUS_BY_VALUE: dict[str, TaskStatus] = {m.value: m for m in TaskStatus}
+#: A known status and its own text, kept as ``raw_status`` instead of the page's copy of it
+#: (equal, and shared: a tracked task holds no string of its own for it).
+_KNOWN_STATUS: dict[str, tuple[TaskStatus, str]] = {m.value: (m, m.value) for m in TaskStatus}
 _NUMBER = (int, float)
 
 
@@ -485,14 +488,15 @@ def _structure_task_record(raw: Any, _: Any = VoiceTask) -> VoiceTask:
             type(msg) is not str or type(info) is not dict or type(result) is not dict or \
             type(created) is not int or type(updated) is not int or not tid or tid.isspace():
         return _structure_task_lenient(raw)
-    status = _STATUS_BY_VALUE.get(raw_status)
+    known = _KNOWN_STATUS.get(raw_status)
     ext = info.get("external_task_id")
     unit = raw.get("final_unit_deduction")
     balance = raw.get("final_balance_deduction")
     voices = result.get("voices")
-    if status is None or (ext is not None and type(ext) is not str) or \
+    if known is None or (ext is not None and type(ext) is not str) or \
             (unit is not None and type(unit) is not str):
         return _structure_task_lenient(raw)
+    status, raw_status = known
     if balance is not None:
         if type(balance) is not dict:
             return _structure_task_lenient(raw)
@@ -539,8 +543,10 @@ def _structure_task_lenient(raw: Any) -> VoiceTask:
     if tid is None:
         raise _NoTaskId(f"task record has no usable task_id (got {_preview(get('task_id'))})")
     raw_status = get("task_status")
-    status = _STATUS_BY_VALUE.get(raw_status) if type(raw_status) is str else None
-    if status is None:
+    known = _KNOWN_STATUS.get(raw_status) if type(raw_status) is str else None
+    if known is not None:
+        status, raw_status = known
+    else:
         status, raw_status = _status(raw_status)
     msg = get("task_status_msg")
     info = get("task_info")
