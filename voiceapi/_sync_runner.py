@@ -15,6 +15,8 @@ import os
 import sys
 import threading
 import weakref
+from _thread import allocate_lock as _allocate_lock
+from _thread import get_ident
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -47,6 +49,8 @@ class LoopThread:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._thread_ident: int | None = None
+        #: The loop is ours (a _HandOffLoop): calls are handed over by _Call.hand_off.
+        self._direct = False
         #: Sync calls started on the loop and not finished (touched on the loop thread only).
         self._calls: set[_Call[Any]] = set()
         self._closing = False
@@ -78,10 +82,13 @@ class LoopThread:
             if not started.wait(30):
                 raise RuntimeError("the client's event-loop thread did not start")
             self._loop, self._thread, self._thread_ident = loop, thread, thread.ident
+            # Debug mode checks that call_soon runs on the loop's thread: hand over there.
+            self._direct = (_HANDOFF is not None and isinstance(loop, _HANDOFF)
+                            and not loop.get_debug())
         return self._loop
 
     def in_loop_thread(self) -> bool:
-        return self._thread_ident == threading.get_ident()
+        return self._thread_ident == get_ident()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the private loop and block until it is done.
@@ -90,42 +97,48 @@ class LoopThread:
         that finished before keeps its result.
         """
         call: _Call[T] = _Call(coro)
-        scheduling = False
+        handed = False
         try:
             with self._lock:
-                # Submitting under the lock orders every call before close()'s shutdown
+                # Handing over under the lock orders every call before close()'s shutdown
                 # step on the loop, so none is left queued behind a stopped loop.
                 if self._closing:
                     raise ClientClosedError(_CLOSED)
                 loop = self._loop or self._ensure_loop()
-                if self._thread_ident == threading.get_ident():
+                if self._thread_ident == get_ident():
                     raise RuntimeError(
                         "a VoiceClient method was called from the client's own event-loop "
                         "thread (e.g. from a middleware); that would deadlock. Use "
                         "AsyncVoiceClient there.")
-                scheduling = True
-                loop.call_soon_threadsafe(call.start, loop, self._calls)
+                handed = True
+                if self._direct:
+                    call.hand_off(loop)
+                else:
+                    loop.call_soon_threadsafe(call.start, loop, self._calls)
         except BaseException as exc:
-            if scheduling and not isinstance(exc, RuntimeError):
-                # Ctrl-C while handing the call over: the loop may own the coroutine already
-                # (the wake-up write comes after the callback is queued), so end it there.
+            if handed and not isinstance(exc, RuntimeError):
+                # Ctrl-C while handing the call over: the loop may own the coroutine already,
+                # so end it there (abort runs after the call's first step, if it has one).
                 with contextlib.suppress(RuntimeError):  # the loop may be closed by now
                     loop.call_soon_threadsafe(call.abort)
             else:
-                coro.close()  # never leave a "coroutine was never awaited" behind
+                call.discard()  # never leave a "coroutine was never awaited" behind
             raise
+        done = call.done
         try:
             # The timeout is a safety net, not a poll: a call whose task close() could not
             # end within its grace period must not block its thread forever.
-            while not call.done.acquire(timeout=SHUTDOWN_GRACE):
-                if self._closed and not call.done.acquire(blocking=False):
+            while not done.acquire(True, SHUTDOWN_GRACE):
+                if self._closed and not done.acquire(False):
                     raise ClientClosedError("the client was closed during this call")
         except KeyboardInterrupt:
-            # Ctrl-C: cancel the work on the loop (start() runs first, so the task exists),
-            # then let the interrupt through promptly.
+            # Ctrl-C: cancel the work on the loop (its task exists by then), then let the
+            # interrupt through promptly.
             with contextlib.suppress(RuntimeError):  # the loop may be closed by now
                 loop.call_soon_threadsafe(call.abort)
             raise
+        if call.error is None:
+            return call.result  # type: ignore[return-value]  # set: no error, so a result
         return call.outcome(self._closing)
 
     def iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
@@ -191,7 +204,7 @@ class LoopThread:
 
 if sys.platform != "win32":
     class _HandOffLoop(asyncio.SelectorEventLoop):
-        """The private loop, woken by call_soon_threadsafe once per sync call.
+        """The private loop, woken through its self-pipe once per sync call.
 
         asyncio's wake-up handler reads its self-pipe until EAGAIN, so every wake-up also
         raises and catches a BlockingIOError: on the sync hop that is a large share of the
@@ -209,70 +222,98 @@ if sys.platform != "win32":
 
     def _new_loop() -> asyncio.AbstractEventLoop:
         return _HandOffLoop()
+
+    _HANDOFF: type[asyncio.AbstractEventLoop] | None = _HandOffLoop
 else:  # pragma: no cover - the proactor loop wakes differently
     def _new_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
+
+    _HANDOFF = None
 
 
 class _Call(Generic[T]):
     """One sync call's hand-off: the loop thread runs the coroutine and releases ``done``
     in the same step that finishes it (a done-callback would cost another loop iteration).
 
-    Every method runs on the loop thread, except ``outcome`` (after ``done``).
+    The caller's thread builds the call and, on our own loop, its task (``hand_off``); every
+    other method runs on the loop thread, except ``outcome`` (after ``done``) and
+    ``discard`` (for a call that was never handed over).
     """
 
-    __slots__ = ("aborted", "coro", "done", "error", "pending", "result", "started", "task")
+    __slots__ = ("aborted", "body", "coro", "done", "error", "pending", "result", "started",
+                 "task")
 
     def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
         self.coro = coro
-        self.done = threading.Lock()
-        self.done.acquire()
+        self.done = done = _allocate_lock()
+        done.acquire()
         self.task: asyncio.Task[None] | None = None
+        self.body: Coroutine[Any, Any, None] | None = None
         self.pending: set[_Call[Any]] | None = None
-        self.started = False
-        self.aborted = False
         self.result: T | None = None
         self.error: BaseException | None = None
+        self.started = self.aborted = False
+
+    def hand_off(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Caller's thread, under the runner's lock, on a _HandOffLoop not in debug mode:
+        create the task here instead of on the loop.
+
+        Creating it queues its first step with ``loop.call_soon``: the same deque append
+        ``call_soon_threadsafe`` does (debug mode alone adds a thread check), so the write
+        that wakes the loop makes this the thread-safe hand-off. The step is queued before
+        the loop wakes, so it runs in the wake-up's own loop iteration; a task created by a
+        callback on the loop would take its first step one iteration later.
+        """
+        self.body = body = self._body()
+        self.task = asyncio.Task(body, loop=loop)
+        loop._write_to_self()  # type: ignore[attr-defined]
 
     def start(self, loop: asyncio.AbstractEventLoop, pending: set[_Call[Any]]) -> None:
+        """The hand-off on any other loop (or in debug mode): on the loop thread."""
         if self.aborted:  # aborted before it started (Ctrl-C during the hand-off)
             return
         self.pending = pending
         pending.add(self)
+        self.body = body = self._body()
         # asyncio.Task directly rather than loop.create_task (a Python-level wrapper): the
         # private loop has no task factory, so the task is the same, one frame cheaper.
-        self.task = asyncio.Task(self._body(), loop=loop)
+        self.task = asyncio.Task(body, loop=loop)
 
     async def _body(self) -> None:
         self.started = True
+        if self.task is None:  # the caller was interrupted before it could note its task
+            self.task = asyncio.current_task()
         try:
             self.result = await self.coro
         except BaseException as exc:  # handed to the calling thread, cancellation included
             self.error = exc
         finally:
-            self._finish()
+            if self.pending is not None:
+                self.pending.discard(self)
+            self.done.release()
 
-    def _finish(self) -> None:
+    def abort(self) -> None:
+        """Cancel the call (Ctrl-C, close). A task cancelled before its first step never runs
+        ``_body``, and a Ctrl-C may have stopped the hand-off before the task was queued: an
+        unstarted call is ended here, its coroutines closed, its caller released."""
+        task = self.task
+        if task is not None:
+            task.cancel()
+        if self.started or self.aborted:
+            return
+        self.aborted = True
+        self.discard()
+        self.error = asyncio.CancelledError()
         if self.pending is not None:
             self.pending.discard(self)
         self.done.release()
 
-    def abort(self) -> None:
-        """Cancel the call (Ctrl-C, close). A task cancelled before its first step never runs
-        ``_body``, so an unstarted call is ended here: its coroutine closed, its caller
-        released."""
-        if self.task is None:
-            if not self.aborted:
-                self.aborted = True
-                self.coro.close()
-                self.error = asyncio.CancelledError()
-                self.done.release()
-            return
-        self.task.cancel()
-        if not self.started and self.pending is not None and self in self.pending:
-            self.coro.close()
-            self.error = asyncio.CancelledError()
-            self._finish()
+    def discard(self) -> None:
+        """Close the coroutines of a call that will never run (no "never awaited" warning).
+        A body owned by a task is left to it: the task ends it."""
+        self.coro.close()
+        if self.body is not None and self.task is None:
+            self.body.close()
 
     def outcome(self, closing: bool) -> T:
         error = self.error
