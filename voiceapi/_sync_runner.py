@@ -29,6 +29,7 @@ THREAD_NAME = "voiceapi-sync"
 #: Every sync call's task: a fixed name tells them apart in a debugger and is cheaper than
 #: asyncio's numbered default (formatted per task).
 TASK_NAME = "voiceapi-sync-call"
+_DESTROYED_PENDING = "Task was destroyed but it is pending!"  # asyncio's message, verbatim
 #: How long close() waits for calls it cancelled to unwind, and for the thread to end.
 SHUTDOWN_GRACE = 5.0
 
@@ -224,6 +225,17 @@ if sys.platform != "win32":
         level-triggered, so any bytes left over wake the loop again at once.
         """
 
+        def call_exception_handler(self, context: dict[str, Any]) -> None:
+            task = context.get("task")
+            if (isinstance(task, asyncio.Task) and task.get_name() == TASK_NAME
+                    and context.get("message") == _DESTROYED_PENDING
+                    and _never_started(task.get_coro())):
+                # A Ctrl-C in the caller's thread stopped a call's Task() before it queued the
+                # first step: the task never reached the loop, and run() ends the call (its
+                # coroutines are closed). Nothing was lost, so nothing to report.
+                return
+            super().call_exception_handler(context)
+
         def _read_from_self(self) -> None:
             try:
                 data = self._ssock.recv(4096)  # type: ignore[attr-defined]
@@ -321,6 +333,13 @@ class _Call(Generic[T]):
         if closing and isinstance(error, asyncio.CancelledError):
             raise ClientClosedError("the client was closed during this call")
         raise error
+
+
+def _never_started(coro: object) -> bool:
+    import inspect  # only on this rare path: a Ctrl-C during a hand-off
+
+    return inspect.iscoroutine(coro) and \
+        inspect.getcoroutinestate(coro) == inspect.CORO_CREATED
 
 
 async def _anext(agen: AsyncIterator[T]) -> T:
