@@ -210,14 +210,18 @@ def test_ctrl_c_anywhere_in_the_hand_off_ends_the_call_on_the_loop(
     assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
 
 
-@pytest.mark.skipif(not hasattr(asyncio.tasks._all_tasks, "add"),  # type: ignore[attr-defined]
-                    reason="this Python registers tasks without the WeakSet")
+#: Where Task() registers a new task, by Python version (3.14 keeps a linked list instead).
+_REGISTRY = next((getattr(asyncio.tasks, name) for name in ("_all_tasks", "_scheduled_tasks")
+                  if hasattr(asyncio.tasks, name)), None)
+
+
+@pytest.mark.skipif(not hasattr(_REGISTRY, "add"), reason="tasks are not kept in a WeakSet")
 def test_ctrl_c_after_the_step_is_queued_but_before_the_task_is_known(
         runner: LoopThread, monkeypatch: pytest.MonkeyPatch) -> None:
     """The task's first step is queued, but Task() raised: the caller never saw the task.
     The body finds its own task, so the abort still cancels it."""
     assert runner.run(_answer()) == 42
-    registry = asyncio.tasks._all_tasks  # type: ignore[attr-defined]
+    registry: Any = _REGISTRY
     caller = threading.get_ident()
     fired: list[bool] = []
 

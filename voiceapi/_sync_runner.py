@@ -38,6 +38,8 @@ SHUTDOWN_GRACE = 5.0
 #: that parent and child share after fork, and hang the parent.
 FORK_ORPHANS: list[object] = []
 _runners: weakref.WeakSet[LoopThread] = weakref.WeakSet()
+#: Call bodies closed before any task ran them (see _Call.discard).
+_UNBORN: weakref.WeakSet[Coroutine[Any, Any, None]] = weakref.WeakSet()
 
 
 class LoopThread:
@@ -128,13 +130,13 @@ class LoopThread:
                     loop._write_to_self()  # type: ignore[attr-defined]
                 else:
                     loop.call_soon_threadsafe(call.start, loop, self._calls)
-        except BaseException as exc:
-            if handed and not isinstance(exc, RuntimeError):
+        except BaseException:
+            if handed and not loop.is_closed():
                 # Ctrl-C while handing the call over: the loop may own the coroutine already,
                 # so end it there (abort runs after the call's first step, if it has one).
                 with contextlib.suppress(RuntimeError):  # the loop may be closed by now
                     loop.call_soon_threadsafe(call.abort)
-            else:
+            else:  # nothing was handed over, or nothing can run it any more
                 call.discard()  # never leave a "coroutine was never awaited" behind
             raise
         done = call.done
@@ -322,8 +324,12 @@ class _Call(Generic[T]):
         """Close the coroutines of a call that will never run (no "never awaited" warning).
         A body owned by a task is left to it: the task ends it."""
         self.coro.close()
-        if self.body is not None and self.task is None:
-            self.body.close()
+        body = self.body
+        if body is not None and self.task is None:
+            # A Ctrl-C may have stopped Task() half-way: a task the loop never saw may still
+            # hold this body, and asyncio reports it whenever that task is collected.
+            _UNBORN.add(body)
+            body.close()
 
     def outcome(self, closing: bool) -> T:
         error = self.error
@@ -336,10 +342,12 @@ class _Call(Generic[T]):
 
 
 def _never_started(coro: object) -> bool:
+    """A call body that never ran: still unstarted, or closed by ``_Call.discard``."""
     import inspect  # only on this rare path: a Ctrl-C during a hand-off
 
-    return inspect.iscoroutine(coro) and \
-        inspect.getcoroutinestate(coro) == inspect.CORO_CREATED
+    if not inspect.iscoroutine(coro):
+        return False
+    return coro in _UNBORN or inspect.getcoroutinestate(coro) == inspect.CORO_CREATED
 
 
 async def _anext(agen: AsyncIterator[T]) -> T:
