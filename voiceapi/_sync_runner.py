@@ -55,9 +55,10 @@ class LoopThread:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._thread_ident: int | None = None
-        #: The loop is ours (a _HandOffLoop): calls are handed over by _Call.hand_off.
+        #: The loop is ours (a _HandOffLoop, not in debug mode): the caller's thread creates
+        #: each call's task (see run); otherwise the loop thread does (_Call.start).
         self._direct = False
-        #: Sync calls started on the loop and not finished (touched on the loop thread only).
+        #: Calls started by _Call.start and not finished (touched on the loop thread only).
         self._calls: set[_Call[Any]] = set()
         self._closing = False
         self._closed = False
@@ -125,6 +126,8 @@ class LoopThread:
                     # queued before the loop wakes, so it runs in the wake-up's own loop
                     # iteration; a task created by a callback on the loop would take its first
                     # step one iteration later. (Inline, not a method: one frame less.)
+                    # A Ctrl-C inside Task() leaves call.task unset: the body then notes its
+                    # own task, so abort() can still cancel it.
                     call.body = body = call._body()
                     call.task = asyncio.Task(body, loop=loop, name=TASK_NAME)
                     loop._write_to_self()  # type: ignore[attr-defined]
@@ -225,6 +228,9 @@ if sys.platform != "win32":
         raises and catches a BlockingIOError: on the sync hop that is a large share of the
         instructions that are not the hand-off itself. One read is enough: the pipe is
         level-triggered, so any bytes left over wake the loop again at once.
+
+        It is also the loop that lets LoopThread.run create a call's task from the caller's
+        thread, and so stays quiet about a task that a Ctrl-C stopped on its way in.
         """
 
         def call_exception_handler(self, context: dict[str, Any]) -> None:
