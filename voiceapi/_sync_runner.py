@@ -15,6 +15,8 @@ import os
 import sys
 import threading
 import weakref
+from _thread import allocate_lock as _allocate_lock
+from _thread import get_ident
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -24,6 +26,10 @@ T = TypeVar("T")
 
 _CLOSED = "this client is closed; create a new one"
 THREAD_NAME = "voiceapi-sync"
+#: Every sync call's task: a fixed name tells them apart in a debugger and is cheaper than
+#: asyncio's numbered default (formatted per task).
+TASK_NAME = "voiceapi-sync-call"
+_DESTROYED_PENDING = "Task was destroyed but it is pending!"  # asyncio's message, verbatim
 #: How long close() waits for calls it cancelled to unwind, and for the thread to end.
 SHUTDOWN_GRACE = 5.0
 
@@ -32,6 +38,8 @@ SHUTDOWN_GRACE = 5.0
 #: that parent and child share after fork, and hang the parent.
 FORK_ORPHANS: list[object] = []
 _runners: weakref.WeakSet[LoopThread] = weakref.WeakSet()
+#: Call bodies closed before any task ran them (see _Call.discard).
+_UNBORN: weakref.WeakSet[Coroutine[Any, Any, None]] = weakref.WeakSet()
 
 
 class LoopThread:
@@ -47,7 +55,10 @@ class LoopThread:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._thread_ident: int | None = None
-        #: Sync calls started on the loop and not finished (touched on the loop thread only).
+        #: The loop is ours (a _HandOffLoop, not in debug mode): the caller's thread creates
+        #: each call's task (see run); otherwise the loop thread does (_Call.start).
+        self._direct = False
+        #: Calls started by _Call.start and not finished (touched on the loop thread only).
         self._calls: set[_Call[Any]] = set()
         self._closing = False
         self._closed = False
@@ -78,10 +89,13 @@ class LoopThread:
             if not started.wait(30):
                 raise RuntimeError("the client's event-loop thread did not start")
             self._loop, self._thread, self._thread_ident = loop, thread, thread.ident
+            # Debug mode checks that call_soon runs on the loop's thread: hand over there.
+            self._direct = (_HANDOFF is not None and isinstance(loop, _HANDOFF)
+                            and not loop.get_debug())
         return self._loop
 
     def in_loop_thread(self) -> bool:
-        return self._thread_ident == threading.get_ident()
+        return self._thread_ident == get_ident()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the private loop and block until it is done.
@@ -90,42 +104,59 @@ class LoopThread:
         that finished before keeps its result.
         """
         call: _Call[T] = _Call(coro)
-        scheduling = False
+        handed = False
         try:
             with self._lock:
-                # Submitting under the lock orders every call before close()'s shutdown
+                # Handing over under the lock orders every call before close()'s shutdown
                 # step on the loop, so none is left queued behind a stopped loop.
                 if self._closing:
                     raise ClientClosedError(_CLOSED)
                 loop = self._loop or self._ensure_loop()
-                if self._thread_ident == threading.get_ident():
+                if self._thread_ident == get_ident():
                     raise RuntimeError(
                         "a VoiceClient method was called from the client's own event-loop "
                         "thread (e.g. from a middleware); that would deadlock. Use "
                         "AsyncVoiceClient there.")
-                scheduling = True
-                loop.call_soon_threadsafe(call.start, loop, self._calls)
-        except BaseException as exc:
-            if scheduling and not isinstance(exc, RuntimeError):
-                # Ctrl-C while handing the call over: the loop may own the coroutine already
-                # (the wake-up write comes after the callback is queued), so end it there.
+                handed = True
+                if self._direct:
+                    # Our loop: the task is created here, on the caller's thread. Creating it
+                    # queues its first step with loop.call_soon, the same deque append that
+                    # call_soon_threadsafe does (only debug mode adds a thread check, and a
+                    # debug loop is not "direct"); the write then wakes the loop. The step is
+                    # queued before the loop wakes, so it runs in the wake-up's own loop
+                    # iteration; a task created by a callback on the loop would take its first
+                    # step one iteration later. (Inline, not a method: one frame less.)
+                    # A Ctrl-C inside Task() leaves call.task unset: the body then notes its
+                    # own task, so abort() can still cancel it.
+                    call.body = body = call._body()
+                    call.task = asyncio.Task(body, loop=loop, name=TASK_NAME)
+                    loop._write_to_self()  # type: ignore[attr-defined]
+                else:
+                    loop.call_soon_threadsafe(call.start, loop, self._calls)
+        except BaseException:
+            if handed and not loop.is_closed():
+                # Ctrl-C while handing the call over: the loop may own the coroutine already,
+                # so end it there (abort runs after the call's first step, if it has one).
                 with contextlib.suppress(RuntimeError):  # the loop may be closed by now
                     loop.call_soon_threadsafe(call.abort)
-            else:
-                coro.close()  # never leave a "coroutine was never awaited" behind
+            else:  # nothing was handed over, or nothing can run it any more
+                call.discard()  # never leave a "coroutine was never awaited" behind
             raise
+        done = call.done
         try:
             # The timeout is a safety net, not a poll: a call whose task close() could not
             # end within its grace period must not block its thread forever.
-            while not call.done.acquire(timeout=SHUTDOWN_GRACE):
-                if self._closed and not call.done.acquire(blocking=False):
+            while not done.acquire(True, SHUTDOWN_GRACE):
+                if self._closed and not done.acquire(False):
                     raise ClientClosedError("the client was closed during this call")
         except KeyboardInterrupt:
-            # Ctrl-C: cancel the work on the loop (start() runs first, so the task exists),
-            # then let the interrupt through promptly.
+            # Ctrl-C: cancel the work on the loop (its task exists by then), then let the
+            # interrupt through promptly.
             with contextlib.suppress(RuntimeError):  # the loop may be closed by now
                 loop.call_soon_threadsafe(call.abort)
             raise
+        if call.error is None:
+            return call.result  # type: ignore[return-value]  # set: no error, so a result
         return call.outcome(self._closing)
 
     def iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
@@ -191,13 +222,27 @@ class LoopThread:
 
 if sys.platform != "win32":
     class _HandOffLoop(asyncio.SelectorEventLoop):
-        """The private loop, woken by call_soon_threadsafe once per sync call.
+        """The private loop, woken through its self-pipe once per sync call.
 
         asyncio's wake-up handler reads its self-pipe until EAGAIN, so every wake-up also
         raises and catches a BlockingIOError: on the sync hop that is a large share of the
         instructions that are not the hand-off itself. One read is enough: the pipe is
         level-triggered, so any bytes left over wake the loop again at once.
+
+        It is also the loop that lets LoopThread.run create a call's task from the caller's
+        thread, and so stays quiet about a task that a Ctrl-C stopped on its way in.
         """
+
+        def call_exception_handler(self, context: dict[str, Any]) -> None:
+            task = context.get("task")
+            if (isinstance(task, asyncio.Task) and task.get_name() == TASK_NAME
+                    and context.get("message") == _DESTROYED_PENDING
+                    and _never_started(task.get_coro())):
+                # A Ctrl-C in the caller's thread stopped a call's Task() before it queued the
+                # first step: the task never reached the loop, and run() ends the call (its
+                # coroutines are closed). Nothing was lost, so nothing to report.
+                return
+            super().call_exception_handler(context)
 
         def _read_from_self(self) -> None:
             try:
@@ -209,70 +254,88 @@ if sys.platform != "win32":
 
     def _new_loop() -> asyncio.AbstractEventLoop:
         return _HandOffLoop()
+
+    _HANDOFF: type[asyncio.AbstractEventLoop] | None = _HandOffLoop
 else:  # pragma: no cover - the proactor loop wakes differently
     def _new_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
+
+    _HANDOFF = None
 
 
 class _Call(Generic[T]):
     """One sync call's hand-off: the loop thread runs the coroutine and releases ``done``
     in the same step that finishes it (a done-callback would cost another loop iteration).
 
-    Every method runs on the loop thread, except ``outcome`` (after ``done``).
+    The caller's thread builds the call and, on our own loop, its task (``LoopThread.run``);
+    every other method runs on the loop thread, except ``outcome`` (after ``done``) and
+    ``discard`` (for a call that was never handed over).
     """
 
-    __slots__ = ("aborted", "coro", "done", "error", "pending", "result", "started", "task")
+    __slots__ = ("aborted", "body", "coro", "done", "error", "pending", "result", "started",
+                 "task")
 
     def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
         self.coro = coro
-        self.done = threading.Lock()
-        self.done.acquire()
+        self.done = done = _allocate_lock()
+        done.acquire()
         self.task: asyncio.Task[None] | None = None
+        self.body: Coroutine[Any, Any, None] | None = None
         self.pending: set[_Call[Any]] | None = None
-        self.started = False
-        self.aborted = False
         self.result: T | None = None
         self.error: BaseException | None = None
+        self.started = self.aborted = False
 
     def start(self, loop: asyncio.AbstractEventLoop, pending: set[_Call[Any]]) -> None:
+        """The hand-off on any other loop (or in debug mode): on the loop thread."""
         if self.aborted:  # aborted before it started (Ctrl-C during the hand-off)
             return
         self.pending = pending
         pending.add(self)
+        self.body = body = self._body()
         # asyncio.Task directly rather than loop.create_task (a Python-level wrapper): the
         # private loop has no task factory, so the task is the same, one frame cheaper.
-        self.task = asyncio.Task(self._body(), loop=loop)
+        self.task = asyncio.Task(body, loop=loop, name=TASK_NAME)
 
     async def _body(self) -> None:
         self.started = True
+        if self.task is None:  # the caller was interrupted before it could note its task
+            self.task = asyncio.current_task()
         try:
             self.result = await self.coro
         except BaseException as exc:  # handed to the calling thread, cancellation included
             self.error = exc
         finally:
-            self._finish()
+            if self.pending is not None:
+                self.pending.discard(self)
+            self.done.release()
 
-    def _finish(self) -> None:
+    def abort(self) -> None:
+        """Cancel the call (Ctrl-C, close). A task cancelled before its first step never runs
+        ``_body``, and a Ctrl-C may have stopped the hand-off before the task was queued: an
+        unstarted call is ended here, its coroutines closed, its caller released."""
+        task = self.task
+        if task is not None:
+            task.cancel()
+        if self.started or self.aborted:
+            return
+        self.aborted = True
+        self.discard()
+        self.error = asyncio.CancelledError()
         if self.pending is not None:
             self.pending.discard(self)
         self.done.release()
 
-    def abort(self) -> None:
-        """Cancel the call (Ctrl-C, close). A task cancelled before its first step never runs
-        ``_body``, so an unstarted call is ended here: its coroutine closed, its caller
-        released."""
-        if self.task is None:
-            if not self.aborted:
-                self.aborted = True
-                self.coro.close()
-                self.error = asyncio.CancelledError()
-                self.done.release()
-            return
-        self.task.cancel()
-        if not self.started and self.pending is not None and self in self.pending:
-            self.coro.close()
-            self.error = asyncio.CancelledError()
-            self._finish()
+    def discard(self) -> None:
+        """Close the coroutines of a call that will never run (no "never awaited" warning).
+        A body owned by a task is left to it: the task ends it."""
+        self.coro.close()
+        body = self.body
+        if body is not None and self.task is None:
+            # A Ctrl-C may have stopped Task() half-way: a task the loop never saw may still
+            # hold this body, and asyncio reports it whenever that task is collected.
+            _UNBORN.add(body)
+            body.close()
 
     def outcome(self, closing: bool) -> T:
         error = self.error
@@ -282,6 +345,15 @@ class _Call(Generic[T]):
         if closing and isinstance(error, asyncio.CancelledError):
             raise ClientClosedError("the client was closed during this call")
         raise error
+
+
+def _never_started(coro: object) -> bool:
+    """A call body that never ran: still unstarted, or closed by ``_Call.discard``."""
+    import inspect  # only on this rare path: a Ctrl-C during a hand-off
+
+    if not inspect.iscoroutine(coro):
+        return False
+    return coro in _UNBORN or inspect.getcoroutinestate(coro) == inspect.CORO_CREATED
 
 
 async def _anext(agen: AsyncIterator[T]) -> T:
