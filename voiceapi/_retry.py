@@ -170,9 +170,12 @@ class RetryMiddleware:
         request.deadline = time.monotonic() + self._budget
         request.attempt = 1
         try:
-            # Most calls succeed first time; only a failure pays for the retry machinery.
+            # Most calls succeed first time; only a call that retries pays for the retry
+            # machinery (a not-found lookup, a refused create and the like raise at once).
             return await call_next(request)
         except VoiceAPIError as exc:
+            if not classify(exc, self._policy).retry:
+                raise
             first_error = exc
         return await self._retry(request, call_next, first_error)
 
