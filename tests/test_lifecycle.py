@@ -8,7 +8,6 @@ import contextlib
 import gc
 import inspect
 import io
-import itertools
 import json
 import logging
 import os
@@ -363,8 +362,11 @@ async def test_rate_limit_still_paces_after_cancellations() -> None:
             calls[5].cancel()
             results = await asyncio.gather(*calls, return_exceptions=True)
     assert sum(isinstance(r, list) for r in results) == len(stamps) == 6
-    gaps = [b - a for a, b in itertools.pairwise(stamps)]
-    assert min(gaps) >= 0.05 * 0.8  # a freed turn is reused, never squeezed in early
+    # A freed turn is reused, never squeezed in early: request i leaves no sooner than i turns
+    # after the first. Measured from the first arrival, so a late arrival (load on the box)
+    # cannot fail it; a squeezed request would arrive a whole turn (50 ms) early.
+    late = [stamp - stamps[0] - i * 0.05 for i, stamp in enumerate(stamps)]
+    assert min(late) >= -0.025, late
 
 
 # --- 12.5 retry_budget is a hard cap ------------------------------------------------------------
