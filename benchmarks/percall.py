@@ -12,7 +12,9 @@ Groups (both sides send the same headers and the same cached HS256 JWT, and deco
 - ``get``: ``client.custom_voices.get(id)`` vs ``session.get`` + ``resp.json()`` + code check;
 - ``list``: ``client.custom_voices.list(page_size=30)`` (30 finished tasks with voices) vs the
   raw page request;
-- ``sync``: ``VoiceClient.custom_voices.get`` vs ``AsyncVoiceClient.custom_voices.get``.
+- ``sync``: ``VoiceClient.custom_voices.get`` vs ``AsyncVoiceClient.custom_voices.get``;
+- ``parse`` (no HTTP; where a ``list`` call's extra cost goes): ``json.loads`` of the same
+  30-task page vs ``json.loads`` + ``parse_task_list`` into frozen ``VoiceTask`` models.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "get": ("raw", "sdk"),
     "list": ("raw", "sdk"),
     "sync": ("async", "sync"),
+    "parse": ("json", "models"),
 }
 LIST_PAGE = 30
 CALLGRIND = shutil.which("valgrind")
@@ -70,6 +73,7 @@ class Child:
         self.client: voiceapi.AsyncVoiceClient | None = None
         self.sync_client: voiceapi.VoiceClient | None = None
         self.task_id = ""
+        self.page_body = b""
 
     async def setup(self) -> None:
         self.session = aiohttp.ClientSession()
@@ -81,12 +85,33 @@ class Child:
         for task in tasks:  # finished tasks carry a voice: the realistic page to parse
             await self.client.custom_voices.wait(task, timeout=60, poll_interval=0.05)
         self.task_id = tasks[0].task_id
+        assert self.session is not None
+        async with self.session.get(
+                f"{self.emu.base_url}/v1/general/custom-voices?pageNum=1&pageSize={LIST_PAGE}",
+                headers=self.headers) as resp:
+            self.page_body = await resp.read()
 
     async def teardown(self) -> None:
         if self.client is not None:
             await self.client.aclose()
         if self.session is not None:
             await self.session.close()
+
+    def _parse_variant(self, name: str) -> Callable[[int], None]:
+        """The page's JSON decoded (``json``), or decoded and built into models (``models``)."""
+        from voiceapi._decode import parse_task_list
+
+        body, loads = self.page_body, json.loads
+
+        def decode(n: int) -> None:
+            for _ in range(n):
+                loads(body)
+
+        def build(n: int) -> None:
+            for _ in range(n):
+                parse_task_list(loads(body)["data"])
+
+        return decode if name == "json" else build
 
     async def _raw(self, url: str) -> Any:
         assert self.session is not None
@@ -110,6 +135,8 @@ class Child:
             ("list", "sdk"): lambda: client.custom_voices.list(page_size=LIST_PAGE),
             ("sync", "async"): lambda: client.custom_voices.get(task_id),
         }
+        if group == "parse":
+            return self._parse_variant(name)
         if (group, name) == ("sync", "sync"):
             if self.sync_client is None:
                 self.sync_client = voiceapi.VoiceClient(

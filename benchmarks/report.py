@@ -28,7 +28,9 @@ def kilo(values: Sequence[float]) -> str:
 
 PERCALL_NAMES = {"get": "get() vs raw aiohttp",
                  "list": f"list() of {percall.LIST_PAGE} vs raw aiohttp",
-                 "sync": "VoiceClient.get() vs AsyncVoiceClient.get()"}
+                 "sync": "VoiceClient.get() vs AsyncVoiceClient.get()",
+                 "parse": f"a {percall.LIST_PAGE}-task page into VoiceTask models vs its "
+                          "json.loads alone (no HTTP)"}
 
 
 def _peak(values: Sequence[int | None]) -> str:
@@ -181,8 +183,8 @@ def targets(r: dict[str, Any]) -> list[Target]:
             amount = f"{extra / 1000:,.0f}k instructions" if ins else f"{extra * 1e6:.0f} µs"
             out.append((f"{name}, {unit}", f"{ratio:.2f}×", f"≤ {limit}×", ratio <= limit,
                         "" if ratio <= limit else
-                        f"+{amount} per call over the baseline; `python -m benchmarks.profile "
-                        f"{group}` shows where"))
+                        f"+{amount} per call over the baseline{_parse_share(pc, group, ins)}; "
+                        f"`python -m benchmarks.profile {group}` shows where"))
     bt = r.get("batch")
     if bt:
         cm = bt["create_many"]
@@ -259,6 +261,17 @@ def targets(r: dict[str, Any]) -> list[Target]:
                     "" if ratio <= 1.15 else "modules imported beyond aiohttp; "
                     "`python -m benchmarks.profile import` lists them"))
     return out
+
+
+def _parse_share(pc: dict[str, Any], group: str, ins: dict[str, Any] | None) -> str:
+    """For list(): how much of its extra cost is building the models (the ``parse`` group)."""
+    parse = pc.get("instructions", {}).get("parse") if ins else None
+    if group != "list" or not parse:
+        return ""
+    extra = _median(parse[parse["measured"]]) - _median(parse[parse["baseline"]])
+    return (f", of which {extra / 1000:,.0f}k is building the {percall.LIST_PAGE} frozen "
+            f"VoiceTask models ({extra / percall.LIST_PAGE / 1000:,.1f}k per task: lenient "
+            "field checks, two datetimes, a task and a voice object)")
 
 
 def render_targets(r: dict[str, Any]) -> str:
