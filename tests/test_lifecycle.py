@@ -834,3 +834,32 @@ async def test_sync_client_errors_carry_no_secrets_and_keep_the_budget() -> None
     finally:
         server.close()
         await server.wait_closed()
+
+
+ASYNC_DROP_SCRIPT = """
+import asyncio, gc, sys, voiceapi
+from voiceapi.testing import KlingEmulator
+async def main() -> None:
+    async with KlingEmulator() as emu:
+        unused = voiceapi.AsyncVoiceClient(api_key=emu.api_key, base_url=emu.base_url)
+        c = voiceapi.AsyncVoiceClient(api_key=emu.api_key, base_url=emu.base_url)
+        await c.preset_voices.list(page_size=1)
+        if sys.argv[1] == "close":
+            await c.aclose()
+        del c, unused
+        gc.collect()
+        print("collected", flush=True)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("how", ["drop", "close"])
+def test_a_dropped_async_client_says_how_to_close_it(how: str) -> None:
+    out = subprocess.run([sys.executable, "-c", ASYNC_DROP_SCRIPT, how], capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "collected", out.stderr
+    hint = "AsyncVoiceClient was garbage-collected with its HTTP session open"
+    # Once for the client that opened a session; nothing for one never used, or closed.
+    assert out.stderr.count(hint) == (1 if how == "drop" else 0), out.stderr
+    if how == "drop":
+        assert "`async with AsyncVoiceClient(...) as client:`" in out.stderr

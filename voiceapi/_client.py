@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import ssl as _ssl
 import warnings
+import weakref
 from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -20,6 +22,8 @@ from ._transport import Transport
 
 if TYPE_CHECKING:
     from ._coordinator import Coordinator
+
+logger = logging.getLogger(C.LOGGER_NAME)
 
 
 def concurrency_limit(max_concurrent_requests: int | None, max_in_flight: int | None, *,
@@ -74,6 +78,11 @@ class AsyncVoiceClient:
             max_concurrent_requests=max_concurrent_requests, ssl=ssl, proxy=proxy)
         self._transport = Transport(self._config, session=session, middlewares=middlewares,
                                     retry_policy=retry_policy, coordinator=coordinator)
+        # A client dropped with its session open gets aiohttp's raw "Unclosed connector"
+        # report; this says which object it was and how to close it. Not at exit: leaving a
+        # script without closing is aiohttp's to report, once.
+        self._finalizer = weakref.finalize(self, _dropped_open, self._transport)
+        self._finalizer.atexit = False
         self.custom_voices = AsyncCustomVoices(self._transport)
         self.preset_voices = AsyncPresetVoices(self._transport)
         # A shared coordinator learns which Kling account it serves from us (its namespace is
@@ -101,6 +110,7 @@ class AsyncVoiceClient:
 
         A coordinator bound to this client hears of it (``client_closed``): one the user never
         opened with ``async with`` closes with its last client, on the loop it ran on."""
+        self._finalizer.detach()
         await self._transport.aclose()
         closed = getattr(self._transport.coordinator, "client_closed", None)
         if callable(closed):
@@ -118,3 +128,14 @@ class AsyncVoiceClient:
     def __repr__(self) -> str:
         return (f"AsyncVoiceClient(base_url={self._config.base_url!r}, "
                 f"credentials={self._config.credentials!r})")
+
+
+_DROPPED = ("an AsyncVoiceClient was garbage-collected with its HTTP session open; close it with "
+            "`async with AsyncVoiceClient(...) as client:` or `await client.aclose()`")
+
+
+def _dropped_open(transport: Transport) -> None:
+    """The finalizer of an AsyncVoiceClient (it must not reference the client itself)."""
+    if transport.holds_open_session():
+        logger.warning(_DROPPED)  # shown even with logging unconfigured (stderr)
+        warnings.warn(_DROPPED, ResourceWarning, stacklevel=2)

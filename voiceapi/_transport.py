@@ -251,6 +251,12 @@ class Transport:
             sent=SentCredential(request.headers.get("Authorization")))
         return Response(status=status, headers=headers, data=data_out, request_id=request_id)
 
+    def holds_open_session(self) -> bool:
+        """A session of our own was opened and not closed (a client dropped without aclose)."""
+        session = self._session
+        return (not self._closed and self._owns_session and session is not None
+                and not session.closed)
+
     async def aclose(self) -> None:
         """Close the session we own (safe to call twice); a borrowed session stays open."""
         if self._closed:
