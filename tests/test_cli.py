@@ -371,12 +371,20 @@ def test_mock_server_takes_the_emulator_knobs() -> None:
 def test_mock_server_options_are_the_emulators() -> None:
     helped = run(None, "mock-server", "--help")
     for flag in ("--profile {strict-real}", "--list-order", "--deleted-voices", "--numeric-money",
-                 "--webhook-secret", "--max-page-size", "Defaults here: --port 8787"):
+                 "--webhook-secret", "--max-page-size"):
         assert flag in helped.stdout
+    # The defaults shown are the ones this command uses, not the standalone emulator's.
+    text = " ".join(helped.stdout.split())
+    for shown in ("port (default 8787)", "to finish (default 5)", "(default local-api-key)"):
+        assert shown in text
+    assert "any free port" not in text and "(default 0.2)" not in text
     bad = run(None, "mock-server", "--port", "0", "--max-page-size", "5000")
     assert bad.exit_code == 2 and bad.stderr.startswith("error: max_page_size must be")
     unknown = run(None, "mock-server", "--colour", "red")
-    assert unknown.exit_code == 2 and "unrecognized arguments: --colour" in unknown.stderr
+    assert unknown.exit_code == 2 and unknown.stderr.count("\n") == 1
+    assert "unknown option '--colour'" in unknown.stderr
+    typo = run(None, "mock-server", "--task-secnds", "2")
+    assert typo.exit_code == 2 and "did you mean --task-seconds?" in typo.stderr
 
 
 def test_mock_server_on_a_busy_port_is_a_usage_error() -> None:

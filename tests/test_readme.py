@@ -50,8 +50,9 @@ def test_every_block_is_covered() -> None:
     kinds = {lang for _, lang, _ in _blocks()}
     assert kinds <= {"python", "bash", ""}, kinds
     assert set(BASH) == {"voiceapi", "CLI"}
-    # The jq filter is quoted: unquoted, a shell may glob `.voices[].voice_id`.
-    assert "jq -r '.voices[].voice_id'" in BASH["CLI"]
+    # The jq filter is quoted (unquoted, a shell may glob `.voices[]`), and skips deleted
+    # voices (they stay listed, marked "deleted").
+    assert """jq -r '.voices[] | select(.status != "deleted") | .voice_id'""" in BASH["CLI"]
     assert all(not re.search(r"^\s*(import|from|voiceapi|python)\b", code, flags=re.M)
                for _, lang, code in _blocks() if lang == "")
     assert len(PYTHON) >= 6

@@ -7,6 +7,7 @@ colour appear on stderr, only on a terminal. A closed pipe (``| head -1``) ends 
 from __future__ import annotations
 
 import asyncio
+import difflib
 import re
 import sys
 import time
@@ -541,13 +542,13 @@ class _MockServerCommand(click.Command):
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         from ..testing import build_parser
 
-        text = build_parser(prog="voiceapi mock-server").format_help()
+        shown = {"port": str(C.CLI_EMULATOR_PORT),
+                 "task_seconds": f"{_MOCK_DEFAULTS['task_seconds']:g}",
+                 "api_key": C.CLI_EMULATOR_API_KEY, "secret_key": "a fixed key"}
+        text = build_parser(prog="voiceapi mock-server", defaults_shown=shown).format_help()
         options = text.split("options:\n", 1)[-1]
         with formatter.section("Emulator options"):
-            formatter.write_text(
-                f"Defaults here: --port {C.CLI_EMULATOR_PORT}, --task-seconds 5, "
-                f"--api-key {C.CLI_EMULATOR_API_KEY}, a fixed --secret-key.")
-            formatter.write("\n" + "\n".join(line for line in options.splitlines()
+            formatter.write("\n".join(line for line in options.splitlines()
                                               if "-h, --help" not in line) + "\n")
         super().format_epilog(ctx, formatter)
 
@@ -569,7 +570,14 @@ def mock_server(state: State, emulator_args: tuple[str, ...]) -> None:
     state.refuse_globals("mock-server", "it is the server; its key is mock-server --api-key")
     from ..testing import build_parser, serve
 
-    parsed = build_parser(prog="voiceapi mock-server").parse_args(list(emulator_args))
+    parser = build_parser(prog="voiceapi mock-server")
+    parsed, unknown = parser.parse_known_args(list(emulator_args))
+    if unknown:  # one line with a suggestion, like the other commands (not argparse's usage)
+        flags = [f for action in parser._actions for f in action.option_strings]
+        guess = difflib.get_close_matches(unknown[0].split("=", 1)[0], flags, n=1)
+        hint = f" (did you mean {guess[0]}?)" if guess else ""
+        raise InputError(f"unknown option {unknown[0]!r} for mock-server{hint}; see "
+                         "voiceapi mock-server --help")
     options = {**_MOCK_DEFAULTS, **{k: v for k, v in vars(parsed).items() if v is not None}}
 
     def announce(emu: Any) -> None:

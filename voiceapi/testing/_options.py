@@ -9,6 +9,7 @@ and validate them the same way.
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -103,11 +104,13 @@ def check_number(name: str, value: Any, *, minimum: float, allow_none: bool = Fa
         raise ValueError(f"{name} must be {kind} >= {minimum:g}, got {value!r}")
 
 
-def build_parser(prog: str = "python -m voiceapi.testing") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m voiceapi.testing",
+                 defaults_shown: dict[str, str] | None = None) -> argparse.ArgumentParser:
     """The emulator's command-line options (argparse, so no click is needed).
 
     Every option defaults to "not given": the emulator's own defaults (and ``--profile``) then
-    apply, exactly as for ``KlingEmulator(...)`` in code.
+    apply, exactly as for ``KlingEmulator(...)`` in code. ``defaults_shown`` (option dest →
+    text) is for a front end with defaults of its own: its help then says those.
     """
     p = argparse.ArgumentParser(
         prog=prog, description="Run the local Kling Custom Voice emulator until SIGTERM/SIGINT. "
@@ -147,6 +150,10 @@ def build_parser(prog: str = "python -m voiceapi.testing") -> argparse.ArgumentP
     add("--max-body-bytes", type=int, help="largest request body")
     add("--max-recorded-requests", type=int, help="length of the in-memory request log")
     add("--seed", type=int, help="seed for ids")
+    for action in p._actions:  # argparse keeps no public list of its options
+        shown = (defaults_shown or {}).get(action.dest)
+        if shown is not None and action.help:
+            action.help = re.sub(r"\(default[^)]*\)", f"(default {shown})", action.help)
     return p
 
 
