@@ -226,6 +226,10 @@ class _Run:
         entries = [e for e in self.ledger.entries if e.body is not None and not e.done]
         known = await self._known([e.key for e in entries])
         if not known:
+            if self._journal_was_empty():
+                # Killed before its first record, maybe with creates the server accepted but
+                # never answered: the journal cannot tell, so every item is looked up first.
+                self.submitter.look_first = True
             return
         # A journal with entries means a rerun: an item created just before a crash may be
         # missing from it, so every item is looked up before it is created (unless the
@@ -245,6 +249,10 @@ class _Run:
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+
+    def _journal_was_empty(self) -> bool:
+        side = self.side_journal is not None and self.side_journal.was_empty
+        return side or getattr(self.coord, "journal_was_empty", False) is True
 
     async def _known(self, keys: list[str]) -> dict[str, JournalEntry]:
         known = dict(await self.coord.known(keys)) if keys else {}

@@ -52,6 +52,9 @@ class FileJournal:
         directory = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(directory):
             raise JournalError(f"journal directory does not exist: {directory}")
+        #: The file was there already, with nothing in it: a batch opened it and was killed
+        #: before its first record (possibly after the server had accepted creates).
+        self.was_empty = os.path.isfile(self.path) and os.path.getsize(self.path) == 0
         try:
             fh = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (kept open)
         except OSError as exc:
@@ -273,6 +276,11 @@ class LocalCoordinator:
         self._free(key)
         self._write(key, task_id, status)
         self._notify()
+
+    @property
+    def journal_was_empty(self) -> bool:
+        """Its journal file existed, empty, when opened (see ``FileJournal.was_empty``)."""
+        return self._file is not None and self._file.was_empty
 
     @property
     def cap(self) -> int:
