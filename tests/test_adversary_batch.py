@@ -100,3 +100,30 @@ def test_killed_mid_batch_with_late_and_dropped_answers_reruns_exactly_once(
         assert _tasks_per_id(emu) == {"1": 30}
         assert emu.stats()["peak_in_progress"] <= 4
         assert emu.internal_errors == []
+
+
+JOURNAL_LINES = [
+    b'{"ext": "caf\xe9", "task_id": "1", "status": "succeed"}\n',  # not UTF-8 (edited)
+    b'\xff\xfe{"ext": [1], "task_id": {}}\n',
+    b'[]\n7\nnull\n{"ext": "vb-x", "task_id": "../../etc"}\n',
+    b'{"ext": "vb-y", "task_id": "1", "sta',  # cut by a crash, mid-line
+]
+
+
+async def test_an_edited_or_foreign_journal_file_is_read_around(tmp_path: Path) -> None:
+    """A journal with bytes that are not UTF-8 made create_many raise a bare
+    UnicodeDecodeError; unreadable lines are now skipped like any other bad line."""
+    journal = tmp_path / "batch.journal"
+    journal.write_bytes(b"".join(JOURNAL_LINES))
+    async with KlingEmulator(task_seconds=0.05) as emu:
+        async with voiceapi.AsyncVoiceClient(api_key=emu.api_key, base_url=emu.base_url,
+                                             retry_policy=FAST_RETRY) as client:
+            first = await client.custom_voices.create_many(
+                _items(emu.sample_url(), 3), journal=str(journal), poll_interval=0.05)
+            again = await client.custom_voices.create_many(
+                _items(emu.sample_url(), 3), journal=str(journal), poll_interval=0.05)
+        assert [r.ok for r in first] == [True] * 3
+        assert [r.task.task_id for r in again if r.task] == \
+            [r.task.task_id for r in first if r.task]  # the rerun found them in the journal
+        assert emu.task_count == 3
+    assert journal.read_bytes().startswith(b"".join(JOURNAL_LINES))  # nothing rewritten

@@ -56,7 +56,10 @@ class FileJournal:
         #: before its first record (possibly after the server had accepted creates).
         self.was_empty = os.path.isfile(self.path) and os.path.getsize(self.path) == 0
         try:
-            fh = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (kept open)
+            # Lines are written as ASCII JSON; bytes that are not UTF-8 (an edited or foreign
+            # file) only make their line unreadable, skipped like any other bad line.
+            fh = open(self.path, "a+", encoding="utf-8",  # noqa: SIM115 (kept open)
+                      errors="replace")
         except OSError as exc:
             raise JournalError(f"cannot open journal {self.path}: {exc.strerror}") from None
         if fcntl is not None:
