@@ -283,3 +283,25 @@ def test_breaking_out_of_an_iteration_while_another_thread_closes_is_quiet(
     assert not thread.is_alive()
     assert result == [1]
     assert [u.exc_value for u in unraisable] == []
+
+
+def test_debug_mode_turned_on_by_a_call_keeps_later_calls_working() -> None:
+    """The caller-creates hand-off was chosen once, when the loop started; a call that turned
+    asyncio's debug mode on (loop.set_debug) made every later call fail with "Non-thread-safe
+    operation invoked on an event loop other than the current one"."""
+    runner = LoopThread()
+    try:
+        async def turn_debug_on() -> bool:
+            asyncio.get_running_loop().set_debug(True)
+            return True
+
+        assert runner.run(turn_debug_on())
+        assert runner.run(asyncio.sleep(0, "later")) == "later"
+
+        async def turn_debug_off() -> None:
+            asyncio.get_running_loop().set_debug(False)
+
+        runner.run(turn_debug_off())
+        assert runner.run(asyncio.sleep(0, "again")) == "again"
+    finally:
+        runner.shutdown()

@@ -130,7 +130,9 @@ class LoopThread:
                         "thread (e.g. from a middleware); that would deadlock. Use "
                         "AsyncVoiceClient there.")
                 handed = True
-                if self._direct:
+                # Debug mode checks that call_soon runs on the loop's thread, and a call may
+                # turn it on at any time (loop.set_debug): read it each time.
+                if self._direct and not loop._debug:  # type: ignore[attr-defined]
                     # Our loop: the task is created here, on the caller's thread. Creating it
                     # queues its first step with loop.call_soon, the same deque append that
                     # call_soon_threadsafe does (only debug mode adds a thread check, and a
