@@ -127,3 +127,26 @@ async def test_an_edited_or_foreign_journal_file_is_read_around(tmp_path: Path) 
             [r.task.task_id for r in first if r.task]  # the rerun found them in the journal
         assert emu.task_count == 3
     assert journal.read_bytes().startswith(b"".join(JOURNAL_LINES))  # nothing rewritten
+
+
+async def test_a_retry_never_takes_another_items_id() -> None:
+    """retry_failed sends a failed item again as "<id>-r1". When another item of the batch
+    already had that id as its own, the retry was answered with that item's task, and the
+    failed item was reported as succeeded with the other item's voice."""
+    async with KlingEmulator(concurrency=5, task_seconds=0.05) as emu:
+        url = emu.sample_url()
+        items = [{"voice_name": "a", "voice_url": url, "external_task_id": "job-7-r1"},
+                 {"voice_name": "b", "voice_url": url + "?kling_fail=bad",
+                  "external_task_id": "job-7"}]
+        async with voiceapi.AsyncVoiceClient(api_key=emu.api_key, base_url=emu.base_url,
+                                             retry_policy=FAST_RETRY) as client:
+            first = await client.custom_voices.create_many(items, poll_interval=0.05)
+            again = await client.custom_voices.create_many(items, poll_interval=0.05,
+                                                           retry_failed=True)
+        assert [r.ok for r in first] == [True, False]
+        a, b = again
+        assert a.ok and a.task is not None and a.task.external_task_id == "job-7-r1"
+        assert not b.ok and isinstance(b.error, voiceapi.TaskFailedError)
+        assert b.task is not None and b.task.external_task_id == "job-7"
+        assert a.task.task_id != b.task.task_id
+        assert emu.task_count == 2

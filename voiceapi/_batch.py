@@ -160,6 +160,9 @@ class _Run:
         self.timeout = timeout
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.retry_failed = retry_failed
+        #: Every item's own id (only for retries): a retry's fresh id must not be one of them.
+        self.item_keys: set[str] = {e.key for e in entries if e.body is not None} \
+            if retry_failed else set()
         self.side_journal = side_journal
         self.wake = asyncio.Event()
         self.submitter = Submitter(api, coordinator, self.ledger, on_created=self._created,
@@ -200,10 +203,16 @@ class _Run:
         if not self.retry_failed or entry.generation >= C.BATCH_MAX_RETRY_GENERATIONS:
             return False
         assert entry.body is not None
-        if entry.origin is None:
-            entry.origin = entry.key
+        origin = entry.key if entry.origin is None else entry.origin
+        key = retry_key(origin, entry.generation + 1)
+        if key in self.item_keys:
+            # Another item of this batch has that id as its own ("x-r1" beside "x"): the
+            # retry would be answered with that item's task, and report its voice as this
+            # item's. The item keeps its failure instead.
+            return False
+        entry.origin = origin
         entry.generation += 1
-        entry.rekey(retry_key(entry.origin, entry.generation))
+        entry.rekey(key)
         entry.task, entry.error, entry.earlier, entry.done = None, None, False, False
         self.ledger.set_phase(entry, Phase.PENDING)
         self.submitter.pending.append(entry)
