@@ -150,3 +150,27 @@ async def test_a_retry_never_takes_another_items_id() -> None:
         assert b.task is not None and b.task.external_task_id == "job-7"
         assert a.task.task_id != b.task.task_id
         assert emu.task_count == 2
+
+
+async def test_an_empty_journal_means_a_rerun_only_until_it_is_written(tmp_path: Path) -> None:
+    """An existing empty journal makes the next batch look its items up first (it may be the
+    rerun of a batch killed before its first line); a coordinator that keeps the journal open
+    does not make every later batch pay a lookup per item for it."""
+    journal = tmp_path / "batch.journal"
+    journal.touch()
+    async with KlingEmulator(concurrency=5, task_seconds=0.05) as emu:
+        url = emu.sample_url()
+        coord = voiceapi.LocalCoordinator(journal=journal)
+        async with coord, voiceapi.AsyncVoiceClient(api_key=emu.api_key,
+                                                    base_url=emu.base_url,
+                                                    retry_policy=FAST_RETRY) as client:
+            await client.custom_voices.create_many(_items(url, 3), coordinator=coord,
+                                                   poll_interval=0.05)
+            looked_up = emu.count("get")
+            assert emu.count("create") == 3
+            later = [{"voice_name": f"later{i}", "voice_url": url} for i in range(3)]
+            await client.custom_voices.create_many(later, coordinator=coord,
+                                                   poll_interval=0.05)
+        assert looked_up >= 3  # the first batch looked every item up before creating it
+        assert emu.count("get") - looked_up <= 1  # the next one: its one probe at most
+        assert emu.task_count == 6

@@ -53,7 +53,8 @@ class FileJournal:
         if not os.path.isdir(directory):
             raise JournalError(f"journal directory does not exist: {directory}")
         #: The file was there already, with nothing in it: a batch opened it and was killed
-        #: before its first record (possibly after the server had accepted creates).
+        #: before its first record (possibly after the server had accepted creates). Only
+        #: until this journal writes: later batches sharing it are not reruns of that one.
         self.was_empty = os.path.isfile(self.path) and os.path.getsize(self.path) == 0
         try:
             # Lines are written as ASCII JSON; bytes that are not UTF-8 (an edited or foreign
@@ -105,6 +106,7 @@ class FileJournal:
         """Write and flush one line. A failure (disk full, I/O error) is a JournalError: the
         batch must stop, not go on with a journal that could not resume it."""
         assert self._fh is not None
+        self.was_empty = False
         try:
             self._fh.write(text)
             self._fh.flush()
