@@ -160,6 +160,9 @@ class _Run:
         self.timeout = timeout
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.retry_failed = retry_failed
+        #: Every item's own id (only for retries): a retry's fresh id must not be one of them.
+        self.item_keys: set[str] = {e.key for e in entries if e.body is not None} \
+            if retry_failed else set()
         self.side_journal = side_journal
         self.wake = asyncio.Event()
         self.submitter = Submitter(api, coordinator, self.ledger, on_created=self._created,
@@ -200,10 +203,16 @@ class _Run:
         if not self.retry_failed or entry.generation >= C.BATCH_MAX_RETRY_GENERATIONS:
             return False
         assert entry.body is not None
-        if entry.origin is None:
-            entry.origin = entry.key
+        origin = entry.key if entry.origin is None else entry.origin
+        key = retry_key(origin, entry.generation + 1)
+        if key in self.item_keys:
+            # Another item of this batch has that id as its own ("x-r1" beside "x"): the
+            # retry would be answered with that item's task, and report its voice as this
+            # item's. The item keeps its failure instead.
+            return False
+        entry.origin = origin
         entry.generation += 1
-        entry.rekey(retry_key(entry.origin, entry.generation))
+        entry.rekey(key)
         entry.task, entry.error, entry.earlier, entry.done = None, None, False, False
         self.ledger.set_phase(entry, Phase.PENDING)
         self.submitter.pending.append(entry)
@@ -226,6 +235,10 @@ class _Run:
         entries = [e for e in self.ledger.entries if e.body is not None and not e.done]
         known = await self._known([e.key for e in entries])
         if not known:
+            if self._journal_was_empty():
+                # Killed before its first record, maybe with creates the server accepted but
+                # never answered: the journal cannot tell, so every item is looked up first.
+                self.submitter.look_first = True
             return
         # A journal with entries means a rerun: an item created just before a crash may be
         # missing from it, so every item is looked up before it is created (unless the
@@ -245,6 +258,10 @@ class _Run:
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+
+    def _journal_was_empty(self) -> bool:
+        side = self.side_journal is not None and self.side_journal.was_empty
+        return side or getattr(self.coord, "journal_was_empty", False) is True
 
     async def _known(self, keys: list[str]) -> dict[str, JournalEntry]:
         known = dict(await self.coord.known(keys)) if keys else {}

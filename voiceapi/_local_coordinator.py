@@ -52,8 +52,15 @@ class FileJournal:
         directory = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(directory):
             raise JournalError(f"journal directory does not exist: {directory}")
+        #: The file was there already, with nothing in it: a batch opened it and was killed
+        #: before its first record (possibly after the server had accepted creates). Only
+        #: until this journal writes: later batches sharing it are not reruns of that one.
+        self.was_empty = os.path.isfile(self.path) and os.path.getsize(self.path) == 0
         try:
-            fh = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (kept open)
+            # Lines are written as ASCII JSON; bytes that are not UTF-8 (an edited or foreign
+            # file) only make their line unreadable, skipped like any other bad line.
+            fh = open(self.path, "a+", encoding="utf-8",  # noqa: SIM115 (kept open)
+                      errors="replace")
         except OSError as exc:
             raise JournalError(f"cannot open journal {self.path}: {exc.strerror}") from None
         if fcntl is not None:
@@ -99,6 +106,7 @@ class FileJournal:
         """Write and flush one line. A failure (disk full, I/O error) is a JournalError: the
         batch must stop, not go on with a journal that could not resume it."""
         assert self._fh is not None
+        self.was_empty = False
         try:
             self._fh.write(text)
             self._fh.flush()
@@ -273,6 +281,11 @@ class LocalCoordinator:
         self._free(key)
         self._write(key, task_id, status)
         self._notify()
+
+    @property
+    def journal_was_empty(self) -> bool:
+        """Its journal file existed, empty, when opened (see ``FileJournal.was_empty``)."""
+        return self._file is not None and self._file.was_empty
 
     @property
     def cap(self) -> int:

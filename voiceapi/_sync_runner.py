@@ -62,6 +62,8 @@ class LoopThread:
         self._calls: set[_Call[Any]] = set()
         self._closing = False
         self._closed = False
+        #: Set by _shutdown just before it stops the loop: any other stop is not the end.
+        self._stopping = threading.Event()
         _runners.add(self)
 
     @property
@@ -73,13 +75,23 @@ class LoopThread:
         if self._loop is None:
             loop = _new_loop()
             started = threading.Event()
+            stopping = self._stopping
 
             def run() -> None:
                 asyncio.set_event_loop(loop)
                 loop.call_soon(started.set)
                 try:
-                    loop.run_forever()
+                    # Only _shutdown ends the loop. A SystemExit or KeyboardInterrupt raised
+                    # in a task (say a middleware's, in a batch worker) escapes run_forever
+                    # after the task has stored it: run on, and the call awaiting that task
+                    # re-raises it in its caller's thread. A stopped loop would leave every
+                    # caller waiting for ever. Each pass ends with one such raise or stop().
+                    while not stopping.is_set():
+                        with contextlib.suppress(SystemExit, KeyboardInterrupt):
+                            loop.run_forever()
                 finally:
+                    if not stopping.is_set():  # the loop broke: no call can finish any more
+                        self._closing = self._closed = True
                     # The loop closes itself once stopped: also right when the stop came
                     # from a finalizer running on this very thread.
                     loop.close()
@@ -118,7 +130,9 @@ class LoopThread:
                         "thread (e.g. from a middleware); that would deadlock. Use "
                         "AsyncVoiceClient there.")
                 handed = True
-                if self._direct:
+                # Debug mode checks that call_soon runs on the loop's thread, and a call may
+                # turn it on at any time (loop.set_debug): read it each time.
+                if self._direct and not loop._debug:  # type: ignore[attr-defined]
                     # Our loop: the task is created here, on the caller's thread. Creating it
                     # queues its first step with loop.call_soon, the same deque append that
                     # call_soon_threadsafe does (only debug mode adds a thread check, and a
@@ -159,21 +173,39 @@ class LoopThread:
             return call.result  # type: ignore[return-value]  # set: no error, so a result
         return call.outcome(self._closing)
 
-    def iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
-        """A plain iterator over an async one; breaking out early closes the async generator."""
-        finished = False
+    def iterate(self, agen: AsyncIterator[T], owner: object = None) -> Iterator[T]:
+        """A plain iterator over an async one; breaking out early closes the async generator.
+
+        ``owner`` (the VoiceClient) is kept alive while the iterator is: a client that is
+        garbage-collected is closed, and that would end the iteration half-way.
+        """
+        finished = failed = False
+        #: The task of the latest __anext__: a Ctrl-C leaves it being cancelled on the loop.
+        latest: list[asyncio.Task[Any] | None] = [None]
         try:
             while True:  # ends with StopAsyncIteration; the async iterators are bounded
                 try:
-                    item = self.run(_anext(agen))
+                    item = self.run(_anext(agen, latest))
                 except StopAsyncIteration:
                     finished = True
                     return
                 yield item
+        except GeneratorExit:  # closed early (break, or the iterator dropped)
+            raise
+        except BaseException:
+            failed = True
+            raise
         finally:
             if not finished and isinstance(agen, AsyncGenerator) and not self._closing \
                     and not self.in_loop_thread():
-                self.run(agen.aclose())
+                try:
+                    self.run(_aclose(agen, latest[0]))
+                except ClientClosedError:
+                    pass  # closed meanwhile: the loop's shutdown closes the generator
+                except Exception:
+                    if not failed:  # the error (a Ctrl-C above all) is what the caller
+                        raise  # must see, not a failure to tidy up after it
+            del owner
 
     def shutdown(self, final: Coroutine[Any, Any, None] | None = None) -> None:
         """Stop taking calls, cancel the ones in progress (they raise ClientClosedError), run
@@ -199,8 +231,9 @@ class LoopThread:
             return
         try:
             calls = self._calls
+            stopping = self._stopping
             loop.call_soon_threadsafe(
-                lambda: loop.create_task(_shutdown(loop, final, calls)))
+                lambda: loop.create_task(_shutdown(loop, final, calls, stopping)))
         except RuntimeError:  # the loop is already closed (e.g. stopped from its own thread)
             if final is not None:
                 final.close()
@@ -215,6 +248,7 @@ class LoopThread:
         if self._loop is not None:
             FORK_ORPHANS.append(self._loop)
         self._loop = self._thread = self._thread_ident = None
+        self._stopping = threading.Event()
         self._calls = set()  # the parent's calls: their threads do not exist here
         if self._on_fork is not None:
             FORK_ORPHANS.extend(self._on_fork())
@@ -356,12 +390,22 @@ def _never_started(coro: object) -> bool:
     return coro in _UNBORN or inspect.getcoroutinestate(coro) == inspect.CORO_CREATED
 
 
-async def _anext(agen: AsyncIterator[T]) -> T:
+async def _anext(agen: AsyncIterator[T], latest: list[asyncio.Task[Any] | None]) -> T:
+    latest[0] = asyncio.current_task()
     return await agen.__anext__()
 
 
+async def _aclose(agen: AsyncGenerator[Any, Any], latest: asyncio.Task[Any] | None) -> None:
+    """Close an async generator once the __anext__ that a Ctrl-C interrupted has unwound
+    (its cancellation is queued before this call): closing a generator that is still
+    running raises RuntimeError."""
+    if latest is not None and not latest.done():
+        await asyncio.wait({latest}, timeout=SHUTDOWN_GRACE)
+    await agen.aclose()
+
+
 async def _shutdown(loop: asyncio.AbstractEventLoop, final: Coroutine[Any, Any, None] | None,
-                    calls: set[_Call[Any]]) -> None:
+                    calls: set[_Call[Any]], stopping: threading.Event) -> None:
     """On the loop: cancel every other task and wait (bounded) for them to unwind, run
     ``final``, close async generators and the default executor, then stop the loop."""
     try:
@@ -379,6 +423,7 @@ async def _shutdown(loop: asyncio.AbstractEventLoop, final: Coroutine[Any, Any, 
         await loop.shutdown_asyncgens()
         await loop.shutdown_default_executor()
     finally:
+        stopping.set()
         loop.stop()
 
 
