@@ -200,8 +200,6 @@ def test_an_iterator_keeps_its_client_open(temu: KlingEmulator) -> None:
         gc.collect()
 
 
-@pytest.mark.xfail(strict=True, reason="the generated facade does not pass owner= yet: "
-                   "tools/gen_sync.py must emit iterate(..., owner=self._owner)")
 def test_iter_all_on_a_temporary_client_runs_to_the_end(temu: KlingEmulator) -> None:
     with voiceapi.VoiceClient(api_key=temu.api_key, base_url=temu.base_url) as setup:
         for i in range(3):

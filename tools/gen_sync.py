@@ -110,7 +110,10 @@ def _method(fn: ast.AsyncFunctionDef) -> str:
     if doc:
         lines.append(f'        """{doc}"""')
     call = f"self._resource.{fn.name}({_call_args(fn.args)})"
-    lines.append(f"        return self._runner.{'iterate' if gen else 'run'}({call})")
+    if gen:  # the iterator holds the client: a temporary client stays open until it ends
+        lines.append(f"        return self._runner.iterate({call}, owner=self._owner)")
+    else:
+        lines.append(f"        return self._runner.run({call})")
     return "\n".join(lines)
 
 

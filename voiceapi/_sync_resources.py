@@ -64,7 +64,7 @@ class CustomVoices:
 
         A page size the server refuses steps down (1000 → 500 → 100), remembered per client.
         """
-        return self._runner.iterate(self._resource.iter_all(page_size=page_size))
+        return self._runner.iterate(self._resource.iter_all(page_size=page_size), owner=self._owner)
 
     def delete(self, voice_id: str) -> None:
         """Delete a custom voice by its ``voice_id`` (not the task id). Presets cannot be."""
@@ -112,4 +112,4 @@ class PresetVoices:
         A page is short by tasks, not voices (a task may hold several voices); a page size the
         server refuses steps down (1000 → 500 → 100), remembered per client.
         """
-        return self._runner.iterate(self._resource.iter_all(page_size=page_size))
+        return self._runner.iterate(self._resource.iter_all(page_size=page_size), owner=self._owner)
