@@ -814,3 +814,32 @@ def test_a_journal_the_batch_cannot_open_is_one_error(
     assert result.exit_code == 1
     assert result.stderr.strip() == f"error: No space left on device: {tmp_path / 'j'}"
     assert temu.count("create") == 0
+
+
+def test_an_interrupted_batch_ends_with_its_message_not_a_redrawn_bar(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C inside the batch's progress bar: the bar's last state stays, and the
+    "interrupted … rerun to resume" message is the last thing on the terminal."""
+    import types
+
+    from rich.console import Console
+
+    from voiceapi import BatchProgress
+    from voiceapi._cli import _app, _output
+
+    monkeypatch.setattr(_output, "_stderr_console", lambda: Console(
+        file=sys.stderr, force_terminal=True, width=100, highlight=False))
+
+    async def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    state: Any = types.SimpleNamespace(doing="batch of 3 from v.csv; rerun to resume")
+    with pytest.raises(SystemExit) as exit_info, _output.BatchBar() as bar:
+        bar.update(BatchProgress(total=3, pending=1, submitted=1, processing=0, succeeded=1,
+                                 failed=0, in_flight=1, slots=5))
+        _app._run(state, interrupted)
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert "ok 1 failed 0" in err  # the bar was drawn
+    tail = err.rstrip().rsplit("\n", 1)[-1]
+    assert tail.endswith("interrupted: batch of 3 from v.csv; rerun to resume"), repr(err[-300:])

@@ -46,6 +46,7 @@ from ._output import (
     out,
     result_table,
     silence_stdout,
+    stop_live_displays,
     task_table,
     voice_table,
 )
@@ -156,6 +157,7 @@ def _run(state: State, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
             detail += f" (request_id={exc.request_id})"
         error(detail)
     except KeyboardInterrupt:
+        stop_live_displays()  # the message comes last, not a progress bar redrawn below it
         click.echo(f"\ninterrupted{': ' + state.doing if state.doing else ''}", err=True)
         raise SystemExit(C.CLI_EXIT_INTERRUPTED) from None
     except OSError as exc:  # a local file went away mid-command (journal folder, full disk)

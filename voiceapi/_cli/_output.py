@@ -228,6 +228,19 @@ class _RateColumn(ProgressColumn):
         return Text(f"{speed:.1f}/s" if speed else "–/s")
 
 
+#: Live progress displays on stderr right now: a message printed while one is live would have
+#: the display drawn again below it, so ``stop_live_displays`` ends them first.
+_LIVE: set[Progress] = set()
+
+
+def stop_live_displays() -> None:
+    """End every live progress display (its last state stays on screen), e.g. before the
+    "interrupted" message, so that message is the last thing on the terminal."""
+    for progress in list(_LIVE):
+        _LIVE.discard(progress)
+        progress.stop()
+
+
 class BatchBar:
     """A progress bar with counts, rate and ETA; a no-op when stderr is not a terminal."""
 
@@ -246,10 +259,12 @@ class BatchBar:
     def __enter__(self) -> BatchBar:
         if self._progress is not None:
             self._progress.start()
+            _LIVE.add(self._progress)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
+        if self._progress is not None and self._progress in _LIVE:
+            _LIVE.discard(self._progress)
             self._progress.stop()
 
     def update(self, p: BatchProgress) -> None:
@@ -275,8 +290,10 @@ class Spinner:
         if self._progress is not None:
             self._progress.start()
             self._progress.add_task("", total=None)
+            _LIVE.add(self._progress)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
+        if self._progress is not None and self._progress in _LIVE:
+            _LIVE.discard(self._progress)
             self._progress.stop()
