@@ -289,7 +289,6 @@ _new_task: Callable[..., VoiceTask] = _fast_constructor(VoiceTask)
 
 _UTC = timezone.utc
 _fromtimestamp = datetime.fromtimestamp
-_STATUS_BY_VALUE: dict[str, TaskStatus] = {m.value: m for m in TaskStatus}
 #: A known status and its own text, kept as ``raw_status`` instead of the page's copy of it
 #: (equal, and shared: a tracked task holds no string of its own for it).
 _KNOWN_STATUS: dict[str, tuple[TaskStatus, str]] = {m.value: (m, m.value) for m in TaskStatus}
@@ -362,8 +361,8 @@ def _task_id(value: Any) -> str | None:
 
 def _status(value: Any) -> tuple[TaskStatus, str | None]:
     if type(value) is str:
-        found = _STATUS_BY_VALUE.get(value)
-        return (found if found is not None else TaskStatus(value)), value
+        known = _KNOWN_STATUS.get(value)
+        return known if known is not None else (TaskStatus(value), value)
     if isinstance(value, str):
         return _status(str(value))
     # A missing or non-string status is one we do not know (wait() keeps waiting); keep its
@@ -542,12 +541,7 @@ def _structure_task_lenient(raw: Any) -> VoiceTask:
         tid = _task_id(tid)
     if tid is None:
         raise _NoTaskId(f"task record has no usable task_id (got {_preview(get('task_id'))})")
-    raw_status = get("task_status")
-    known = _KNOWN_STATUS.get(raw_status) if type(raw_status) is str else None
-    if known is not None:
-        status, raw_status = known
-    else:
-        status, raw_status = _status(raw_status)
+    status, raw_status = _status(get("task_status"))
     msg = get("task_status_msg")
     info = get("task_info")
     ext = info.get("external_task_id") if type(info) is dict else None

@@ -241,12 +241,28 @@ def stop_live_displays() -> None:
         progress.stop()
 
 
-class BatchBar:
+class _LiveDisplay:
+    """A rich Progress on stderr (None when stderr is not a terminal), listed in ``_LIVE``
+    while it runs so ``stop_live_displays`` can end it early."""
+
+    _progress: Progress | None = None
+
+    def _start(self) -> None:
+        if self._progress is not None:
+            self._progress.start()
+            _LIVE.add(self._progress)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None and self._progress in _LIVE:
+            _LIVE.discard(self._progress)
+            self._progress.stop()
+
+
+class BatchBar(_LiveDisplay):
     """A progress bar with counts, rate and ETA; a no-op when stderr is not a terminal."""
 
     def __init__(self) -> None:
         console = _stderr_console()
-        self._progress: Progress | None = None
         self._task: Any = None
         if console is not None:
             self._progress = Progress(
@@ -257,15 +273,8 @@ class BatchBar:
                 redirect_stdout=False, redirect_stderr=False)
 
     def __enter__(self) -> BatchBar:
-        if self._progress is not None:
-            self._progress.start()
-            _LIVE.add(self._progress)
+        self._start()
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None and self._progress in _LIVE:
-            _LIVE.discard(self._progress)
-            self._progress.stop()
 
     def update(self, p: BatchProgress) -> None:
         if self._progress is None:
@@ -277,7 +286,7 @@ class BatchBar:
         self._progress.update(self._task, completed=p.done, total=p.total, detail=detail)
 
 
-class Spinner:
+class Spinner(_LiveDisplay):
     """``waiting for <task id> 12s`` on stderr while a command waits (terminals only)."""
 
     def __init__(self, text: str) -> None:
@@ -287,13 +296,7 @@ class Spinner:
             console=console, transient=True, redirect_stdout=False, redirect_stderr=False)
 
     def __enter__(self) -> Spinner:
+        self._start()
         if self._progress is not None:
-            self._progress.start()
             self._progress.add_task("", total=None)
-            _LIVE.add(self._progress)
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None and self._progress in _LIVE:
-            _LIVE.discard(self._progress)
-            self._progress.stop()
