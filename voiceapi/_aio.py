@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
-from collections.abc import Awaitable
-from typing import TypeVar
+import threading
+from collections.abc import Awaitable, Coroutine
+from types import FrameType
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -21,3 +24,64 @@ async def within(aw: Awaitable[T], seconds: float) -> T:
         async with asyncio.timeout(seconds):
             return await aw
     return await asyncio.wait_for(aw, seconds)  # pragma: no cover - Python 3.10
+
+
+def run_main(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)`` with Python 3.11's Ctrl-C behaviour on 3.10 as well.
+
+    On 3.10 a Ctrl-C raises KeyboardInterrupt inside whichever task happens to be running (a
+    socket write, say). That task keeps it as its result and re-raises it, the loop then
+    cancels the others, and a task awaiting it raises it a second time where nobody collects
+    it: asyncio prints "Task exception was never retrieved" and a traceback after the CLI's own
+    message. 3.11's runner turns the first Ctrl-C into a cancellation of the main task, lets
+    every ``finally`` run, then raises KeyboardInterrupt once; this is that, for 3.10.
+    """
+    if sys.version_info >= (3, 11):
+        return asyncio.run(main)
+    return _run_main_310(main)  # pragma: no cover - Python 3.10
+
+
+def _run_main_310(main: Coroutine[Any, Any, T]) -> T:  # pragma: no cover - Python 3.10
+    loop = asyncio.new_event_loop()
+    interrupts = 0
+    task = loop.create_task(main)
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1 and not task.done():
+            task.cancel()
+            loop.call_soon_threadsafe(lambda: None)  # wake a select() with a long timeout
+            return
+        raise KeyboardInterrupt  # a second Ctrl-C: the user insists
+
+    ours = (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if ours:
+        signal.signal(signal.SIGINT, on_sigint)
+    try:
+        asyncio.set_event_loop(loop)
+        try:
+            return loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            if interrupts:
+                raise KeyboardInterrupt from None
+            raise
+    finally:
+        if ours and signal.getsignal(signal.SIGINT) is on_sigint:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            _cancel_the_rest(loop)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+def _cancel_the_rest(loop: asyncio.AbstractEventLoop) -> None:  # pragma: no cover - 3.10
+    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for t in pending:
+        t.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))

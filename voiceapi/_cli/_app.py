@@ -21,6 +21,7 @@ import click
 from click.core import ParameterSource
 
 from .. import _constants as C
+from .._aio import run_main
 from .._batch import BatchProgress
 from .._client import AsyncVoiceClient
 from .._errors import (
@@ -137,7 +138,7 @@ def _run(state: State, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run one command's coroutine; map errors to messages and the documented exit codes."""
     started = time.monotonic()
     try:
-        return asyncio.run(make())
+        return run_main(make())
     except ValidationError as exc:
         raise InputError(cli_words(str(exc))) from None
     except (TaskFailedError, WaitTimeoutError) as exc:
