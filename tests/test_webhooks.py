@@ -136,7 +136,40 @@ async def test_create_many_uses_callbacks_to_poll_less() -> None:
                 items: list[dict[str, Any]] = [
                     {"voice_name": f"cb{i}", "voice_url": emu.sample_url()} for i in range(9)]
                 results = await client.custom_voices.create_many(items, callbacks=cb)
+                # The batch may have seen the last task end by a poll before its callback.
+                await emu.deliver_callbacks()
     assert all(r.ok for r in results)
     assert all(c["url"] == cb.url for c in emu.callbacks)
     assert len(emu.callbacks) == 18  # processing + succeed per task
     assert emu.count("list") + emu.count("get") <= 9 * 3
+
+
+@pytest.mark.parametrize("threaded", [False, True], ids=["async", "with-thread"])
+async def test_deliver_callbacks_sends_what_is_due_without_waiting_for_the_tick(
+        threaded: bool) -> None:
+    """The emulator's tick sends callbacks within 50 ms; a test asserting on them right after
+    its client returned must not depend on having waited that long."""
+    emu = KlingEmulator(task_seconds=60)
+    if threaded:
+        emu.__enter__()
+    else:
+        await emu.start()
+    try:
+        async with voiceapi.CallbackServer() as cb, voiceapi.AsyncVoiceClient(
+                api_key=emu.api_key, base_url=emu.base_url) as client:
+            task = await client.custom_voices.create(
+                voice_name="due", voice_url=emu.sample_url(), callback_url=cb.url)
+            emu.advance(120)  # ended: two callbacks due (processing, succeed), none sent yet
+            await emu.deliver_callbacks()
+            assert [(c["record"]["task_id"], c["record"]["task_status"], c["status"])
+                    for c in emu.callbacks] == [(task.task_id, "processing", 200),
+                                                (task.task_id, "succeed", 200)]
+            await emu.deliver_callbacks()  # nothing new is due: nothing is sent twice
+            assert len(emu.callbacks) == 2
+    finally:
+        if threaded:
+            emu.__exit__(None, None, None)
+        else:
+            await emu.stop()
+    with pytest.raises(RuntimeError, match="not running"):
+        await KlingEmulator().deliver_callbacks()

@@ -310,6 +310,7 @@ class KlingEmulator:
         self._site_port: int | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._cb_session: aiohttp.ClientSession | None = None
+        self._cb_round: asyncio.Lock | None = None  # one delivery round at a time (start())
         self._thread: threading.Thread | None = None
         self._thread_loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
@@ -348,6 +349,7 @@ class KlingEmulator:
         server = site._server
         assert isinstance(server, asyncio.base_events.Server)
         self._site_port = server.sockets[0].getsockname()[1]
+        self._cb_round = asyncio.Lock()
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
 
     async def stop(self) -> None:
@@ -983,7 +985,27 @@ class KlingEmulator:
                 except Exception:  # an emulator bug: report it, keep serving
                     self._record_internal_error("callbacks")
 
+    async def deliver_callbacks(self) -> None:
+        """Send every status-change callback due now, and return once each was delivered (or
+        failed), rather than on the emulator's own tick.
+
+        A client can learn a task's end by polling before its callback went out; a test that
+        asserts on ``emu.callbacks`` right after its client returned calls this first.
+        """
+        loop = self._thread_loop
+        if loop is not None and loop is not asyncio.get_running_loop():  # `with` mode
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+                self._send_due_callbacks(), loop))
+        else:
+            await self._send_due_callbacks()
+
     async def _send_due_callbacks(self) -> None:
+        if self._cb_round is None:
+            raise RuntimeError("the emulator is not running")
+        async with self._cb_round:  # a round the tick has under way finishes first
+            await self._send_due_callbacks_now()
+
+    async def _send_due_callbacks_now(self) -> None:
         now = self.now()
         due: list[tuple[_Task, dict[str, Any]]] = []
         with self._lock:
