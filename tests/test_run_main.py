@@ -1,18 +1,22 @@
-"""``run_main``: one Ctrl-C gives one KeyboardInterrupt, after every ``finally`` ran.
+"""``voiceapi._aio`` on every Python we support (3.10 has its own code paths).
 
-Each scenario runs in a child process that sends itself SIGINT at a chosen point; on 3.10 a
-plain ``asyncio.run`` fails the first one ("Task exception was never retrieved" after the
-interrupt, the CLI's old flaky Ctrl-C test), so the test proves the backport, and on 3.11+ it
-proves we still get the standard runner's behaviour.
+``run_main``: one Ctrl-C gives one KeyboardInterrupt, after every ``finally`` ran. Each
+scenario runs in a child process that sends itself SIGINT at a chosen point; on 3.10 a plain
+``asyncio.run`` fails the first one ("Task exception was never retrieved" after the interrupt,
+the CLI's old flaky Ctrl-C test), so the test proves the backport, and on 3.11+ it proves we
+still get the standard runner's behaviour.
 """
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from voiceapi._aio import within
 
 CHILD = textwrap.dedent("""
     import asyncio, gc, os, signal, sys
@@ -65,3 +69,13 @@ def test_a_result_and_a_plain_cancellation_pass_through_untouched() -> None:
     # A cancellation that is not a Ctrl-C stays a CancelledError (not a KeyboardInterrupt).
     cancelled = _child("asyncio.current_task().cancel()\n    await asyncio.sleep(0)")
     assert "CancelledError" in cancelled.stderr and "KeyboardInterrupt" not in cancelled.stdout
+
+
+async def test_within_raises_the_builtin_timeout_error_on_every_python() -> None:
+    """Callers catch the builtin ``TimeoutError``; on 3.10 ``asyncio.TimeoutError`` is another
+    class, and the Redis coordinator's slot wait caught only the builtin one."""
+    never = asyncio.Event()
+    with pytest.raises(TimeoutError) as caught:
+        await within(never.wait(), 0.01)
+    assert type(caught.value) is TimeoutError
+    assert await within(asyncio.sleep(0, "done"), 5) == "done"

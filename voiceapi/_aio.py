@@ -14,7 +14,7 @@ T = TypeVar("T")
 
 
 async def within(aw: Awaitable[T], seconds: float) -> T:
-    """``await aw`` with a time limit (raises TimeoutError).
+    """``await aw`` with a time limit (raises the builtin TimeoutError, on 3.10 too).
 
     Not ``asyncio.wait_for`` on 3.11: when the inner call finishes just as the caller is
     cancelled, it returns the result and swallows the cancellation (fixed in 3.12), so a
@@ -23,7 +23,10 @@ async def within(aw: Awaitable[T], seconds: float) -> T:
     if sys.version_info >= (3, 11):
         async with asyncio.timeout(seconds):
             return await aw
-    return await asyncio.wait_for(aw, seconds)  # pragma: no cover - Python 3.10
+    try:  # pragma: no cover - Python 3.10, which has only wait_for
+        return await asyncio.wait_for(aw, seconds)
+    except asyncio.TimeoutError:  # pragma: no cover - not the builtin one before 3.11
+        raise TimeoutError from None
 
 
 def run_main(main: Coroutine[Any, Any, T]) -> T:
