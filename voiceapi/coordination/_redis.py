@@ -28,10 +28,11 @@ import logging
 import os
 import random
 import socket
+import sys
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Collection, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Collection, Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -76,6 +77,34 @@ def _cancelling(task: asyncio.Task[Any] | None) -> int:
     """Cancel requests pending on ``task`` (Python >= 3.11; 0 where unknown)."""
     count = getattr(task, "cancelling", None)
     return int(count()) if callable(count) else 0
+
+
+class _RemembersCancel(asyncio.Task):  # type: ignore[type-arg]  # pragma: no cover - 3.10
+    """A task that remembers being asked to cancel, even if the code it runs swallowed it."""
+
+    cancel_requested = False
+
+    def cancel(self, msg: Any = None) -> bool:
+        self.cancel_requested = True
+        return super().cancel(msg)
+
+
+async def _keeping_cancels(call: Awaitable[Any]) -> Any:  # pragma: no cover - Python 3.10
+    """``await call``, but a cancel that arrived meanwhile is raised even if it was swallowed.
+
+    3.11's ``Task.cancelling()`` lets ``_guard`` see such a cancel; 3.10 has no counter, so the
+    call runs in its own task, whose ``cancel()`` (which our task's cancel calls) takes note.
+    """
+    async def run() -> Any:
+        return await call
+
+    # The coroutine itself, not a wrapper: cancelled before its first step, it is closed
+    # rather than left "never awaited".
+    inner = _RemembersCancel(call if asyncio.iscoroutine(call) else run())
+    result = await inner
+    if inner.cancel_requested:
+        raise asyncio.CancelledError
+    return result
 
 
 def namespace_for(credentials: Any) -> str:
@@ -326,7 +355,10 @@ class RedisCoordinator:
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         await self._ensure_started()
         async with self._guard():
-            return await self._scripts[name](keys=list(keys), args=list(args))
+            call = self._scripts[name](keys=list(keys), args=list(args))
+            if sys.version_info >= (3, 11):
+                return await call
+            return await _keeping_cancels(call)  # pragma: no cover - Python 3.10
 
     # --- background: lease renewal and wake-ups ---------------------------------------------
 
