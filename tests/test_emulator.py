@@ -68,6 +68,8 @@ async def test_success_envelope_and_create_shape(emu: KlingEmulator,
 
 async def test_task_lifecycle_and_lookup_by_either_id(emu: KlingEmulator,
                                                        http: aiohttp.ClientSession) -> None:
+    # Long phases, moved by advance() only: a loaded machine must not age the task itself.
+    emu.task_seconds, emu.processing_after = 600.0, 300.0
     _, created = await call(http, emu, "POST", CV, json={
         "voice_name": "v", "voice_url": emu.sample_url(10), "external_task_id": "ext-7"})
     task_id = created["data"]["task_id"]

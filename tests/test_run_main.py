@@ -79,3 +79,38 @@ async def test_within_raises_the_builtin_timeout_error_on_every_python() -> None
         await within(never.wait(), 0.01)
     assert type(caught.value) is TimeoutError
     assert await within(asyncio.sleep(0, "done"), 5) == "done"
+
+
+async def test_within_never_loses_a_cancel_that_arrives_with_the_result() -> None:
+    """``asyncio.wait_for`` before 3.12 returns the result and drops the cancel when both
+    arrive in one loop iteration: a cancelled ``wait()`` or batch would carry on."""
+    answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    caller = asyncio.create_task(within(answer, 5))
+    await asyncio.sleep(0)  # the caller is waiting on the answer
+    answer.set_result("late")
+    caller.cancel()  # in the same iteration as the answer
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+
+
+async def test_within_stops_the_inner_call_at_the_limit_and_on_cancel() -> None:
+    started, inner_ended = asyncio.Event(), asyncio.Event()
+
+    async def slow() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            inner_ended.set()
+
+    with pytest.raises(TimeoutError):
+        await within(slow(), 0.01)
+    assert inner_ended.is_set()  # it does not outlive the call
+    started.clear()
+    inner_ended.clear()
+    caller = asyncio.create_task(within(slow(), 5))
+    await started.wait()
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert inner_ended.is_set()

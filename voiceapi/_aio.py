@@ -16,17 +16,39 @@ T = TypeVar("T")
 async def within(aw: Awaitable[T], seconds: float) -> T:
     """``await aw`` with a time limit (raises the builtin TimeoutError, on 3.10 too).
 
-    Not ``asyncio.wait_for`` on 3.11: when the inner call finishes just as the caller is
-    cancelled, it returns the result and swallows the cancellation (fixed in 3.12), so a
-    Ctrl-C or ``task.cancel()`` could be lost. ``asyncio.timeout`` has no such race.
+    Not ``asyncio.wait_for`` before 3.12: when the inner call finishes just as the caller is
+    cancelled, it returns the result and swallows the cancellation, so a Ctrl-C or
+    ``task.cancel()`` could be lost. ``asyncio.timeout`` (3.11+) has no such race.
     """
     if sys.version_info >= (3, 11):
         async with asyncio.timeout(seconds):
             return await aw
-    try:  # pragma: no cover - Python 3.10, which has only wait_for
-        return await asyncio.wait_for(aw, seconds)
-    except asyncio.TimeoutError:  # pragma: no cover - not the builtin one before 3.11
-        raise TimeoutError from None
+    return await _within_310(aw, seconds)  # pragma: no cover - Python 3.10
+
+
+async def _within_310(aw: Awaitable[T], seconds: float) -> T:  # pragma: no cover - 3.10
+    # asyncio.wait, unlike wait_for, lets the caller's cancel through even when the inner
+    # call has finished in the meantime; the inner call never outlives us (as with wait_for).
+    inner = asyncio.ensure_future(aw)
+    try:
+        done, _ = await asyncio.wait((inner,), timeout=seconds)
+    except asyncio.CancelledError:
+        await _stop(inner)
+        raise
+    if not done:
+        await _stop(inner)
+        raise TimeoutError
+    return inner.result()
+
+
+async def _stop(inner: asyncio.Future[Any]) -> None:  # pragma: no cover - Python 3.10
+    """Cancel ``inner`` and wait until it has ended (its outcome is not ours any more)."""
+    inner.cancel()
+    try:
+        await asyncio.wait((inner,))
+    finally:
+        if inner.done() and not inner.cancelled():
+            inner.exception()  # retrieved: no "exception was never retrieved" report
 
 
 def run_main(main: Coroutine[Any, Any, T]) -> T:

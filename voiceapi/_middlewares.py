@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from ._aio import within
 from ._auth import Credentials
 from ._constants import LOGGER_NAME
 from ._errors import (
@@ -118,8 +119,8 @@ async def wait_turn(request: Request, turn: Callable[[], Awaitable[None]],
             raise _budget_spent(request, waiting_for) from None
     else:  # pragma: no cover - Python 3.10
         try:
-            await asyncio.wait_for(turn(), left)
-        except asyncio.TimeoutError:
+            await within(turn(), left)  # not wait_for: it can drop a cancel
+        except TimeoutError:
             raise _budget_spent(request, waiting_for) from None
 
 
