@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import io
 import json
 import os
 import pty
@@ -843,3 +844,41 @@ def test_an_interrupted_batch_ends_with_its_message_not_a_redrawn_bar(
     assert "ok 1 failed 0" in err  # the bar was drawn
     tail = err.rstrip().rsplit("\n", 1)[-1]
     assert tail.endswith("interrupted: batch of 3 from v.csv; rerun to resume"), repr(err[-300:])
+
+
+def test_the_batch_bar_estimates_rate_and_eta_from_waves_far_apart(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Voices end in waves (a slot's worth per task time). rich's own speed averages the last
+    30 s of changes, so with 60 s tasks the bar said "–" throughout; ours is the average since
+    the first report, counts down between reports, and ignores what a resume found done."""
+    from rich.console import Console
+
+    from voiceapi import BatchProgress
+    from voiceapi._cli import _output
+
+    monkeypatch.setattr(_output, "_stderr_console", lambda: Console(
+        file=io.StringIO(), force_terminal=True, width=160))
+    now = [1000.0]
+
+    def progress(done: int) -> BatchProgress:
+        return BatchProgress(total=100, pending=100 - done - 5, submitted=0, processing=5,
+                             succeeded=done, failed=0, in_flight=5, slots=5)
+
+    def shown(bar: _output.BatchBar) -> tuple[str, str]:
+        assert bar._progress is not None
+        task = bar._progress.tasks[0]
+        rate, eta = (c.render(task) for c in bar._progress.columns
+                     if isinstance(c, (_output._RateColumn, _output._EtaColumn)))
+        return str(rate), str(eta)
+
+    with _output.BatchBar(clock=lambda: now[0]) as bar:
+        bar.update(progress(10))  # a resumed batch: 10 were done before this run
+        assert shown(bar) == ("–/s", "-:--:--")
+        now[0] += 60.0
+        bar.update(progress(15))  # the first wave, a minute later
+        assert shown(bar) == ("5.0/min", "0:17:00")  # 85 left at 5 a minute
+        now[0] += 30.0  # no report for 30 s: the time left still counts down
+        assert shown(bar) == ("5.0/min", "0:16:30")
+        now[0] += 30.0
+        bar.update(progress(20))
+        assert shown(bar) == ("5.0/min", "0:16:00")

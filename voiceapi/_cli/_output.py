@@ -15,7 +15,8 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from typing import Any
 
@@ -32,7 +33,6 @@ from rich.progress import (
     SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
 from rich.text import Text
@@ -223,9 +223,28 @@ def _stderr_console() -> Console | None:
 
 
 class _RateColumn(ProgressColumn):
+    """Voices per second (per minute when slower), from ``BatchBar``'s own average."""
+
     def render(self, task: Any) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:.1f}/s" if speed else "–/s")
+        rate = task.fields.get("rate")
+        if not rate:
+            return Text("–/s")
+        return Text(f"{rate:.1f}/s" if rate >= 1 else f"{rate * 60:.1f}/min")
+
+
+class _EtaColumn(ProgressColumn):
+    """Time left, counting down between reports (the bar redraws several times a second)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__()
+        self._clock = clock
+
+    def render(self, task: Any) -> Text:
+        ends_at = task.fields.get("ends_at")
+        if ends_at is None:
+            return Text("-:--:--")
+        left = max(0, int(ends_at - self._clock() + 0.5))
+        return Text(f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}")
 
 
 #: Live progress displays on stderr right now: a message printed while one is live would have
@@ -259,16 +278,23 @@ class _LiveDisplay:
 
 
 class BatchBar(_LiveDisplay):
-    """A progress bar with counts, rate and ETA; a no-op when stderr is not a terminal."""
+    """A progress bar with counts, rate and ETA; a no-op when stderr is not a terminal.
 
-    def __init__(self) -> None:
+    The rate is the average since the bar's first report, not rich's own speed: that one
+    averages the last 30 s of changes, and a batch ends in waves (a slot's worth of voices
+    every task time), so with tasks of 30 s or more it would show "–" the whole time.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         console = _stderr_console()
         self._task: Any = None
+        self._clock = clock
+        self._first: tuple[float, int] | None = None  # (when, done) at the first report
         if console is not None:
             self._progress = Progress(
                 TextColumn("batch"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[detail]}"), _RateColumn(), TextColumn("ETA"),
-                TimeRemainingColumn(), console=console, transient=False,
+                _EtaColumn(clock), console=console, transient=False,
                 # stdout is the results' channel (maybe a pipe): never route it via the bar
                 redirect_stdout=False, redirect_stderr=False)
 
@@ -281,9 +307,26 @@ class BatchBar(_LiveDisplay):
             return
         detail = (f"ok {p.succeeded} failed {p.failed} running {p.submitted + p.processing} "
                   f"slots {p.slots}")
+        rate, ends_at = self._estimate(p)
         if self._task is None:
             self._task = self._progress.add_task("batch", total=p.total, detail=detail)
-        self._progress.update(self._task, completed=p.done, total=p.total, detail=detail)
+        self._progress.update(self._task, completed=p.done, total=p.total, detail=detail,
+                              rate=rate, ends_at=ends_at)
+
+    def _estimate(self, p: BatchProgress) -> tuple[float | None, float | None]:
+        """Voices per second since the first report, and when the rest should be done.
+
+        Items a resumed batch found already done at its first report do not count as speed.
+        """
+        now = self._clock()
+        if self._first is None:
+            self._first = (now, p.done)
+        since, done_then = self._first
+        finished = p.done - done_then
+        if finished <= 0 or now <= since:
+            return None, None
+        rate = finished / (now - since)
+        return rate, now + (p.total - p.done) / rate
 
 
 class Spinner(_LiveDisplay):
