@@ -37,6 +37,8 @@ async def _within_310(aw: Awaitable[T], seconds: float) -> T:  # pragma: no cove
         raise
     if not done:
         await _stop(inner)
+        if not inner.cancelled():  # it ended on its own right at the limit: that stands
+            return inner.result()
         raise TimeoutError
     return inner.result()
 
