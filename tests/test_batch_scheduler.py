@@ -18,7 +18,7 @@ import voiceapi
 from tests.conftest import FAST_RETRY
 from voiceapi._batch import derive_external_task_id, prepare
 from voiceapi._batch_models import JournalError, NotSubmittedError, VoiceGoneError
-from voiceapi._coordinator import Coordinator
+from voiceapi._coordinator import Coordinator, Grant
 from voiceapi._local_coordinator import FileJournal, LocalCoordinator
 from voiceapi.testing import KlingEmulator
 
@@ -779,3 +779,61 @@ async def test_a_journal_file_gets_one_line_per_change(tmp_path: Path) -> None:
     finally:
         again.close()
     assert len(path.read_text().splitlines()) == 4
+
+
+async def test_an_item_refused_while_another_waits_for_its_slot_is_not_lost() -> None:
+    """A shared coordinator answers acquire() over the network. A create refused meanwhile
+    puts its item back at the front of the queue; the submitter then took the front item
+    instead of the one it had asked a slot for: the refused item was dropped (its result: no
+    task, no error) and the other stayed queued. Seen with two workers on Redis under load."""
+    from voiceapi._batch import run_batch
+    from voiceapi._create import Created
+    from voiceapi._decode import parse_task
+    from voiceapi._pages import PageLimit
+
+    answered = asyncio.Event()
+
+    class NetworkSlots(LocalCoordinator):
+        async def acquire(self, key: str) -> Grant:
+            if key == "b":  # b's slot is answered only once a's create was refused
+                await answered.wait()
+            return await super().acquire(key)
+
+        async def rate_limited(self, code: int | None, retry_after: float | None) -> None:
+            await super().rate_limited(code, retry_after)
+            answered.set()
+
+    class RefusesOnce:
+        rate_limit_delay = 0.001
+        page_limit = PageLimit()
+        coordinator: Coordinator | None = None
+
+        def __init__(self) -> None:
+            self.creates: collections.Counter[str] = collections.Counter()
+
+        async def create(self, body: dict[str, str]) -> Created:
+            key = body["external_task_id"]
+            self.creates[key] += 1
+            if key == "a" and self.creates[key] == 1:
+                raise voiceapi.RateLimitError("too fast", code=1302, retry_after=0.001)
+            raw = {"task_id": f"t-{key}", "task_status": "succeed",
+                   "task_info": {"external_task_id": key}}
+            return Created(parse_task(raw), existed=False)
+
+        async def lookup(self, external_task_id: str) -> None:
+            return None
+
+        async def get(self, task_id: str) -> voiceapi.VoiceTask:
+            raise AssertionError("every task ended in its create's answer")
+
+        async def list_page(self, page_num: int, page_size: int) -> list[Any]:
+            return []
+
+    api = RefusesOnce()
+    items = [{"voice_name": k, "voice_url": f"https://x.example/{k}.wav",
+              "external_task_id": k} for k in ("a", "b")]
+    async with NetworkSlots() as coord:
+        results = await asyncio.wait_for(run_batch(api, items, coordinator=coord), 10)
+    assert [(r.ok, r.task.task_id if r.task else None) for r in results] == [
+        (True, "t-a"), (True, "t-b")], [r.error for r in results]
+    assert api.creates == {"a": 2, "b": 1}  # a sent again after its refusal, b once

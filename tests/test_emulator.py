@@ -66,21 +66,21 @@ async def test_success_envelope_and_create_shape(emu: KlingEmulator,
     assert abs(data["created_at"] - time.time() * 1000) < 60_000  # milliseconds
 
 
-async def test_task_lifecycle_and_lookup_by_either_id(emu: KlingEmulator,
-                                                       http: aiohttp.ClientSession) -> None:
-    # Long phases, moved by advance() only: a loaded machine must not age the task itself.
-    emu.task_seconds, emu.processing_after = 600.0, 300.0
-    _, created = await call(http, emu, "POST", CV, json={
-        "voice_name": "v", "voice_url": emu.sample_url(10), "external_task_id": "ext-7"})
-    task_id = created["data"]["task_id"]
-    _, first = await call(http, emu, "GET", f"{CV}/{task_id}")
-    assert first["data"]["task_status"] == "submitted"
-    assert first["data"]["task_result"] == {"voices": []}
-    emu.advance(emu.processing_after)
-    _, mid = await call(http, emu, "GET", f"{CV}/ext-7")
-    assert mid["data"]["task_status"] == "processing" and mid["data"]["task_id"] == task_id
-    emu.advance(emu.task_seconds)
-    _, done = await call(http, emu, "GET", f"{CV}/x?external_task_id=ext-7")
+async def test_task_lifecycle_and_lookup_by_either_id(http: aiohttp.ClientSession) -> None:
+    # Only advance() moves this task: with the fixture's 0.1 s task a loaded machine could take
+    # longer than the 25 ms "submitted" phase between the create and the first GET.
+    async with KlingEmulator(task_seconds=3600) as emu:
+        _, created = await call(http, emu, "POST", CV, json={
+            "voice_name": "v", "voice_url": emu.sample_url(10), "external_task_id": "ext-7"})
+        task_id = created["data"]["task_id"]
+        _, first = await call(http, emu, "GET", f"{CV}/{task_id}")
+        assert first["data"]["task_status"] == "submitted"
+        assert first["data"]["task_result"] == {"voices": []}
+        emu.advance(emu.processing_after)
+        _, mid = await call(http, emu, "GET", f"{CV}/ext-7")
+        assert mid["data"]["task_status"] == "processing" and mid["data"]["task_id"] == task_id
+        emu.advance(emu.task_seconds)
+        _, done = await call(http, emu, "GET", f"{CV}/x?external_task_id=ext-7")
     data = done["data"]
     assert data["task_status"] == "succeed" and data["task_status_msg"] == ""
     (voice,) = data["task_result"]["voices"]

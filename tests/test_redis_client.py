@@ -233,7 +233,8 @@ async def test_workers_sharing_items_do_not_look_each_item_up_before_creating_it
                                                          timeout=30)
 
         first, second = await asyncio.gather(worker(False), worker(True))
-    assert [r.ok for r in first + second] == [True] * 32
+    assert [r.ok for r in first + second] == [True] * 32, [
+        (i, repr(r.error), r.task) for i, r in enumerate(first + second) if not r.ok]
     assert emu.stats()["tasks_per_external_id"] == {"1": 16}
     # One probe per worker at most; each of the second worker's creates looked up first
     # would add one more.

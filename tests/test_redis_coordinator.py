@@ -19,7 +19,6 @@ import voiceapi
 from voiceapi import TaskStatus, VoiceTask
 from voiceapi._coordinator import Coordinator, Grant, JournalEntry
 from voiceapi.coordination import CoordinationError, RedisCoordinator
-from voiceapi.coordination._defaults import WAKE_POLL_SECONDS
 
 from ._redis_server import RedisServer, running_redis
 
@@ -235,18 +234,27 @@ async def test_a_fixed_cap_is_a_ceiling_and_1303_with_nothing_running_backs_off(
     assert b.in_flight == 1 and b.cap == 1
 
 
-async def test_a_release_wakes_waiting_workers_through_pubsub(make: Make) -> None:
+async def test_a_release_wakes_waiting_workers_through_pubsub(make: Make,
+                                                             server: RedisServer) -> None:
     a, b = make(max_in_flight=1), make(max_in_flight=1)
     assert await a.acquire("k0") is Grant.CREATE
-    assert await b.acquire("k1") is Grant.WAIT
-    await b.renew()  # starts b's listener before the release is published
-    await asyncio.sleep(0.2)  # let the subscription reach the server
+    assert await b.acquire("k1") is Grant.WAIT  # both listeners are starting
+    # The release must be published after b's subscription reached the server (a fixed pause
+    # was not always enough on a loaded machine): wait until the server counts both.
+    channel = b._k("events")[0]
+    async with aioredis.from_url(server.url) as probe:
+        for _ in range(1000):
+            if (await probe.pubsub_numsub(channel))[0][1] >= 2:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail("the coordinators never subscribed to their events channel")
+    woken = b._wake_event
     waiter = asyncio.create_task(b.wait_for_slot(30.0))
-    await asyncio.sleep(0.05)
-    started = time.monotonic()
+    await asyncio.sleep(0)  # the waiter runs up to its wait on `woken` (no I/O before it)
     await a.finished("k0", "t0", "succeed")
     await waiter
-    assert time.monotonic() - started < WAKE_POLL_SECONDS  # woken, not timed out
+    assert woken.is_set()  # the pub/sub message woke it: b's own poll never sets this event
     assert await b.acquire("k1") is Grant.CREATE
 
 

@@ -10,13 +10,16 @@ still get the standard runner's behaviour.
 from __future__ import annotations
 
 import asyncio
+import inspect
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
-from voiceapi._aio import within
+from voiceapi._aio import run_main, within
 
 CHILD = textwrap.dedent("""
     import asyncio, gc, os, signal, sys
@@ -114,3 +117,46 @@ async def test_within_stops_the_inner_call_at_the_limit_and_on_cancel() -> None:
     with pytest.raises(asyncio.CancelledError):
         await caller
     assert inner_ended.is_set()
+
+
+async def test_a_call_from_inside_a_running_loop_is_refused_untouched() -> None:
+    """The same RuntimeError as asyncio.run on every Python (the 3.10 backport used to start
+    its own loop first: another message, a pending task destroyed, the SIGINT handler swapped
+    for the duration)."""
+    async def never() -> None:
+        raise AssertionError("must not run")
+
+    coro = never()
+    try:
+        with pytest.raises(RuntimeError, match="cannot be called from a running event loop"):
+            run_main(coro)
+        assert inspect.getcoroutinestate(coro) == inspect.CORO_CREATED  # never started
+    finally:
+        coro.close()
+
+
+def test_a_second_ctrl_c_while_main_unwinds_still_gives_one_keyboard_interrupt() -> None:
+    """The user insists: the second Ctrl-C (main's clean-up still waiting) ends the run at once
+    with one KeyboardInterrupt and the clean-up is cancelled, as 3.11's runner does."""
+    done = _child("loop = asyncio.get_running_loop()\n"
+                  "    loop.call_later(0.05, os.kill, os.getpid(), signal.SIGINT)\n"
+                  "    try:\n        await asyncio.sleep(30)\n"
+                  "    finally:\n"
+                  "        loop.call_later(0.05, os.kill, os.getpid(), signal.SIGINT)\n"
+                  "        await asyncio.sleep(30)")
+    assert done.stdout.splitlines() == ["main unwound", "KeyboardInterrupt",
+                                        "handler restored True"], done.stderr
+    assert done.stderr == ""
+
+
+def test_off_the_main_thread_it_runs_without_touching_the_signal_handler() -> None:
+    async def answer() -> int:
+        return 42
+
+    results: list[int] = []
+    thread = threading.Thread(target=lambda: results.append(run_main(answer())))
+    before = signal.getsignal(signal.SIGINT)
+    thread.start()
+    thread.join(60)
+    assert results == [42]
+    assert signal.getsignal(signal.SIGINT) is before

@@ -8,9 +8,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 import voiceapi
-from tests.conftest import FAST_RETRY
+from tests.conftest import FAST_RETRY, serve
 from voiceapi.testing import KlingEmulator
 
 SECRET = "whsec_dGVzdHNlY3JldHRlc3RzZWNyZXR0ZXN0c2VjcmV0MTI="
@@ -173,3 +174,107 @@ async def test_deliver_callbacks_sends_what_is_due_without_waiting_for_the_tick(
             await emu.stop()
     with pytest.raises(RuntimeError, match="not running"):
         await KlingEmulator().deliver_callbacks()
+
+
+class _HeldReceiver:
+    """A callback receiver that holds every request until released (one that hangs)."""
+
+    def __init__(self) -> None:
+        self.arrived = asyncio.Event()
+        self.release = asyncio.Event()
+        self.received: list[str] = []
+        self.answered: list[str] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        status = (await request.json())["task_status"]
+        self.received.append(status)
+        self.arrived.set()
+        await self.release.wait()
+        self.answered.append(status)
+        return web.Response(text="ok")
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/cb", self.handle)
+        return app
+
+
+async def _start(emu: KlingEmulator, threaded: bool) -> None:
+    if threaded:
+        emu.__enter__()
+    else:
+        await emu.start()
+
+
+async def _stop(emu: KlingEmulator, threaded: bool) -> None:
+    if threaded:  # off the test's loop, which serves the receiver meanwhile
+        await asyncio.to_thread(emu.__exit__, None, None, None)
+    else:
+        await emu.stop()
+
+
+async def _create_with_callback(emu: KlingEmulator, callback_url: str) -> str:
+    async with voiceapi.AsyncVoiceClient(api_key=emu.api_key, base_url=emu.base_url) as client:
+        task = await client.custom_voices.create(
+            voice_name="held", voice_url=emu.sample_url(), callback_url=callback_url)
+    return task.task_id
+
+
+@pytest.mark.parametrize("threaded", [False, True], ids=["async", "with-thread"])
+async def test_deliver_callbacks_after_stop_sends_nothing(threaded: bool) -> None:
+    """A stopped emulator sends no callback (it used to, from a fresh HTTP session it then
+    never closed)."""
+    held = _HeldReceiver()
+    held.release.set()
+    async with serve(held.app()) as url:
+        emu = KlingEmulator(task_seconds=60)
+        await _start(emu, threaded)
+        await _create_with_callback(emu, url + "/cb")
+        await _stop(emu, threaded)
+        emu.advance(120)  # two callbacks are due now, on an emulator that is not running
+        with pytest.raises(RuntimeError, match="not running"):
+            await emu.deliver_callbacks()
+    assert emu.callbacks == [] and held.received == []
+
+
+@pytest.mark.parametrize("threaded", [False, True], ids=["async", "with-thread"])
+async def test_stop_ends_a_delivery_to_a_receiver_that_hangs(threaded: bool) -> None:
+    """deliver_callbacks() waiting on a receiver that never answers: stopping the emulator
+    ends it with a clear error (in `with` mode its caller used to wait on a closed loop)."""
+    held = _HeldReceiver()
+    async with serve(held.app()) as url:
+        emu = KlingEmulator(task_seconds=60)
+        await _start(emu, threaded)
+        await _create_with_callback(emu, url + "/cb")
+        emu.advance(120)
+        delivering = asyncio.create_task(emu.deliver_callbacks())
+        await asyncio.wait_for(held.arrived.wait(), 30)  # the first callback is in flight
+        await _stop(emu, threaded)
+        with pytest.raises(RuntimeError, match="stopped before the callbacks were delivered"):
+            await delivering
+        held.release.set()
+    assert [c["record"]["task_status"] for c in emu.callbacks] == ["processing"]
+    assert emu.callbacks[0]["status"] is None  # never answered, and not sent again
+    assert held.received == ["processing"]
+
+
+async def test_deliver_callbacks_waits_for_the_round_the_tick_has_under_way() -> None:
+    """The tick took both due callbacks and holds on the first: deliver_callbacks() returns
+    only after the tick's round delivered them (it must not see "nothing due" and return)."""
+    held = _HeldReceiver()
+    async with serve(held.app()) as url:
+        async with KlingEmulator(task_seconds=60) as emu:
+            await _create_with_callback(emu, url + "/cb")
+            emu.advance(120)
+            await asyncio.wait_for(held.arrived.wait(), 30)  # the tick's round is sending
+            delivering = asyncio.create_task(emu.deliver_callbacks())
+            seen_at_return: list[list[str]] = []
+            delivering.add_done_callback(lambda _: seen_at_return.append(list(held.answered)))
+            # Give a wrong emulator every chance to return early; a right one waits anyway.
+            for _ in range(50):
+                await asyncio.sleep(0)
+            held.release.set()
+            await delivering
+    assert seen_at_return == [["processing", "succeed"]]
+    assert [(c["record"]["task_status"], c["status"]) for c in emu.callbacks] == [
+        ("processing", 200), ("succeed", 200)]

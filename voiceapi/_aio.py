@@ -69,6 +69,14 @@ def run_main(main: Coroutine[Any, Any, T]) -> T:
 
 
 def _run_main_310(main: Coroutine[Any, Any, T]) -> T:  # pragma: no cover - Python 3.10
+    # asyncio.run's own check, before anything is touched: past it, a call from inside a loop
+    # swapped the SIGINT handler, failed with another message and left a task pending.
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise RuntimeError("asyncio.run() cannot be called from a running event loop")
     loop = asyncio.new_event_loop()
     interrupts = 0
     task = loop.create_task(main)

@@ -78,7 +78,7 @@ class Submitter:
             if grant is Grant.WAIT:
                 self.slot_blocked = True
                 return
-            self.pending.popleft()
+            self._take(entry)
             if grant is Grant.FOLLOW:  # another batch creates it; look again a little later
                 entry.look_first = True
                 self.deferred.append((now + C.BATCH_POLL_FLOOR, entry))
@@ -86,6 +86,16 @@ class Submitter:
             task = asyncio.ensure_future(self._send(entry))
             self.sending[task] = entry
             task.add_done_callback(self._sent)
+
+    def _take(self, entry: Entry) -> None:
+        """Take ``entry`` off the queue. Not simply the front one: a shared coordinator answers
+        acquire() over the network, and a create refused meanwhile put its own item back in
+        front; taking that one instead dropped it (no task, no error) and left ``entry``
+        queued to be sent again."""
+        if self.pending[0] is entry:
+            self.pending.popleft()
+        else:
+            self.pending.remove(entry)  # identity: entries compare by identity (eq=False)
 
     def _unanswered(self) -> int:
         """Sends whose task is not attached yet. A send's task is attached (and counted in

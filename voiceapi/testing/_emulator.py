@@ -311,6 +311,7 @@ class KlingEmulator:
         self._ticker: asyncio.Task[None] | None = None
         self._cb_session: aiohttp.ClientSession | None = None
         self._cb_round: asyncio.Lock | None = None  # one delivery round at a time (start())
+        self._cb_rounds: set[asyncio.Task[None]] = set()  # deliver_callbacks() rounds, for stop()
         self._thread: threading.Thread | None = None
         self._thread_loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
@@ -353,11 +354,19 @@ class KlingEmulator:
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
 
     async def stop(self) -> None:
+        self._cb_round = None  # no delivery round starts from now on
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
             self._ticker = None
+        # A deliver_callbacks() round still sending (to a receiver that hangs, say) ends here:
+        # left running it would open a fresh session after ours closed, and in `with` mode its
+        # caller would wait forever on a loop that is about to close.
+        rounds = list(self._cb_rounds)
+        for task in rounds:
+            task.cancel()
+        await asyncio.gather(*rounds, return_exceptions=True)
         if self._cb_session is not None:
             await self._cb_session.close()
             self._cb_session = None
@@ -995,14 +1004,36 @@ class KlingEmulator:
         loop = self._thread_loop
         if loop is not None and loop is not asyncio.get_running_loop():  # `with` mode
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
-                self._send_due_callbacks(), loop))
+                self._delivery_round(), loop))
         else:
-            await self._send_due_callbacks()
+            await self._delivery_round()
 
-    async def _send_due_callbacks(self) -> None:
+    async def _delivery_round(self) -> None:
+        """One round on the emulator's loop, in a task of its own so that stop() can end it.
+
+        Shielded: a caller that gives up (a timeout) leaves the round to finish, rather than
+        leave callbacks marked as sent that never went out.
+        """
         if self._cb_round is None:
             raise RuntimeError("the emulator is not running")
-        async with self._cb_round:  # a round the tick has under way finishes first
+        task = asyncio.get_running_loop().create_task(self._send_due_callbacks())
+        self._cb_rounds.add(task)
+        task.add_done_callback(self._cb_rounds.discard)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled() and self._cb_round is None:  # stop() ended it, not our caller
+                raise RuntimeError("the emulator stopped before the callbacks were "
+                                   "delivered") from None
+            raise
+
+    async def _send_due_callbacks(self) -> None:
+        lock = self._cb_round
+        if lock is None:
+            raise RuntimeError("the emulator is not running")
+        async with lock:  # a round the tick has under way finishes first
+            if self._cb_round is not lock:  # stopped while this round waited for its turn
+                raise RuntimeError("the emulator is not running")
             await self._send_due_callbacks_now()
 
     async def _send_due_callbacks_now(self) -> None:
