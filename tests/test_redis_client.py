@@ -200,13 +200,16 @@ async def test_redis_gone_mid_batch_stops_create_many_clearly() -> None:
                 took = time.monotonic() - stopped
     assert took < 6, took  # stopped on the outage, not at the batch timeout (8 s)
     # Either raised, or every item still open carries the outage: tasks that were running get
-    # the CoordinationError, items never sent a NotSubmittedError that names it.
+    # the CoordinationError, items never sent a NotSubmittedError that names it. A task seen
+    # to succeed before the batch noticed the outage (a loaded machine) keeps its success.
     if not isinstance(outcome[0], CoordinationError):
-        errors = [r.error for r in outcome[0]]  # type: ignore[union-attr]
+        results: list[voiceapi.BatchResult] = outcome[0]  # type: ignore[assignment]
+        shown = [(r.ok, type(r.error).__name__, str(r.error)[:90]) for r in results]
+        open_items = [r.error for r in results if not r.ok]
         assert all(isinstance(e, CoordinationError) or (
             isinstance(e, voiceapi.NotSubmittedError) and "unreachable" in str(e))
-            for e in errors), errors
-        assert any(isinstance(e, CoordinationError) for e in errors), errors
+            for e in open_items), shown
+        assert open_items, shown  # the outage stopped the batch: 3 of 6 were never sent
 
 
 async def test_workers_sharing_items_do_not_look_each_item_up_before_creating_it(
