@@ -400,6 +400,7 @@ class KlingEmulator:
             ready.set()
             loop.run_forever()
             loop.run_until_complete(self.stop())
+            _cancel_leftovers(loop)
             loop.close()
 
         self._thread = threading.Thread(target=run, name="kling-emulator", daemon=True)
@@ -1078,6 +1079,20 @@ class KlingEmulator:
                         return
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 entry["status"] = "error"
+
+
+def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what still runs on the `with` thread's loop before it closes, as asyncio.run does.
+
+    aiohttp stops tracking a handler once its client went away (a ``slow`` fault whose client
+    gave up, a killed batch), so the runner's shutdown does not end it: closing the loop under
+    it logged "Task was destroyed but it is pending!" into whichever test ran next.
+    """
+    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
 
 
 __all__ = ["DROPPED", "FAULTS", "ROUTES", "STATS_PATH", "KlingEmulator", "RecordedRequest",
