@@ -1034,7 +1034,7 @@ class KlingEmulator:
             raise RuntimeError("the emulator is not running")
         async with lock:  # a round the tick has under way finishes first
             if self._cb_round is not lock:  # stopped while this round waited for its turn
-                raise RuntimeError("the emulator is not running")
+                raise RuntimeError("the emulator stopped before the callbacks were delivered")
             await self._send_due_callbacks_now()
 
     async def _send_due_callbacks_now(self) -> None:
