@@ -255,6 +255,11 @@ async def test_stop_ends_a_delivery_to_a_receiver_that_hangs(threaded: bool,
             await asyncio.wait_for(held.arrived.wait(), 30)
         delivering = asyncio.create_task(emu.deliver_callbacks())
         await asyncio.wait_for(held.arrived.wait(), 30)  # the first callback is in flight
+        for _ in range(3000):  # bounded: until our round exists (a task starts when it runs)
+            if emu._cb_rounds:
+                break
+            await asyncio.sleep(0.001)
+        assert emu._cb_rounds and not delivering.done()
         await _stop(emu, threaded)
         with pytest.raises(RuntimeError, match="stopped before the callbacks were delivered"):
             await delivering

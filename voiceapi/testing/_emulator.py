@@ -1004,8 +1004,13 @@ class KlingEmulator:
         """
         loop = self._thread_loop
         if loop is not None and loop is not asyncio.get_running_loop():  # `with` mode
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
-                self._delivery_round(), loop))
+            round_ = self._delivery_round()
+            try:
+                future = asyncio.run_coroutine_threadsafe(round_, loop)
+            except RuntimeError:  # its loop closed: __exit__ is under way
+                round_.close()
+                raise RuntimeError("the emulator is not running") from None
+            await asyncio.wrap_future(future)
         else:
             await self._delivery_round()
 
@@ -1088,10 +1093,12 @@ def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
     gave up, a killed batch), so the runner's shutdown does not end it: closing the loop under
     it logged "Task was destroyed but it is pending!" into whichever test ran next.
     """
-    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-    for task in pending:
-        task.cancel()
-    if pending:
+    for _ in range(10):  # bounded: a cancelled task may start others (a call handed over late)
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
         loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
 
 
