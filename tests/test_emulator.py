@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -991,3 +993,23 @@ def test_every_reading_option_has_a_command_line_flag() -> None:
     for name in [*READING_DEFAULTS, "profile"]:
         assert "--" + name.replace("_", "-") in text
     assert "/_emulator/stats" in text
+
+
+def test_the_with_mode_ends_handlers_of_clients_that_went_away(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A `slow` answer whose client gave up: aiohttp stops tracking the handler when the
+    connection is lost, so the emulator's own thread must end it before closing its loop (it
+    was destroyed pending, logged as "Task was destroyed but it is pending!")."""
+    with KlingEmulator() as emu:
+        emu.inject("presets", "slow", delay=60, times=1)
+        request = urllib.request.Request(emu.base_url + "/v1/general/presets-voices",
+                                         headers={"Authorization": f"Bearer {emu.api_key}"})
+        with pytest.raises(OSError):  # the client gives up; the handler sleeps on
+            urllib.request.urlopen(request, timeout=0.5)
+        for _ in range(1000):  # bounded: until the server has the request
+            if emu.count("presets"):
+                break
+            time.sleep(0.01)
+        assert emu.count("presets") == 1
+    gc.collect()
+    assert [r.getMessage() for r in caplog.records if "destroyed" in r.getMessage()] == []

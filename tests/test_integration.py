@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -141,9 +142,23 @@ async def test_persistent_faults_become_typed_errors(emu: KlingEmulator, fault: 
 async def test_slow_answer_times_out_then_retry_succeeds(emu: KlingEmulator) -> None:
     emu.inject("get", "slow", delay=1.0)
     task_id = (await _create(emu)).task_id
-    async with make_client("async", emu, timeout=0.2) as client:
+    timeouts = 0
+
+    async def count_timeouts(request: voiceapi.Request,
+                             call_next: voiceapi.Handler) -> voiceapi.Response:
+        nonlocal timeouts
+        try:
+            return await call_next(request)
+        except voiceapi.APITimeoutError:
+            timeouts += 1
+            raise
+
+    async with make_client("async", emu, timeout=0.2, middlewares=[count_timeouts]) as client:
         got = await client.custom_voices.get(task_id)
-    assert got.task_id == task_id and emu.count("get") == 2
+    # The slow answer timed out and was retried; a loaded machine may time a retry out too
+    # (0.2 s), which is one more retry and nothing else.
+    assert timeouts >= 1
+    assert got.task_id == task_id and emu.count("get") == 1 + timeouts
     emu.inject("get", "slow", delay=1.0)
     async with make_client("async", emu, timeout=0.2, max_retries=0) as client:
         with pytest.raises(voiceapi.APITimeoutError):
@@ -169,7 +184,17 @@ async def _create(emu: KlingEmulator, **kw: Any) -> voiceapi.VoiceTask:
 async def test_creates_are_never_duplicated(emu: KlingEmulator, fault: str, kind: str,
                                             creates: int, lookups: int) -> None:
     emu.inject("create", fault, delay=0.6, retry_after=0.01)
-    api = Api(make_client(kind, emu, timeout=0.3))
+    timed_out: collections.Counter[str] = collections.Counter()  # attempts the client gave up on
+
+    async def note_timeouts(request: voiceapi.Request,
+                            call_next: voiceapi.Handler) -> voiceapi.Response:
+        try:
+            return await call_next(request)
+        except voiceapi.APITimeoutError:
+            timed_out[request.method] += 1
+            raise
+
+    api = Api(make_client(kind, emu, timeout=0.3, middlewares=[note_timeouts]))
     try:
         task = await api("custom_voices", "create", voice_name="once",
                          voice_url=emu.sample_url())
@@ -179,7 +204,11 @@ async def test_creates_are_never_duplicated(emu: KlingEmulator, fault: str, kind
         else:
             await api.client.aclose()
     assert [t["task_id"] for t in emu.tasks_by_name("once")] == [task.task_id]
-    assert (emu.count("create"), emu.count("get")) == (creates, lookups)
+    # The 0.3 s timeout is what makes the `slow` create's answer lost; on a loaded machine it
+    # may also cut a lookup or another create short. Each such attempt is one more lookup (a
+    # timed-out create is looked up, never resent), never one more create.
+    extra = timed_out["GET"] + timed_out["POST"] - (fault == "slow")
+    assert (emu.count("create"), emu.count("get")) == (creates, lookups + extra), timed_out
 
 
 async def test_concurrency_limit_surfaces_or_is_waited_out(emu: KlingEmulator) -> None:

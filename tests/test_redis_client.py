@@ -180,7 +180,9 @@ async def test_a_batch_cancelled_mid_run_is_finished_once_by_the_next_worker(
 
 async def test_redis_gone_mid_batch_stops_create_many_clearly() -> None:
     with running_redis() as srv:
-        async with KlingEmulator(concurrency=3, task_seconds=1.0) as emu:
+        # No task may end before the outage: with 1 s tasks, a loaded machine took longer than
+        # that to send the third create, and the first item had already succeeded.
+        async with KlingEmulator(concurrency=3, task_seconds=60) as emu:
             url = emu.sample_url(10)
             items = [{"voice_name": f"v{i}", "voice_url": url} for i in range(6)]
             coord = RedisCoordinator(srv.url, namespace="gone", max_in_flight=3,

@@ -237,18 +237,29 @@ async def test_deliver_callbacks_after_stop_sends_nothing(threaded: bool) -> Non
     assert emu.callbacks == [] and held.received == []
 
 
+@pytest.mark.parametrize("tick_first", [False, True], ids=["either-sends", "tick-sends"])
 @pytest.mark.parametrize("threaded", [False, True], ids=["async", "with-thread"])
-async def test_stop_ends_a_delivery_to_a_receiver_that_hangs(threaded: bool) -> None:
+async def test_stop_ends_a_delivery_to_a_receiver_that_hangs(threaded: bool,
+                                                             tick_first: bool) -> None:
     """deliver_callbacks() waiting on a receiver that never answers: stopping the emulator
-    ends it with a clear error (in `with` mode its caller used to wait on a closed loop)."""
+    ends it with a clear error (in `with` mode its caller used to wait on a closed loop).
+    Whether its own round or the tick's is the one stuck sending, the error is the same (a
+    round that was waiting for the tick's said "not running" instead)."""
     held = _HeldReceiver()
     async with serve(held.app()) as url:
         emu = KlingEmulator(task_seconds=60)
         await _start(emu, threaded)
         await _create_with_callback(emu, url + "/cb")
         emu.advance(120)
+        if tick_first:  # the tick's round is stuck sending; ours waits for its turn
+            await asyncio.wait_for(held.arrived.wait(), 30)
         delivering = asyncio.create_task(emu.deliver_callbacks())
         await asyncio.wait_for(held.arrived.wait(), 30)  # the first callback is in flight
+        for _ in range(3000):  # bounded: until our round exists (a task starts when it runs)
+            if emu._cb_rounds:
+                break
+            await asyncio.sleep(0.001)
+        assert emu._cb_rounds and not delivering.done()
         await _stop(emu, threaded)
         with pytest.raises(RuntimeError, match="stopped before the callbacks were delivered"):
             await delivering

@@ -400,6 +400,7 @@ class KlingEmulator:
             ready.set()
             loop.run_forever()
             loop.run_until_complete(self.stop())
+            _cancel_leftovers(loop)
             loop.close()
 
         self._thread = threading.Thread(target=run, name="kling-emulator", daemon=True)
@@ -1003,8 +1004,13 @@ class KlingEmulator:
         """
         loop = self._thread_loop
         if loop is not None and loop is not asyncio.get_running_loop():  # `with` mode
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
-                self._delivery_round(), loop))
+            round_ = self._delivery_round()
+            try:
+                future = asyncio.run_coroutine_threadsafe(round_, loop)
+            except RuntimeError:  # its loop closed: __exit__ is under way
+                round_.close()
+                raise RuntimeError("the emulator is not running") from None
+            await asyncio.wrap_future(future)
         else:
             await self._delivery_round()
 
@@ -1033,7 +1039,7 @@ class KlingEmulator:
             raise RuntimeError("the emulator is not running")
         async with lock:  # a round the tick has under way finishes first
             if self._cb_round is not lock:  # stopped while this round waited for its turn
-                raise RuntimeError("the emulator is not running")
+                raise RuntimeError("the emulator stopped before the callbacks were delivered")
             await self._send_due_callbacks_now()
 
     async def _send_due_callbacks_now(self) -> None:
@@ -1078,6 +1084,22 @@ class KlingEmulator:
                         return
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 entry["status"] = "error"
+
+
+def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what still runs on the `with` thread's loop before it closes, as asyncio.run does.
+
+    aiohttp stops tracking a handler once its client went away (a ``slow`` fault whose client
+    gave up, a killed batch), so the runner's shutdown does not end it: closing the loop under
+    it logged "Task was destroyed but it is pending!" into whichever test ran next.
+    """
+    for _ in range(10):  # bounded: a cancelled task may start others (a call handed over late)
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
 
 
 __all__ = ["DROPPED", "FAULTS", "ROUTES", "STATS_PATH", "KlingEmulator", "RecordedRequest",
