@@ -201,17 +201,16 @@ async def test_redis_gone_mid_batch_stops_create_many_clearly() -> None:
                 outcome = await asyncio.gather(batch, return_exceptions=True)
                 took = time.monotonic() - stopped
     assert took < 6, took  # stopped on the outage, not at the batch timeout (8 s)
-    # Either raised, or every item still open carries the outage: tasks that were running get
-    # the CoordinationError, items never sent a NotSubmittedError that names it. A task seen
-    # to succeed before the batch noticed the outage (a loaded machine) keeps its success.
+    # Either raised, or every item carries the outage: tasks that were running get the
+    # CoordinationError, items never sent a NotSubmittedError that names it.
     if not isinstance(outcome[0], CoordinationError):
         results: list[voiceapi.BatchResult] = outcome[0]  # type: ignore[assignment]
         shown = [(r.ok, type(r.error).__name__, str(r.error)[:90]) for r in results]
-        open_items = [r.error for r in results if not r.ok]
+        errors = [r.error for r in results]
         assert all(isinstance(e, CoordinationError) or (
             isinstance(e, voiceapi.NotSubmittedError) and "unreachable" in str(e))
-            for e in open_items), shown
-        assert open_items, shown  # the outage stopped the batch: 3 of 6 were never sent
+            for e in errors), shown
+        assert any(isinstance(e, CoordinationError) for e in errors), shown
 
 
 async def test_workers_sharing_items_do_not_look_each_item_up_before_creating_it(
