@@ -532,70 +532,35 @@ def _structure_task_record(raw: Any, _: Any = VoiceTask) -> VoiceTask:
 
 
 def _structure_task_lenient(raw: Any) -> VoiceTask:
-    """Any record, one field at a time: odd values fall back to their defaults."""
+    """Any record, one field at a time: odd values fall back to their defaults.
+
+    Only records the fast path (``_structure_task_record``) declined come here, so nothing is
+    inlined for speed: each field goes through its own reader.
+    """
     if type(raw) is not dict and not isinstance(raw, Mapping):
         raise _NoTaskId(f"task record is not an object (got {type(raw).__name__})")
     get = raw.get
-    tid = get("task_id")
-    if type(tid) is not str or not tid or tid.isspace():
-        tid = _task_id(tid)
+    tid = _task_id(get("task_id"))
     if tid is None:
         raise _NoTaskId(f"task record has no usable task_id (got {_preview(get('task_id'))})")
     status, raw_status = _status(get("task_status"))
-    msg = get("task_status_msg")
-    info = get("task_info")
-    ext = info.get("external_task_id") if type(info) is dict else None
-    if type(ext) is str:
-        ext = ext or None
-    elif ext is not None or type(info) is not dict:
-        ext = _external_id(info)
-    created = get("created_at")
-    updated = get("updated_at")
-    if type(created) is int:
-        try:  # the common stamp, inline: an int of milliseconds
-            created = _fromtimestamp(created / 1000, _UTC)
-        except (OverflowError, OSError, ValueError):
-            created = None
-    elif created is not None:
-        created = _timestamp(created)
-    if updated is None:
-        pass
-    elif type(updated) is int and updated == get("created_at") and created is not None:
+    msg, unit = get("task_status_msg"), get("final_unit_deduction")
+    raw_created, raw_updated = get("created_at"), get("updated_at")
+    created = _timestamp(raw_created)
+    updated: datetime | None
+    if type(raw_updated) is int and raw_updated == raw_created and created is not None:
         updated = created  # equal stamps (a task that never changed): one datetime, shared
     else:
-        updated = _timestamp(updated)
-    unit = get("final_unit_deduction")
-    balance = get("final_balance_deduction")
-    if balance is not None:
-        found = None
-        if type(balance) is dict:  # the common amounts: their shared instance, no call
-            quota, price = balance.get("quota"), balance.get("list_price")
-            if type(quota) is str and type(price) is str:
-                found = _BALANCES.get((quota, price))
-        balance = found if found is not None else _balance(balance)
-    result = get("task_result")
-    voices: list[Voice] | None = None
-    if type(result) is dict:
-        entries = result.get("voices")
-        if type(entries) is list and len(entries) == 1 and type(entries[0]) is dict:
-            # The common record: one well-formed voice, read inline (no call per field).
-            vget = entries[0].get
-            vid, name, url, owner, vstatus = (vget("voice_id"), vget("voice_name"),
-                                              vget("trial_url"), vget("owned_by"),
-                                              vget("status"))
-            if type(vid) is str and vid and not vid.isspace() and type(name) is str and \
-                    type(url) is str and type(owner) is str and \
-                    (type(vstatus) is str or vstatus is None):
-                voices = [_new_voice(vid, name, url, owner, vstatus)]
+        updated = _timestamp(raw_updated)
     return _new_task(
         tid, status,
         msg if type(msg) is str else ("" if msg is None else str(msg)),
-        ext,
-        voices if voices is not None else _voices(result),
+        _external_id(get("task_info")),
+        _voices(get("task_result")),
         created,
         updated,
         unit if type(unit) is str else (None if unit is None else _money(unit)),
-        balance,
+        _balance(get("final_balance_deduction")),
         raw_status,
     )
 
