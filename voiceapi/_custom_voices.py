@@ -28,8 +28,8 @@ from ._create import (
     task_about,
     task_path,
 )
-from ._decode import parse_task_list
-from ._errors import TaskFailedError, ValidationError, WaitTimeoutError
+from ._decode import is_already_deleted, parse_task_list
+from ._errors import InvalidRequestError, TaskFailedError, ValidationError, WaitTimeoutError
 from ._models import BatchResult, TaskStatus, VoiceTask
 from ._pages import PageLimit, records_of, walk_pages
 
@@ -150,9 +150,27 @@ class AsyncCustomVoices:
                     yield task
 
     async def delete(self, voice_id: str) -> None:
-        """Delete a custom voice by its ``voice_id`` (not the task id). Presets cannot be."""
+        """Delete a custom voice by its ``voice_id`` (not the task id). Presets cannot be.
+
+        Retried after a lost answer like any call; the resend's "already deleted" then means
+        the lost attempt did it, and is success. A voice deleted before the call raises.
+        """
         vid = V.identifier(voice_id, "voice_id")
-        await self._transport.request("POST", PATH_DELETE_VOICES, json_body={"voice_id": vid})
+        resent_after_ambiguity = False
+
+        async def note_resend() -> None:
+            nonlocal resent_after_ambiguity
+            resent_after_ambiguity = True
+
+        try:
+            await self._transport.request("POST", PATH_DELETE_VOICES,
+                                          json_body={"voice_id": vid}, reconcile=note_resend)
+        except InvalidRequestError as exc:
+            # An attempt whose answer was lost (a dropped connection, a 5000, a truncated
+            # body) may have deleted the voice: the resend's "already deleted" is its success.
+            # Deleting a voice that was deleted before this call still raises.
+            if not (resent_after_ambiguity and is_already_deleted(exc)):
+                raise
 
     async def wait(
         self,

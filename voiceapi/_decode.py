@@ -122,6 +122,22 @@ def is_duplicate_external_id(exc: BaseException) -> bool:
         isinstance(message, str) and _says_already_exists(message)
 
 
+# "Voice already be deleted for id: …" (the sibling element API's live wording, kling-api.md
+# §4.5), "already deleted", "has already been deleted": a plain search, linear like the others.
+_ALREADY_DELETED = re.compile(r"\balready\s+(?:been\s+|be\s+)?deleted\b", re.IGNORECASE)
+
+
+def is_already_deleted(exc: BaseException) -> bool:
+    """True when a delete was refused because the voice is deleted already (400/1201).
+
+    Only meaningful for a delete resent after an attempt that may have landed: then it is
+    that attempt's success, not an error (``AsyncCustomVoices.delete``).
+    """
+    message = getattr(exc, "message", None)
+    return isinstance(exc, InvalidRequestError) and exc.code in (1200, 1201) and \
+        isinstance(message, str) and _ALREADY_DELETED.search(message) is not None
+
+
 # --- the envelope ---------------------------------------------------------------------------
 
 def parse_retry_after(

@@ -50,7 +50,8 @@ class Request:
     headers: dict[str, str] = attrs.field(factory=dict, repr=False)  # holds Authorization
     #: False for creates: an ambiguous failure must be reconciled before resending.
     idempotent: bool = True
-    #: For non-idempotent calls: find out whether the call landed; a Response if it did.
+    #: Called before a resend that follows an attempt that may have landed. Non-idempotent
+    #: calls find out whether it did (a Response if so); idempotent ones only take note.
     reconcile: Callable[[], Awaitable[Response | None]] | None = attrs.field(
         default=None, repr=False)
     #: False when the caller handles 1302/1303 itself (the batch scheduler learns from them).

@@ -144,9 +144,12 @@ def decide(
         return GIVE_UP if resigned else Step(retry=True, resign=True)
     if retries_used >= max_retries:
         return GIVE_UP
-    reconcile = decision.ambiguous and not idempotent
-    if reconcile and not can_reconcile:
+    if decision.ambiguous and not idempotent and not can_reconcile:
         return GIVE_UP  # a create that may have landed is never resent blind
+    # A create is looked up first; an idempotent call with a hook (a delete) only hears that
+    # its resend follows an attempt that may have landed: an "already done" refusal of the
+    # resend is then that attempt's success.
+    reconcile = decision.ambiguous and can_reconcile
     delay = next_delay(exc, retries_used + 1, policy, rng)
     if delay >= time_left:
         return GIVE_UP

@@ -67,7 +67,11 @@ class CustomVoices:
         return self._runner.iterate(self._resource.iter_all(page_size=page_size), owner=self._owner)
 
     def delete(self, voice_id: str) -> None:
-        """Delete a custom voice by its ``voice_id`` (not the task id). Presets cannot be."""
+        """Delete a custom voice by its ``voice_id`` (not the task id). Presets cannot be.
+
+        Retried after a lost answer like any call; the resend's "already deleted" then means
+        the lost attempt did it, and is success. A voice deleted before the call raises.
+        """
         return self._runner.run(self._resource.delete(voice_id))
 
     def wait(self, task_id: str | VoiceTask, *, timeout: float=DEFAULT_WAIT_TIMEOUT, poll_interval: float=DEFAULT_POLL_INTERVAL) -> VoiceTask:

@@ -1,0 +1,71 @@
+"""Adversarial tests (session 5, advlife): deletes and transports whose answers go missing."""
+
+from __future__ import annotations
+
+import pytest
+
+import voiceapi
+from voiceapi._decode import is_already_deleted
+from voiceapi._retry import RetryPolicy, decide
+from voiceapi.testing import KlingEmulator
+
+
+async def _ready_voice(client: voiceapi.AsyncVoiceClient, emu: KlingEmulator) -> str:
+    task = await client.custom_voices.create(voice_name="v", voice_url=emu.sample_url())
+    task = await client.custom_voices.wait(task, timeout=10, poll_interval=0.01)
+    assert task.voice_id is not None
+    return task.voice_id
+
+
+@pytest.mark.parametrize("fault", ["commit_then_drop", "commit_then_5000", "truncated"])
+async def test_a_delete_whose_answer_was_lost_is_not_reported_as_already_deleted(
+        client: voiceapi.AsyncVoiceClient, emu: KlingEmulator, fault: str) -> None:
+    # The first attempt deletes the voice, but its answer is lost; the resend is refused with
+    # "Voice already be deleted": that is the first attempt's success, not the caller's error.
+    voice_id = await _ready_voice(client, emu)
+    emu.inject("delete", fault)
+    await client.custom_voices.delete(voice_id)
+    assert emu.count("delete") == 2
+    (task,) = [t async for t in client.custom_voices.iter_all()]
+    assert task.voice is not None and task.voice.is_deleted
+
+
+async def test_deleting_a_voice_deleted_before_the_call_still_raises(
+        client: voiceapi.AsyncVoiceClient, emu: KlingEmulator) -> None:
+    voice_id = await _ready_voice(client, emu)
+    await client.custom_voices.delete(voice_id)
+    with pytest.raises(voiceapi.InvalidRequestError, match="already be deleted") as info:
+        await client.custom_voices.delete(voice_id)
+    assert is_already_deleted(info.value)
+    # A rate-limited first attempt was refused before anything happened: its resend's
+    # "already deleted" is the caller's to hear, too.
+    emu.inject("delete", 1303)
+    with pytest.raises(voiceapi.InvalidRequestError, match="already be deleted"):
+        await client.custom_voices.delete(voice_id)
+
+
+def test_already_deleted_is_recognised_narrowly() -> None:
+    def refused(message: str, code: int = 1201) -> voiceapi.InvalidRequestError:
+        return voiceapi.InvalidRequestError(message, code=code, http_status=400)
+
+    assert is_already_deleted(refused("Voice already be deleted for id: 93"))
+    assert is_already_deleted(refused("voice 93 has already been deleted"))
+    assert not is_already_deleted(refused("Voice not found for id: 93"))
+    assert not is_already_deleted(refused("Voice already be deleted", code=1303))
+    assert not is_already_deleted(voiceapi.ServerError("already deleted", code=5000,
+                                                       http_status=500))
+
+
+def test_an_idempotent_call_with_a_hook_hears_of_a_resend_after_an_ambiguous_attempt() -> None:
+    def step(exc: BaseException, *, idempotent: bool, can_reconcile: bool) -> tuple[bool, bool]:
+        s = decide(exc, idempotent=idempotent, can_reconcile=can_reconcile,
+                   retry_rate_limits=True, retries_used=0, max_retries=3, resigned=False,
+                   time_left=100.0, policy=RetryPolicy())
+        return s.retry, s.reconcile
+
+    lost = voiceapi.ServerError("x", code=5000, http_status=500)
+    limited = voiceapi.RateLimitError("x", code=1302, http_status=429)
+    assert step(lost, idempotent=True, can_reconcile=True) == (True, True)
+    assert step(lost, idempotent=True, can_reconcile=False) == (True, False)
+    assert step(limited, idempotent=True, can_reconcile=True) == (True, False)
+    assert step(lost, idempotent=False, can_reconcile=False) == (False, False)
