@@ -6,41 +6,66 @@ import asyncio
 import signal
 import sys
 import threading
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from types import FrameType
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 
-async def within(aw: Awaitable[T], seconds: float) -> T:
+async def within(aw: Awaitable[T], seconds: float, *,
+                 undo: Callable[[T], object] | None = None) -> T:
     """``await aw`` with a time limit (raises the builtin TimeoutError, on 3.10 too).
 
     Not ``asyncio.wait_for`` before 3.12: when the inner call finishes just as the caller is
     cancelled, it returns the result and swallows the cancellation, so a Ctrl-C or
     ``task.cancel()`` could be lost. ``asyncio.timeout`` (3.11+) has no such race.
+
+    ``undo(result)``: on 3.10 the call runs as a task of its own, which can finish while the
+    caller is being cancelled; its result is then never delivered, and ``undo`` gives back
+    what it holds (a request slot). On 3.11+ the call runs inline: it never happens.
     """
     if sys.version_info >= (3, 11):
         async with asyncio.timeout(seconds):
             return await aw
-    return await _within_310(aw, seconds)  # pragma: no cover - Python 3.10
+    return await _within_310(aw, seconds, undo)  # pragma: no cover - Python 3.10
 
 
-async def _within_310(aw: Awaitable[T], seconds: float) -> T:  # pragma: no cover - 3.10
+async def _within_310(aw: Awaitable[T], seconds: float,
+                      undo: Callable[[T], object] | None) -> T:  # pragma: no cover - 3.10
     # asyncio.wait, unlike wait_for, lets the caller's cancel through even when the inner
     # call has finished in the meantime; the inner call never outlives us (as with wait_for).
     inner = asyncio.ensure_future(aw)
+    delivered = False
     try:
-        done, _ = await asyncio.wait((inner,), timeout=seconds)
-    except asyncio.CancelledError:
-        await _stop(inner)
-        raise
-    if not done:
-        await _stop(inner)
-        if not inner.cancelled():  # it ended on its own right at the limit: that stands
-            return inner.result()
-        raise TimeoutError
-    return inner.result()
+        try:
+            done, _ = await asyncio.wait((inner,), timeout=seconds)
+        except asyncio.CancelledError:
+            await _stop(inner)
+            raise
+        if not done:
+            await _stop(inner)
+            if inner.cancelled():
+                raise TimeoutError
+        delivered = True  # it ended on its own (right at the limit, maybe): that stands
+        return inner.result()
+    finally:
+        if not delivered and undo is not None:
+            _undo_when_done(inner, undo)
+
+
+def _undo_when_done(inner: asyncio.Future[T],
+                    undo: Callable[[T], object]) -> None:  # pragma: no cover - 3.10
+    """``undo`` the result ``inner`` has, or will have (a second cancel can leave us before
+    it ends), since nobody receives it."""
+    def settle(future: asyncio.Future[T]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            undo(future.result())
+
+    if inner.done():
+        settle(inner)
+    else:
+        inner.add_done_callback(settle)
 
 
 async def _stop(inner: asyncio.Future[Any]) -> None:  # pragma: no cover - Python 3.10

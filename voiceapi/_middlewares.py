@@ -97,11 +97,12 @@ class _Layer:
 
 
 async def wait_turn(request: Request, turn: Callable[[], Awaitable[None]],
-                    waiting_for: str) -> None:
+                    waiting_for: str, release: Callable[[], object] | None = None) -> None:
     """``await turn()`` (a wait for a slot or a shared rate), but never past the call's
     deadline: ``retry_budget`` caps the whole call, time spent queued included.
 
     Running out is an APITimeoutError with ``maybe_sent=False``: the attempt never started.
+    ``release``: gives back a turn that was taken just as the caller was cancelled (3.10).
     """
     left = request.deadline - time.monotonic()
     if left == math.inf:  # no retry middleware in this chain: nothing to cap
@@ -120,7 +121,10 @@ async def wait_turn(request: Request, turn: Callable[[], Awaitable[None]],
             raise _budget_spent(request, waiting_for) from None
     else:  # pragma: no cover - Python 3.10
         try:
-            await within(turn(), left)  # not wait_for: it can drop a cancel
+            # Not wait_for: it can drop a cancel. The turn is a task of its own here: one it
+            # takes while we are being cancelled is nobody's, so it goes back.
+            await within(turn(), left,
+                         undo=None if release is None else lambda _: release())
         except TimeoutError:
             raise _budget_spent(request, waiting_for) from None
 

@@ -198,7 +198,8 @@ class Transport:
         limits = self._limits
         if not limits.try_enter():  # the common case: a free slot, no pacing, no extra frame
             await wait_turn(request, limits.enter,
-                            "a request slot (max_concurrent_requests, max_requests_per_second)")
+                            "a request slot (max_concurrent_requests, max_requests_per_second)",
+                            release=limits.leave)
         try:
             # After the wait (a turn is not a timeout); the common case, a budget longer than
             # the timeout, inline: the session's own timeout applies.
