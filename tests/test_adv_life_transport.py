@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import traceback
+
 import pytest
 
 import voiceapi
+from tests._raw_server import raw_server
+from tests.conftest import FAST_RETRY
 from voiceapi._decode import is_already_deleted
 from voiceapi._retry import RetryPolicy, decide
 from voiceapi.testing import KlingEmulator
@@ -69,3 +75,53 @@ def test_an_idempotent_call_with_a_hook_hears_of_a_resend_after_an_ambiguous_att
     assert step(lost, idempotent=True, can_reconcile=False) == (True, False)
     assert step(limited, idempotent=True, can_reconcile=True) == (True, False)
     assert step(lost, idempotent=False, can_reconcile=False) == (False, False)
+
+
+# --- a broken proxy that reflects our Authorization header into bytes aiohttp cannot parse ---
+
+SECRET = "sk-SECRET-reflected-0123456789abcdef"
+
+#: Answers that quote the request's Authorization value where aiohttp's parser (or our own
+#: error text) repeats it: aiohttp puts the offending bytes in its error message.
+REFLECTIONS = {
+    "status code": b"HTTP/1.1 20x %s\r\nContent-Length: 2\r\n\r\n{}",
+    "status line": b"HTTP/1.1 %s\r\n\r\n",
+    "header token": b"HTTP/1.1 200 OK\r\nX-Echo %s\r\nContent-Length: 2\r\n\r\n{}",
+    "content-length": b"HTTP/1.1 200 OK\r\nContent-Length: %s\r\n\r\n{}",
+    "chunk size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%s\r\n",
+    "long header": b"HTTP/1.1 200 OK\r\nX-Echo: %s" + b"A" * 9000 + b"\r\n\r\n",
+    "content-type": b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; %s\r\n"
+                    b"Content-Length: 2\r\n\r\nxx",
+}
+
+
+def _texts(exc: BaseException, depth: int = 0) -> list[str]:
+    """What an error shows: str, repr, args, the formatted chain, notes and attributes."""
+    out = [str(exc), repr(exc), *map(repr, exc.args), *traceback.format_exception(exc),
+           *map(str, getattr(exc, "__notes__", ())), *map(repr, vars(exc).values())]
+    for linked in (exc.__cause__, exc.__context__):
+        if linked is not None and depth < 5:
+            out += _texts(linked, depth + 1)
+    return out
+
+
+@pytest.mark.parametrize("credential", ["jwt", "api_key"])
+@pytest.mark.parametrize("reflection", sorted(REFLECTIONS))
+async def test_a_reflected_credential_never_reaches_error_texts_or_logs(
+        reflection: str, credential: str, caplog: pytest.LogCaptureFixture) -> None:
+    async def reflect(method: str, target: str, writer: asyncio.StreamWriter) -> bool:
+        writer.write(REFLECTIONS[reflection] % seen.auth[-1].encode())
+        return False
+
+    keys = ({"access_key": "ak-reflected", "secret_key": SECRET} if credential == "jwt"
+            else {"api_key": SECRET})
+    caplog.set_level(logging.DEBUG)
+    async with raw_server(reflect) as (base, seen), voiceapi.AsyncVoiceClient(
+            base_url=base, timeout=2, max_retries=0, retry_policy=FAST_RETRY,
+            **keys) as client:  # type: ignore[arg-type]
+        with pytest.raises(voiceapi.VoiceAPIError) as info:
+            await client.preset_voices.list()
+    token = seen.auth[-1].removeprefix("Bearer ")
+    assert len(token) > 20 and seen.auth[-1].startswith("Bearer ")
+    shown = "\n".join([*_texts(info.value), caplog.text])
+    assert SECRET not in shown and token not in shown

@@ -204,10 +204,11 @@ def decode_envelope(
     code = envelope.get("code") if isinstance(envelope, dict) else None
     if not isinstance(code, int) or isinstance(code, bool):
         if 200 <= status < 300:
+            # The content type is the answer's text too: shown printable, and masked.
+            kind = printable(headers.get("Content-Type", "unknown"), 100, sent)
             raise UnexpectedResponseError(
                 f"HTTP {status} answer is not a Kling JSON envelope "
-                f"(content-type {headers.get('Content-Type', 'unknown')!r}, {len(body)} bytes)",
-                http_status=status)
+                f"(content-type {kind!r}, {len(body)} bytes)", http_status=status)
         cls = error_class_for(None, status)
         location = headers.get("Location") if 300 <= status < 400 else None
         if location:

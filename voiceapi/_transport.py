@@ -226,7 +226,8 @@ class Transport:
             # reach Kling): nothing reached the API, so even a create needs no lookup.
             error = APIConnectionError(
                 f"{request.method} {request.path}: the proxy refused the connection: HTTP "
-                f"{exc.status} {printable(exc.message, 200)}", maybe_sent=False,
+                f"{exc.status} {printable(exc.message, 200, self._sent(request))}",
+                maybe_sent=False,
                 http_status=exc.status)
         except aiohttp.ClientConnectorError as exc:
             error = APIConnectionError(
@@ -235,7 +236,7 @@ class Transport:
         except aiohttp.ClientError as exc:
             error = APIConnectionError(
                 f"{request.method} {request.path}: connection failed: {type(exc).__name__}: "
-                f"{_describe(exc)}")
+                f"{_describe(exc, self._sent(request))}")
         except RuntimeError:
             if not session.closed:
                 raise
@@ -249,8 +250,13 @@ class Transport:
             raise error
         data_out, request_id = decode_envelope(
             status, headers, body, retry_after_max=self.retry_policy.retry_after_max,
-            sent=SentCredential(request.headers.get("Authorization")))
+            sent=self._sent(request))
         return Response(status=status, headers=headers, data=data_out, request_id=request_id)
+
+    @staticmethod
+    def _sent(request: Request) -> SentCredential:
+        """The credential the request carried, to mask wherever the answer repeats it."""
+        return SentCredential(request.headers.get("Authorization"))
 
     def holds_open_session(self) -> bool:
         """A session of our own was opened and not closed (a client dropped without aclose)."""
@@ -295,11 +301,16 @@ def _query(params: dict[str, str]) -> str:
         for k, v in params.items()])
 
 
-def _describe(exc: aiohttp.ClientError) -> str:
-    """A short text for an aiohttp error, never its request_info (which holds the headers)."""
+def _describe(exc: aiohttp.ClientError, sent: SentCredential) -> str:
+    """A short text for an aiohttp error, never its request_info (which holds the headers).
+
+    Made printable and masked like any server text: aiohttp quotes the bytes it could not
+    parse (a status line, a header, a chunk size), and a broken proxy that reflects the
+    request into its answer puts our token there.
+    """
     if isinstance(exc, aiohttp.ClientResponseError):
-        return f"HTTP {exc.status} {exc.message}"
-    return str(exc)
+        return printable(f"HTTP {exc.status} {exc.message}", 300, sent)
+    return printable(str(exc), 300, sent)
 
 
 __all__ = ["Transport"]
