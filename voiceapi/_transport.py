@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -45,6 +47,12 @@ if TYPE_CHECKING:
     from ._coordinator import Coordinator
 
 _CLOSED = "this client is closed; create a new one"
+
+#: Sessions inherited from the parent across fork, kept alive untouched in the child (see
+#: ``Transport.forget_loop``): collecting one would close the parent's connections there.
+FORK_ORPHANS: list[object] = []
+#: Every transport with a session of its own, for the fork hook at the end of this module.
+_OWNERS: weakref.WeakSet[Transport] = weakref.WeakSet()
 
 
 async def _read_streamed(resp: aiohttp.ClientResponse) -> bytes:
@@ -116,6 +124,8 @@ class Transport:
                               per_second=config.max_requests_per_second)
         chain += [AuthMiddleware(config.credentials), *middlewares, logging_middleware]
         self._handler = build_chain(chain, self._send)
+        if self._owns_session:
+            _OWNERS.add(self)
 
     @property
     def closed(self) -> bool:
@@ -274,11 +284,11 @@ class Transport:
             await session.close()
 
     def forget_loop(self) -> list[object]:
-        """Documented-internal hook for the sync runner, in a fork child: drop everything bound
-        to the parent's event loop (session, limiter queues, locks) so the next call starts
+        """In a fork child (the hook below, and the sync runner's): drop everything bound to
+        the parent's event loop (session, limiter queues, locks) so the next call starts
         afresh. Returns what must be kept alive *untouched*: closing or collecting the parent's
         session would unregister the parent's sockets from the epoll instance that parent
-        and child share after fork, and hang the parent.
+        and child share after fork, and hang the parent. Safe to call twice.
         """
         keep: list[object] = []
         if self._owns_session and self._session is not None:
@@ -290,6 +300,17 @@ class Transport:
         if after_fork is not None:
             after_fork()
         return keep
+
+
+def _after_fork_in_child() -> None:
+    """An AsyncVoiceClient the child drops (or uses on a loop of its own) must not touch the
+    parent's connections: its session is set aside for good, and the child gets a new one."""
+    for transport in list(_OWNERS):
+        FORK_ORPHANS.extend(transport.forget_loop())
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _query(params: dict[str, str]) -> str:
