@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import traceback
+from typing import Any
 
 import pytest
 
@@ -119,9 +121,104 @@ async def test_a_reflected_credential_never_reaches_error_texts_or_logs(
     async with raw_server(reflect) as (base, seen), voiceapi.AsyncVoiceClient(
             base_url=base, timeout=2, max_retries=0, retry_policy=FAST_RETRY,
             **keys) as client:  # type: ignore[arg-type]
-        with pytest.raises(voiceapi.VoiceAPIError) as info:
-            await client.preset_voices.list()
+        errors = []
+        for call in (client.preset_voices.list(),
+                     client.custom_voices.create(voice_name="n", voice_url="https://x/a.wav")):
+            with pytest.raises(voiceapi.VoiceAPIError) as info:
+                await call
+            errors.append(info.value)
     token = seen.auth[-1].removeprefix("Bearer ")
     assert len(token) > 20 and seen.auth[-1].startswith("Bearer ")
-    shown = "\n".join([*_texts(info.value), caplog.text])
+    shown = "\n".join([text for error in errors for text in _texts(error)] + [caplog.text])
     assert SECRET not in shown and token not in shown
+    # On Python 3.10 aiohttp's own exception used to come along as __context__.
+    assert all(isinstance(link, voiceapi.VoiceAPIError) for error in errors
+               for link in _links(error))
+
+
+def _links(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    for linked in (exc.__cause__, exc.__context__):
+        if linked is not None and linked not in out:
+            out += [linked, *_links(linked)]
+    return out
+
+
+# --- a keep-alive connection the server closes as the next request arrives ------------------
+
+def _answer(status: int, payload: dict[str, Any]) -> bytes:
+    body = json.dumps(payload).encode()
+    return (f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def _task(task_id: str, ext: str) -> dict[str, Any]:
+    return {"task_id": task_id, "task_status": "submitted",
+            "task_info": {"external_task_id": ext}}
+
+
+class _StaleFirstConnection:
+    """Answers like Kling, except that the first connection, pooled after its first answer,
+    is closed unanswered when the next request comes on it: the server's keep-alive timeout
+    met the client's reuse. That request was read, never acted on."""
+
+    def __init__(self) -> None:
+        self.first: asyncio.StreamWriter | None = None
+        self.served: dict[int, int] = {}
+        self.created: list[str] = []
+        self.deleted: list[str] = []
+        self.lines: list[str] = []
+
+    async def __call__(self, method: str, target: str, writer: asyncio.StreamWriter) -> bool:
+        self.first = self.first or writer
+        n = self.served[id(writer)] = self.served.get(id(writer), 0) + 1
+        self.lines.append(f"{method} {target.split('?')[0]}")
+        if writer is self.first and n == 2:
+            writer.transport.abort()
+            return False
+        writer.write(self.answer(method, target))
+        return True
+
+    def answer(self, method: str, target: str) -> bytes:
+        path = target.split("?")[0]
+        if method == "GET" and path == "/v1/general/presets-voices":
+            return _answer(200, {"code": 0, "message": "SUCCEED", "request_id": "r", "data": []})
+        if method == "GET":
+            ext = path.rsplit("/", 1)[1]
+            if ext in self.created:
+                return _answer(200, {"code": 0, "message": "SUCCEED", "request_id": "r",
+                                     "data": _task("t-1", ext)})
+            return _answer(400, {"code": 1201, "request_id": "r",
+                                 "message": f"Task not found by id/external id: {ext}"})
+        if path.endswith("/delete-voices"):
+            self.deleted.append("v")
+            return _answer(200, {"code": 0, "message": "SUCCEED", "request_id": "r"})
+        self.created.append(self.pending_ext)
+        return _answer(200, {"code": 0, "message": "SUCCEED", "request_id": "r",
+                             "data": _task("t-1", self.pending_ext)})
+
+    pending_ext = "ext-stale"
+
+
+async def test_a_create_on_a_connection_closed_under_it_is_looked_up_then_sent_once() -> None:
+    server = _StaleFirstConnection()
+    async with raw_server(server) as (base, _), voiceapi.AsyncVoiceClient(
+            api_key="k" * 24, base_url=base, timeout=5, retry_policy=FAST_RETRY) as client:
+        await client.preset_voices.list()  # pools the first connection
+        task = await client.custom_voices.create(voice_name="n", voice_url="https://x/a.wav",
+                                                 external_task_id="ext-stale")
+    assert task.external_task_id == "ext-stale" and server.created == ["ext-stale"]
+    # Never resent blind: the lost create is looked up (answered "not found") first.
+    assert server.lines == ["GET /v1/general/presets-voices", "POST /v1/general/custom-voices",
+                            "GET /v1/general/custom-voices/ext-stale",
+                            "POST /v1/general/custom-voices"]
+
+
+async def test_a_delete_on_a_connection_closed_under_it_is_resent_and_succeeds() -> None:
+    server = _StaleFirstConnection()
+    async with raw_server(server) as (base, _), voiceapi.AsyncVoiceClient(
+            api_key="k" * 24, base_url=base, timeout=5, retry_policy=FAST_RETRY) as client:
+        await client.preset_voices.list()
+        await client.custom_voices.delete("v")
+    assert server.deleted == ["v"]
+    assert server.lines[1:] == ["POST /v1/general/delete-voices"] * 2

@@ -104,6 +104,27 @@ class VoiceAPIError(Exception):
         return _rebuild, (type(self), self.args, dict(self.__dict__))
 
 
+def drop_foreign_context(exc: BaseException) -> None:
+    """Unlink, along ``exc``'s chain, every ``__context__`` that is not one of ours.
+
+    Python 3.10 can still count an exception that aiohttp caught inside its own coroutine as
+    being handled in ours, and chains it to the next error we raise: it may quote the
+    answer's bytes (a reflected token) or carry the request's headers. Every link the SDK
+    means to show is one of its own errors.
+    """
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:  # bounded: each error of the chain is visited once
+        error = stack.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        if error.__context__ is not None and not isinstance(error.__context__, VoiceAPIError):
+            error.__context__ = None
+        stack += [link for link in (error.__cause__, error.__context__)
+                  if isinstance(link, VoiceAPIError)]
+
+
 class ValidationError(VoiceAPIError, ValueError):
     """Bad input caught before any request was sent."""
 

@@ -26,6 +26,7 @@ from ._errors import (
     ServerError,
     UnexpectedResponseError,
     VoiceAPIError,
+    drop_foreign_context,
 )
 
 if TYPE_CHECKING:
@@ -178,9 +179,14 @@ class RetryMiddleware:
             return await call_next(request)
         except VoiceAPIError as exc:
             if not classify(exc, self._policy).retry:
+                drop_foreign_context(exc)  # what leaves the chain never drags aiohttp along
                 raise
             first_error = exc
-        return await self._retry(request, call_next, first_error)
+        try:
+            return await self._retry(request, call_next, first_error)
+        except VoiceAPIError as exc:
+            drop_foreign_context(exc)
+            raise
 
     async def _retry(self, request: Request, call_next: Handler,
                      first_error: VoiceAPIError) -> Response:

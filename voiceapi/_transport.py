@@ -257,7 +257,13 @@ class Transport:
         if error is not None:
             if self._closed:
                 error = ClientClosedError("the client was closed during this call")
-            raise error
+            try:
+                raise error
+            finally:
+                # Python 3.10 can still count aiohttp's own exception as being handled here
+                # (one thrown into its coroutine) and chain it as __context__: it quotes the
+                # answer's bytes, maybe our token. The error says all there is to say.
+                error.__context__ = None
         data_out, request_id = decode_envelope(
             status, headers, body, retry_after_max=self.retry_policy.retry_after_max,
             sent=self._sent(request))
