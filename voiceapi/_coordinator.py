@@ -19,6 +19,10 @@ Optional extension: ``async def adopt(key, task_id, status)``. When a rerun re-a
 still running from an earlier run, the scheduler calls it (if the coordinator has it) so the
 task holds a slot until it is seen ending, even above the cap; without it, ``record`` is called.
 
+Optional extension: ``state_lost: bool``. A shared coordinator whose store lost its state while
+it ran (a Redis restart without persistence) sets it: from then on its grants no longer prove
+that a key is new, so the scheduler looks each key up before creating it.
+
 Layering: this module depends only on the models; the scheduler and the client depend on it.
 """
 

@@ -130,7 +130,7 @@ class Submitter:
         key = entry.key
         assert entry.body is not None
         try:
-            look = self.look_first or entry.look_first
+            look = self.look_first or entry.look_first or self._state_lost()
             existing = await self._api.lookup(key) if look else None
             created = Created(existing, existed=True) if existing is not None else \
                 await self._api.create(entry.body)
@@ -145,6 +145,11 @@ class Submitter:
             return
         await self._coord.accepted(key, created.task.task_id, created.task.task_status.value)
         await self._on_created(entry, created)
+
+    def _state_lost(self) -> bool:
+        """The shared coordinator lost its journal (``state_lost``: e.g. Redis restarted
+        without persistence) after granting: its grant no longer says the key is new."""
+        return getattr(self._coord, "state_lost", False) is True
 
     async def _rate_limited(self, entry: Entry, exc: RateLimitError) -> None:
         self.pending.appendleft(entry)  # refused before anything was queued: send it again
