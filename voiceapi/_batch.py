@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import math
 import time
 from collections.abc import Coroutine, Iterable, Mapping
 from typing import Any, Protocol
@@ -448,6 +449,11 @@ def _check_settings(max_in_flight: Any, **seconds: Any) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not value > 0):
             raise ValidationError(f"{name} must be a number > 0, got {value!r}")
+    # An infinite timeout simply never fires, but an infinite poll interval never polls: a
+    # batch whose slots are full then waits for ever.
+    poll = seconds.get("poll_interval")
+    if poll is not None and not math.isfinite(poll):
+        raise ValidationError(f"poll_interval must be a finite number > 0, got {poll!r}")
 
 
 async def run_batch(
