@@ -23,6 +23,13 @@ Optional extension: ``state_lost: bool``. A shared coordinator whose store lost 
 it ran (a Redis restart without persistence) sets it: from then on its grants no longer prove
 that a key is new, so the scheduler looks each key up before creating it.
 
+Optional extension: ``abandon(key)`` and ``in_doubt(key) -> bool`` (plain methods: ``abandon``
+runs while a batch is being cancelled, so it must not block). A create under ``key`` was
+cancelled before its answer (the batch was cancelled or reached its deadline): it may or may
+not have landed at Kling. The coordinator stops counting it as this batch's slot, and until the
+key is settled (``accepted``, ``release``, ``finished``) ``in_doubt(key)`` is True: the
+scheduler then looks the key up before creating it. Without them, the slot stays held.
+
 Layering: this module depends only on the models; the scheduler and the client depend on it.
 """
 

@@ -130,7 +130,7 @@ class Submitter:
         key = entry.key
         assert entry.body is not None
         try:
-            look = self.look_first or entry.look_first or self._state_lost()
+            look = self.look_first or entry.look_first or self._must_look_up(key)
             existing = await self._api.lookup(key) if look else None
             created = Created(existing, existed=True) if existing is not None else \
                 await self._api.create(entry.body)
@@ -146,10 +146,14 @@ class Submitter:
         await self._coord.accepted(key, created.task.task_id, created.task.task_status.value)
         await self._on_created(entry, created)
 
-    def _state_lost(self) -> bool:
-        """The shared coordinator lost its journal (``state_lost``: e.g. Redis restarted
-        without persistence) after granting: its grant no longer says the key is new."""
-        return getattr(self._coord, "state_lost", False) is True
+    def _must_look_up(self, key: str) -> bool:
+        """The coordinator's grant does not say that ``key`` is new: it lost its journal
+        (``state_lost``: e.g. Redis restarted without persistence), or a create under the key
+        was cancelled before its answer (``in_doubt``) and may have landed."""
+        if getattr(self._coord, "state_lost", False) is True:
+            return True
+        in_doubt = getattr(self._coord, "in_doubt", None)
+        return in_doubt is not None and in_doubt(key) is True
 
     async def _rate_limited(self, entry: Entry, exc: RateLimitError) -> None:
         self.pending.appendleft(entry)  # refused before anything was queued: send it again
@@ -187,7 +191,12 @@ class Submitter:
         if pairs:
             await asyncio.gather(*(t for t, _ in pairs), return_exceptions=True)
         self.sending.clear()
-        return [e for t, e in pairs if t.cancelled() and not e.done and e.task is None]
+        unknown = [e for t, e in pairs if t.cancelled() and not e.done and e.task is None]
+        abandon = getattr(self._coord, "abandon", None)
+        if abandon is not None:
+            for entry in unknown:
+                abandon(entry.key)
+        return unknown
 
     def give_up(self, why: str) -> None:
         """Items never sent get a NotSubmittedError."""

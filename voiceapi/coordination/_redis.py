@@ -217,6 +217,8 @@ class RedisCoordinator:
         #: create is granted only to be looked up first (the batch reads this with getattr).
         #: Never reset: what was lost stays lost for this worker.
         self.state_lost = False
+        #: Keys whose create this worker abandoned unanswered (``abandon``), not settled yet.
+        self._doubt: set[str] = set()
         self._adopted: dict[str, str] = {}  # key -> task id, orphans this worker follows
         self._cap = max_in_flight if max_in_flight is not None else C.BATCH_INITIAL_SLOTS
         self._wake_event = asyncio.Event()
@@ -515,6 +517,7 @@ class RedisCoordinator:
 
     async def accepted(self, key: str, task_id: str, status: str) -> None:
         self._held.add(key)
+        self._doubt.discard(key)
         cap = await self._run(
             "ACCEPTED", self._k("slots", "orphans", "owners", "journal", "cap"),
             [key, self.worker_id, int(self._lease * 1000), dump_entry(task_id, status),
@@ -534,6 +537,19 @@ class RedisCoordinator:
     async def release(self, key: str) -> None:
         await self._free(key, "release", "")
 
+    def abandon(self, key: str) -> None:
+        """The create under ``key`` was cancelled before its answer (its batch was cancelled
+        or reached its deadline): stop renewing its lease. It lapses into an orphan that a
+        lookup settles (found: followed to its end; unknown after ``orphan_grace``: freed).
+        Renewing it, as before, held the slot for as long as this coordinator lived."""
+        if key in self._held and key not in self._adopted:
+            self._held.discard(key)
+            self._doubt.add(key)
+
+    def in_doubt(self, key: str) -> bool:
+        """A create under ``key`` was abandoned by this worker and nothing has settled it."""
+        return key in self._doubt
+
     async def finished(self, key: str, task_id: str, status: str) -> None:
         await self._free(key, "finish", dump_entry(task_id, status))
 
@@ -543,6 +559,7 @@ class RedisCoordinator:
             [key, self.worker_id, mode, entry, self._k("events")[0],
              D.STATE_TTL_SECONDS * 1000])
         self._held.discard(key)
+        self._doubt.discard(key)
         self._adopted.pop(key, None)
         if int(freed):
             self._wake()  # our own waiters need not wait for the pub/sub round trip
