@@ -8,8 +8,11 @@ the account's cap holds, and every item gets a result.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -28,6 +31,41 @@ def server() -> Iterator[RedisServer]:
     """A server of this test's own: some tests restart it."""
     with running_redis() as srv:
         yield srv
+
+
+@contextlib.asynccontextmanager
+async def slow_redis(port: int, delay: float) -> AsyncIterator[str]:
+    """A loopback TCP proxy to the Redis on ``port`` that holds every answer back ``delay``
+    seconds (a Redis far away, or busy); yields its redis:// URL."""
+    links: set[asyncio.Task[None]] = set()
+
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, hold: float) -> None:
+        try:
+            while data := await src.read(65536):
+                await asyncio.sleep(hold)
+                dst.write(data)
+                await dst.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            dst.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        for link in (pipe(reader, up_writer, 0.0), pipe(up_reader, writer, delay)):
+            task = asyncio.ensure_future(link)
+            links.add(task)
+            task.add_done_callback(links.discard)
+
+    proxy = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"redis://127.0.0.1:{proxy.sockets[0].getsockname()[1]}/0"
+    finally:
+        proxy.close()
+        for task in list(links):
+            task.cancel()
+        await asyncio.gather(*links, return_exceptions=True)
+        await proxy.wait_closed()
 
 
 def _items(url: str, names: range) -> list[dict[str, Any]]:
@@ -88,3 +126,25 @@ async def test_a_worker_knows_when_redis_lost_the_state_it_joined(server: RedisS
             assert old.state_lost and not old.vouches_for_creates
             assert await new.acquire("k3") is Grant.WAIT  # cap 2: k2 and k1
             assert not new.state_lost
+
+
+async def test_a_slow_redis_does_not_carry_the_batch_past_its_timeout(
+        server: RedisServer) -> None:
+    """Redis answers each command 0.3 s late. At its deadline the batch was asking for its
+    ten slots one after the other (3 s) and returned seconds late; the README promises about
+    a second. Nothing is created twice either way."""
+    ns = f"t-{uuid.uuid4().hex[:12]}"
+    async with KlingEmulator(concurrency=10, task_seconds=30) as emu, \
+            slow_redis(server.port, 0.3) as url:
+        sample = emu.sample_url(10)
+        async with RedisCoordinator(url, namespace=ns, max_in_flight=10) as coord, \
+                voiceapi.AsyncVoiceClient(emu.access_key, emu.secret_key,
+                                          base_url=emu.base_url, coordinator=coord) as client:
+            started = time.monotonic()
+            results = await client.custom_voices.create_many(
+                _items(sample, range(20)), poll_interval=0.05, timeout=3)
+            took = time.monotonic() - started
+    assert took < 3 + 1.5, took
+    assert all(isinstance(r.error, (voiceapi.NotSubmittedError, voiceapi.WaitTimeoutError))
+               for r in results), [r.error for r in results]
+    assert set(emu.stats()["tasks_per_external_id"]) <= {"1"}

@@ -168,7 +168,7 @@ class _Run:
         self.wake = asyncio.Event()
         self.submitter = Submitter(api, coordinator, self.ledger, on_created=self._created,
                                    on_foreign=self._foreign, wake=self.wake.set,
-                                   ceiling=ceiling)
+                                   ceiling=ceiling, deadline=self.deadline)
         self.follower = Follower(api, coordinator, self.ledger, wait=wait,
                                  item_timeout=item_timeout, poll_interval=poll_interval,
                                  callbacks=callbacks, retry=self._retry,
