@@ -148,3 +148,37 @@ async def test_a_slow_redis_does_not_carry_the_batch_past_its_timeout(
     assert all(isinstance(r.error, (voiceapi.NotSubmittedError, voiceapi.WaitTimeoutError))
                for r in results), [r.error for r in results]
     assert set(emu.stats()["tasks_per_external_id"]) <= {"1"}
+
+
+async def test_an_unresolved_orphan_at_the_head_of_the_queue_holds_up_only_itself(
+        server: RedisServer) -> None:
+    """A worker died between taking the slot for item 0 and creating it: the slot is an orphan
+    that Kling does not know, freed only after ``orphan_grace``. The rerun's first item is
+    that one. Its acquire answered WAIT and the batch stopped asking for slots altogether, so
+    the three free slots stayed idle for the whole grace period; now only item 0 waits."""
+    ns = f"t-{uuid.uuid4().hex[:12]}"
+    async with KlingEmulator(concurrency=4, task_seconds=0.1) as emu:
+        url = emu.sample_url(10)
+        items = [{"voice_name": f"v{i}", "voice_url": url, "external_task_id": f"{ns}-{i}"}
+                 for i in range(4)]
+        dead = RedisCoordinator(server.url, namespace=ns, max_in_flight=4, lease_seconds=0.2)
+        async with dead:
+            assert await dead.acquire(f"{ns}-0") is Grant.CREATE  # then "killed"
+        coord = RedisCoordinator(server.url, namespace=ns, max_in_flight=4, lease_seconds=0.2,
+                                 orphan_grace=3.0)
+        async with coord, voiceapi.AsyncVoiceClient(emu.access_key, emu.secret_key,
+                                                    base_url=emu.base_url,
+                                                    coordinator=coord) as client:
+            for _ in range(200):  # bounded: until its lease has lapsed into an orphan
+                if (await coord.snapshot())["orphans"]:
+                    break
+                await asyncio.sleep(0.02)
+            assert (await coord.snapshot())["orphans"] == [f"{ns}-0"]
+            results = await client.custom_voices.create_many(items, poll_interval=0.05,
+                                                              timeout=30)
+            snap = await coord.snapshot()
+        assert [r.ok for r in results] == [True] * 4, [r.error for r in results]
+        assert emu.stats()["tasks_per_external_id"] == {"1": 4}
+        created = [t["task_info"]["external_task_id"] for t in emu.tasks()]
+        assert created[-1] == f"{ns}-0", created  # the others did not wait for it
+        assert snap["slots"] == [] and snap["orphans"] == [], snap

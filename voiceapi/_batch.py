@@ -380,8 +380,7 @@ class _Run:
                 follower.poll_soon()
             if not submitter.busy and not follower.waiting:
                 return
-            poll_at = follower.next_poll_at(
-                slots_wanted=submitter.slot_blocked and bool(submitter.pending))
+            poll_at = follower.next_poll_at(slots_wanted=submitter.wants_slots)
             if poll_at is not None and now >= poll_at:
                 await follower.poll(None if self.deadline is None else self.deadline - now)
                 if follower.fatal is not None:

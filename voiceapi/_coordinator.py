@@ -30,6 +30,10 @@ not have landed at Kling. The coordinator stops counting it as this batch's slot
 key is settled (``accepted``, ``release``, ``finished``) ``in_doubt(key)`` is True: the
 scheduler then looks the key up before creating it. Without them, the slot stays held.
 
+Optional extension: ``key_waits(key) -> bool``. True when the last ``acquire(key)`` answered
+WAIT because of that key alone (e.g. a dead worker's slot for it is not settled yet), not for
+want of a slot: the scheduler sets that item aside (as for FOLLOW) and goes on with the others.
+
 Layering: this module depends only on the models; the scheduler and the client depend on it.
 """
 

@@ -57,6 +57,9 @@ class Submitter:
         self.look_first = False
         #: An unexpected exception from a send (not an API answer): the batch re-raises it.
         self.failure: BaseException | None = None
+        #: A deferred item waits for its own key to be settled (``key_waits``): polls must go
+        #: on, as a shared coordinator settles such keys while it observes.
+        self.key_waiting = False
 
     @property
     def busy(self) -> bool:
@@ -80,13 +83,18 @@ class Submitter:
                 grant = await self._acquire(entry.key)
             except (asyncio.TimeoutError, TimeoutError):
                 return  # the batch's deadline: the loop ends the batch now
-            if grant is Grant.WAIT:
+            if grant is Grant.WAIT and not self._key_waits(entry.key):
                 self.slot_blocked = True
                 return
             self._take(entry)
-            if grant is Grant.FOLLOW:  # another batch creates it; look again a little later
+            if grant is not Grant.CREATE:
+                # FOLLOW: another batch creates it. WAIT for this key alone: its earlier create
+                # is being settled. Either way look again a little later, and look it up
+                # before any create; the other items need not wait for it.
                 entry.look_first = True
                 self.deferred.append((now + C.BATCH_POLL_FLOOR, entry))
+                if grant is Grant.WAIT:
+                    self.key_waiting = True
                 continue
             task = asyncio.ensure_future(self._send(entry))
             self.sending[task] = entry
@@ -102,6 +110,16 @@ class Submitter:
         if left <= 0:
             raise TimeoutError
         return await within(self._coord.acquire(key), left)
+
+    def _key_waits(self, key: str) -> bool:
+        key_waits = getattr(self._coord, "key_waits", None)
+        return key_waits is not None and key_waits(key) is True
+
+    @property
+    def wants_slots(self) -> bool:
+        """Items wait for a slot, or for their key to be settled: a poll may free either."""
+        return (self.slot_blocked and bool(self.pending)) or \
+            (self.key_waiting and bool(self.deferred))
 
     def _take(self, entry: Entry) -> None:
         """Take ``entry`` off the queue. Not simply the front one: a shared coordinator answers
@@ -126,6 +144,8 @@ class Submitter:
         due: list[Entry] = []
         while self.deferred and self.deferred[0][0] <= now:
             due.append(self.deferred.popleft()[1])
+        if not self.deferred:
+            self.key_waiting = False  # set again if an item still waits for its key
         known = await self._coord.known([e.key for e in due])
         for entry in due:
             jentry = known.get(entry.key)

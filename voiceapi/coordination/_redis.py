@@ -219,6 +219,8 @@ class RedisCoordinator:
         self.state_lost = False
         #: Keys whose create this worker abandoned unanswered (``abandon``), not settled yet.
         self._doubt: set[str] = set()
+        #: Keys whose last acquire waited for the key itself (an unresolved orphan).
+        self._unresolved: set[str] = set()
         self._adopted: dict[str, str] = {}  # key -> task id, orphans this worker follows
         self._cap = max_in_flight if max_in_flight is not None else C.BATCH_INITIAL_SLOTS
         self._wake_event = asyncio.Event()
@@ -476,7 +478,7 @@ class RedisCoordinator:
     async def acquire(self, key: str) -> Grant:
         held_before = key in self._held
         try:
-            grant, cap, backoff_ms, lost = await self._run(
+            grant, cap, backoff_ms, lost, unresolved = await self._run(
                 "ACQUIRE",
                 self._k("slots", "orphans", "owners", "journal", "cap", "backoff:create",
                         "epoch"),
@@ -500,7 +502,17 @@ class RedisCoordinator:
         result = Grant(_text(grant))
         if result is Grant.CREATE:
             self._held.add(key)
+        if int(unresolved):
+            self._unresolved.add(key)
+        else:
+            self._unresolved.discard(key)
         return result
+
+    def key_waits(self, key: str) -> bool:
+        """The last ``acquire(key)`` answered WAIT for that key alone: it is an orphan that
+        no lookup has settled yet (a dead worker's create that Kling does not know stays one
+        for ``orphan_grace``). Other keys may still get a slot (an extra to the protocol)."""
+        return key in self._unresolved
 
     async def wait_for_slot(self, timeout: float) -> None:
         if timeout <= 0:

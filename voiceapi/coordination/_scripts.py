@@ -38,7 +38,7 @@ return redis.call('GET', KEYS[1])
 
 # KEYS: slots orphans owners journal cap backoff_create epoch
 # ARGV: key me lease_ms ceiling initial state_ttl_ms epoch_token
-# -> {grant, cap, backoff_ms, state_lost(0/1)}
+# -> {grant, cap, backoff_ms, state_lost(0/1), key_unresolved(0/1)}
 # state_lost: the epoch is not the caller's (the journal it relied on is gone): the grant stands,
 # but its key may exist at Kling, so the caller must look it up before creating.
 ACQUIRE = _PRELUDE + """
@@ -59,22 +59,23 @@ if not cap then
 end
 redis.call('PEXPIRE', KEYS[5], ARGV[6])
 local eff = math.min(cap, ceiling)
-if redis.call('HEXISTS', KEYS[4], key) == 1 then return {'follow', eff, 0, lost} end
+if redis.call('HEXISTS', KEYS[4], key) == 1 then return {'follow', eff, 0, lost, 0} end
 if redis.call('ZSCORE', KEYS[1], key) then
   if redis.call('HGET', KEYS[3], key) == me then
     redis.call('ZADD', KEYS[1], now + lease, key)
-    return {'create', eff, 0, lost}
+    return {'create', eff, 0, lost, 0}
   end
-  return {'follow', eff, 0, lost}
+  return {'follow', eff, 0, lost, 0}
 end
--- an orphan may or may not exist at Kling: nobody creates it until it is resolved
-if redis.call('ZSCORE', KEYS[2], key) then return {'wait', eff, 0, lost} end
+-- an orphan may or may not exist at Kling: nobody creates it until it is resolved (the
+-- last 1: this key waits, not the caller's other keys)
+if redis.call('ZSCORE', KEYS[2], key) then return {'wait', eff, 0, lost, 1} end
 local until_ms = tonumber(redis.call('GET', KEYS[6]) or '0')
-if until_ms > now then return {'wait', eff, until_ms - now, lost} end
-if used(KEYS[1], KEYS[2]) >= eff then return {'wait', eff, 0, lost} end
+if until_ms > now then return {'wait', eff, until_ms - now, lost, 0} end
+if used(KEYS[1], KEYS[2]) >= eff then return {'wait', eff, 0, lost, 0} end
 redis.call('ZADD', KEYS[1], now + lease, key)
 redis.call('HSET', KEYS[3], key, me)
-return {'create', eff, 0, lost}
+return {'create', eff, 0, lost, 0}
 """
 
 # KEYS: slots orphans owners journal cap
