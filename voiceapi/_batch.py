@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import math
 import time
 from collections.abc import Coroutine, Iterable, Mapping
 from typing import Any, Protocol
@@ -167,7 +168,7 @@ class _Run:
         self.wake = asyncio.Event()
         self.submitter = Submitter(api, coordinator, self.ledger, on_created=self._created,
                                    on_foreign=self._foreign, wake=self.wake.set,
-                                   ceiling=ceiling)
+                                   ceiling=ceiling, deadline=self.deadline)
         self.follower = Follower(api, coordinator, self.ledger, wait=wait,
                                  item_timeout=item_timeout, poll_interval=poll_interval,
                                  callbacks=callbacks, retry=self._retry,
@@ -379,8 +380,7 @@ class _Run:
                 follower.poll_soon()
             if not submitter.busy and not follower.waiting:
                 return
-            poll_at = follower.next_poll_at(
-                slots_wanted=submitter.slot_blocked and bool(submitter.pending))
+            poll_at = follower.next_poll_at(slots_wanted=submitter.wants_slots)
             if poll_at is not None and now >= poll_at:
                 await follower.poll(None if self.deadline is None else self.deadline - now)
                 if follower.fatal is not None:
@@ -448,6 +448,11 @@ def _check_settings(max_in_flight: Any, **seconds: Any) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not value > 0):
             raise ValidationError(f"{name} must be a number > 0, got {value!r}")
+    # An infinite timeout simply never fires, but an infinite poll interval never polls: a
+    # batch whose slots are full then waits for ever.
+    poll = seconds.get("poll_interval")
+    if poll is not None and not math.isfinite(poll):
+        raise ValidationError(f"poll_interval must be a finite number > 0, got {poll!r}")
 
 
 async def run_batch(

@@ -19,6 +19,21 @@ Optional extension: ``async def adopt(key, task_id, status)``. When a rerun re-a
 still running from an earlier run, the scheduler calls it (if the coordinator has it) so the
 task holds a slot until it is seen ending, even above the cap; without it, ``record`` is called.
 
+Optional extension: ``state_lost: bool``. A shared coordinator whose store lost its state while
+it ran (a Redis restart without persistence) sets it: from then on its grants no longer prove
+that a key is new, so the scheduler looks each key up before creating it.
+
+Optional extension: ``abandon(key)`` and ``in_doubt(key) -> bool`` (plain methods: ``abandon``
+runs while a batch is being cancelled, so it must not block). A create under ``key`` was
+cancelled before its answer (the batch was cancelled or reached its deadline): it may or may
+not have landed at Kling. The coordinator stops counting it as this batch's slot, and until the
+key is settled (``accepted``, ``release``, ``finished``) ``in_doubt(key)`` is True: the
+scheduler then looks the key up before creating it. Without them, the slot stays held.
+
+Optional extension: ``key_waits(key) -> bool``. True when the last ``acquire(key)`` answered
+WAIT because of that key alone (e.g. a dead worker's slot for it is not settled yet), not for
+want of a slot: the scheduler sets that item aside (as for FOLLOW) and goes on with the others.
+
 Layering: this module depends only on the models; the scheduler and the client depend on it.
 """
 

@@ -30,6 +30,11 @@ from ._tracker import FATAL, ListTracker
 #: Called for an item whose earlier task failed or lost its voice, when retry_failed is on.
 Retry = Callable[[Entry], bool]
 
+#: Task ids a callback said ended before their create was answered (see ``on_callback``). Only
+#: creates in flight can be in that window, so a few per concurrent send keep every genuine
+#: one; forged ids only push the oldest out (the poll interval then finds that task's end).
+_EARLY_ENDS_KEPT = 4 * C.BATCH_MAX_CONCURRENT_SUBMITS
+
 
 class Follower:
     def __init__(self, api: BatchApi, coordinator: Coordinator, ledger: Ledger, *,
@@ -58,6 +63,8 @@ class Follower:
         self._last_poll = 0.0
         self._poll_started = 0.0  # a task expected to end before this was checked by a poll
         self._soon: float | None = None  # poll no later than this (a hint that a task ended)
+        #: Task ids whose final callback came before this batch tracked them (oldest first).
+        self._early_ends: dict[str, None] = {}
         #: An error no later poll can cure (closed client, bad credentials): the batch ends.
         self.fatal: VoiceAPIError | None = None
 
@@ -100,6 +107,8 @@ class Follower:
             self._own += 1
         self._ends.append(task.task_id)
         self._ledger.set_phase(entry, phase_of(task))
+        if self._early_ends and self._early_ends.pop(task.task_id, 0) is None:
+            self.poll_soon(C.BATCH_CALLBACK_COALESCE)  # its callback said it ended already
         if entry.done:
             return
         if self._wait:
@@ -279,9 +288,19 @@ class Follower:
         """A callback says a task ended: check soon (callbacks are hints; the API is truth).
         The check waits a moment so that callbacks arriving together share one poll; a
         callback about a task still running changes nothing for the batch."""
-        if task.task_id in self.tracked and task.is_terminal:
+        if not task.is_terminal:
+            return False
+        if task.task_id in self.tracked:
             self.poll_soon(C.BATCH_CALLBACK_COALESCE)
             return True
+        # Not tracked (yet): a fast task can end, and its callback arrive, while its create's
+        # answer is still on the wire. Ignoring it left the batch waiting for its safety-net
+        # poll (callbacks stretch the poll interval), so it is kept for ``_track``.
+        early = self._early_ends
+        early.pop(task.task_id, None)
+        early[task.task_id] = None
+        if len(early) > _EARLY_ENDS_KEPT:
+            del early[next(iter(early))]
         return False
 
 

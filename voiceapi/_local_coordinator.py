@@ -184,6 +184,9 @@ class LocalCoordinator:
         self._created: dict[str, None] = {}
         self._by_task: dict[str, str] = {}  # task id -> key, for held slots with a task
         self._followed: dict[str, float] = {}  # key -> when a batch last asked about it
+        #: Keys whose create was cancelled before its answer: it may exist at Kling, so the
+        #: next create under one is looked up first (see ``abandon``).
+        self._doubt: dict[str, None] = {}
         self._rate_limit_delay = rate_limit_delay
         self._not_before = 0.0  # no creates before (after a 1303 with nothing of ours running)
         self._requests_not_before = 0.0  # no requests before (after a 1302)
@@ -235,11 +238,13 @@ class LocalCoordinator:
         self._write(key, task_id, status)
 
     def _hold(self, key: str, task_id: str) -> None:
+        self._doubt.pop(key, None)
         self._held[key] = task_id
         self._by_task[task_id] = key
         self._followed[key] = time.monotonic()
 
     def _free(self, key: str) -> None:
+        self._doubt.pop(key, None)
         task_id = self._held.pop(key, None)
         if task_id is not None:
             self._by_task.pop(task_id, None)
@@ -281,6 +286,21 @@ class LocalCoordinator:
         self._free(key)
         self._write(key, task_id, status)
         self._notify()
+
+    def abandon(self, key: str) -> None:
+        """The create under ``key`` was cancelled before its answer (its batch was cancelled,
+        or reached its deadline): free the slot, and look the key up before it is created
+        again. Keeping the slot held, as before, leaked it for the coordinator's lifetime: a
+        shared coordinator with a cap of 2 and two cancelled creates never granted a slot
+        again. A task that did land runs uncounted until it ends; a 1303 corrects the cap."""
+        if key in self._held and self._held[key] is None:  # never accepted
+            self._free(key)
+            self._doubt[key] = None
+            self._notify()
+
+    def in_doubt(self, key: str) -> bool:
+        """A create under ``key`` was abandoned and nothing has settled it since."""
+        return key in self._doubt
 
     @property
     def journal_was_empty(self) -> bool:

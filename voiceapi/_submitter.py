@@ -32,7 +32,7 @@ OnForeign = Callable[[Entry, str, str], Awaitable[None]]
 class Submitter:
     def __init__(self, api: BatchApi, coordinator: Coordinator, ledger: Ledger, *,
                  on_created: OnCreated, on_foreign: OnForeign, wake: Callable[[], None],
-                 ceiling: int | None) -> None:
+                 ceiling: int | None, deadline: float | None = None) -> None:
         self._api = api
         self._on_foreign = on_foreign
         self._coord = coordinator
@@ -40,6 +40,8 @@ class Submitter:
         self._on_created = on_created
         self._wake = wake
         self._ceiling = ceiling
+        #: The batch's deadline (monotonic): no slot is asked for after it.
+        self._deadline = deadline
         self.pending: deque[Entry] = deque()
         #: Items another worker is creating (Grant.FOLLOW): (when to look again, item).
         self.deferred: deque[tuple[float, Entry]] = deque()
@@ -55,6 +57,9 @@ class Submitter:
         self.look_first = False
         #: An unexpected exception from a send (not an API answer): the batch re-raises it.
         self.failure: BaseException | None = None
+        #: A deferred item waits for its own key to be settled (``key_waits``): polls must go
+        #: on, as a shared coordinator settles such keys while it observes.
+        self.key_waiting = False
 
     @property
     def busy(self) -> bool:
@@ -74,18 +79,47 @@ class Submitter:
                 self.slot_blocked = True
                 return
             entry = self.pending[0]
-            grant = await self._coord.acquire(entry.key)
-            if grant is Grant.WAIT:
+            try:
+                grant = await self._acquire(entry.key)
+            except (asyncio.TimeoutError, TimeoutError):
+                return  # the batch's deadline: the loop ends the batch now
+            if grant is Grant.WAIT and not self._key_waits(entry.key):
                 self.slot_blocked = True
                 return
             self._take(entry)
-            if grant is Grant.FOLLOW:  # another batch creates it; look again a little later
+            if grant is not Grant.CREATE:
+                # FOLLOW: another batch creates it. WAIT for this key alone: its earlier create
+                # is being settled. Either way look again a little later, and look it up
+                # before any create; the other items need not wait for it.
                 entry.look_first = True
                 self.deferred.append((now + C.BATCH_POLL_FLOOR, entry))
+                if grant is Grant.WAIT:
+                    self.key_waiting = True
                 continue
             task = asyncio.ensure_future(self._send(entry))
             self.sending[task] = entry
             task.add_done_callback(self._sent)
+
+    async def _acquire(self, key: str) -> Grant:
+        """``acquire`` within the batch's deadline. A shared coordinator answers over the
+        network, one key at a time: with a Redis answering in 0.3 s, a batch at its deadline
+        kept asking for ten slots in a row and returned 2.6 s late."""
+        if self._deadline is None:
+            return await self._coord.acquire(key)
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        return await within(self._coord.acquire(key), left)
+
+    def _key_waits(self, key: str) -> bool:
+        key_waits = getattr(self._coord, "key_waits", None)
+        return key_waits is not None and key_waits(key) is True
+
+    @property
+    def wants_slots(self) -> bool:
+        """Items wait for a slot, or for their key to be settled: a poll may free either."""
+        return (self.slot_blocked and bool(self.pending)) or \
+            (self.key_waiting and bool(self.deferred))
 
     def _take(self, entry: Entry) -> None:
         """Take ``entry`` off the queue. Not simply the front one: a shared coordinator answers
@@ -110,6 +144,8 @@ class Submitter:
         due: list[Entry] = []
         while self.deferred and self.deferred[0][0] <= now:
             due.append(self.deferred.popleft()[1])
+        if not self.deferred:
+            self.key_waiting = False  # set again if an item still waits for its key
         known = await self._coord.known([e.key for e in due])
         for entry in due:
             jentry = known.get(entry.key)
@@ -130,7 +166,7 @@ class Submitter:
         key = entry.key
         assert entry.body is not None
         try:
-            look = self.look_first or entry.look_first
+            look = self.look_first or entry.look_first or self._must_look_up(key)
             existing = await self._api.lookup(key) if look else None
             created = Created(existing, existed=True) if existing is not None else \
                 await self._api.create(entry.body)
@@ -145,6 +181,15 @@ class Submitter:
             return
         await self._coord.accepted(key, created.task.task_id, created.task.task_status.value)
         await self._on_created(entry, created)
+
+    def _must_look_up(self, key: str) -> bool:
+        """The coordinator's grant does not say that ``key`` is new: it lost its journal
+        (``state_lost``: e.g. Redis restarted without persistence), or a create under the key
+        was cancelled before its answer (``in_doubt``) and may have landed."""
+        if getattr(self._coord, "state_lost", False) is True:
+            return True
+        in_doubt = getattr(self._coord, "in_doubt", None)
+        return in_doubt is not None and in_doubt(key) is True
 
     async def _rate_limited(self, entry: Entry, exc: RateLimitError) -> None:
         self.pending.appendleft(entry)  # refused before anything was queued: send it again
@@ -182,7 +227,12 @@ class Submitter:
         if pairs:
             await asyncio.gather(*(t for t, _ in pairs), return_exceptions=True)
         self.sending.clear()
-        return [e for t, e in pairs if t.cancelled() and not e.done and e.task is None]
+        unknown = [e for t, e in pairs if t.cancelled() and not e.done and e.task is None]
+        abandon = getattr(self._coord, "abandon", None)
+        if abandon is not None:
+            for entry in unknown:
+                abandon(entry.key)
+        return unknown
 
     def give_up(self, why: str) -> None:
         """Items never sent get a NotSubmittedError."""

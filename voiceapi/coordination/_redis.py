@@ -149,10 +149,13 @@ class RedisCoordinator:
     ``orphan_grace``: how long an orphan unknown at Kling stays counted (≥ the create timeout).
     """
 
-    #: The batch need not look items up before creating them when their keys are unknown
-    #: here: every create is journaled or holds a lease that a lookup settles if its worker
-    #: dies (the batch reads this with getattr; an extra to the Coordinator protocol).
-    vouches_for_creates = True
+    @property
+    def vouches_for_creates(self) -> bool:
+        """The batch need not look items up before creating them when their keys are unknown
+        here: every create is journaled or holds a lease that a lookup settles if its worker
+        dies (the batch reads this with getattr; an extra to the Coordinator protocol). Not
+        once the shared state was lost (``state_lost``)."""
+        return not self.state_lost
 
     def __init__(
         self,
@@ -203,10 +206,21 @@ class RedisCoordinator:
         self._stale = float(stale_after)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._scripts = {name: self._redis.register_script(getattr(S, name)) for name in (
-            "ACQUIRE", "ACCEPTED", "REFUSED", "FREE", "RENEW", "ORPHANS", "ADOPT",
+            "JOIN_EPOCH", "ACQUIRE", "ACCEPTED", "REFUSED", "FREE", "RENEW", "ORPHANS", "ADOPT",
             "FREE_MISSING_ORPHAN", "HOLD_RUNNING", "RATE", "BACKOFF", "OBSERVE",
             "PUBLISH_OBSERVATIONS", "FREE_ENDED", "RESIGN")}
         self._held: set[str] = set()
+        #: This worker's view of the state's epoch (see ``_scripts.JOIN_EPOCH``).
+        self._epoch = uuid.uuid4().hex
+        #: Redis lost the shared state since this worker joined it (a restart without
+        #: persistence, a flush, an eviction): the journal no longer knows every task, so a
+        #: create is granted only to be looked up first (the batch reads this with getattr).
+        #: Never reset: what was lost stays lost for this worker.
+        self.state_lost = False
+        #: Keys whose create this worker abandoned unanswered (``abandon``), not settled yet.
+        self._doubt: set[str] = set()
+        #: Keys whose last acquire waited for the key itself (an unresolved orphan).
+        self._unresolved: set[str] = set()
         self._adopted: dict[str, str] = {}  # key -> task id, orphans this worker follows
         self._cap = max_in_flight if max_in_flight is not None else C.BATCH_INITIAL_SLOTS
         self._wake_event = asyncio.Event()
@@ -329,6 +343,10 @@ class RedisCoordinator:
         self._prefix()  # resolve the namespace (or explain) before any background work
         async with self._start_lock:
             if not self._started:
+                async with self._guard():
+                    epoch = await self._scripts["JOIN_EPOCH"](
+                        keys=self._k("epoch"), args=[self._epoch, D.STATE_TTL_SECONDS * 1000])
+                self._epoch = _text(epoch)
                 self._tasks = [asyncio.create_task(self._renew_loop()),
                                asyncio.create_task(self._listen())]
                 self._started = True
@@ -377,8 +395,9 @@ class RedisCoordinator:
     async def renew(self) -> None:
         """Extend this worker's leases now (the background task does it every third lease)."""
         held = sorted(self._held)
-        lost = await self._run("RENEW", self._k("slots", "orphans", "owners"),
-                               [self.worker_id, int(self._lease * 1000), *held])
+        lost = await self._run("RENEW", self._k("slots", "orphans", "owners", "epoch"),
+                               [self.worker_id, int(self._lease * 1000),
+                                D.STATE_TTL_SECONDS * 1000, *held])
         self._outage_logged = False
         for key in map(_text, lost):
             # Another worker adopted or finished it: it is no longer ours to hold.
@@ -459,11 +478,13 @@ class RedisCoordinator:
     async def acquire(self, key: str) -> Grant:
         held_before = key in self._held
         try:
-            grant, cap, backoff_ms = await self._run(
+            grant, cap, backoff_ms, lost, unresolved = await self._run(
                 "ACQUIRE",
-                self._k("slots", "orphans", "owners", "journal", "cap", "backoff:create"),
+                self._k("slots", "orphans", "owners", "journal", "cap", "backoff:create",
+                        "epoch"),
                 [key, self.worker_id, int(self._lease * 1000), self._ceiling,
-                 self._fixed or C.BATCH_INITIAL_SLOTS, D.STATE_TTL_SECONDS * 1000])
+                 self._fixed or C.BATCH_INITIAL_SLOTS, D.STATE_TTL_SECONDS * 1000,
+                 self._epoch])
         except asyncio.CancelledError:
             # Redis may have granted the slot before the answer was lost to the cancel. The
             # caller will not create under it, so give it back (in the background: we are
@@ -472,12 +493,26 @@ class RedisCoordinator:
                 self._background(self._free(key, "release", ""))
             raise
         self._cap = int(cap)
+        if int(lost) and not self.state_lost:
+            self.state_lost = True
+            log.warning("Redis at %s lost the shared state (restarted without persistence, "
+                        "flushed or evicted): every create is now looked up first", self._where)
         if int(backoff_ms) > 0:
             self._backoff_until = time.monotonic() + int(backoff_ms) / 1000
         result = Grant(_text(grant))
         if result is Grant.CREATE:
             self._held.add(key)
+        if int(unresolved):
+            self._unresolved.add(key)
+        else:
+            self._unresolved.discard(key)
         return result
+
+    def key_waits(self, key: str) -> bool:
+        """The last ``acquire(key)`` answered WAIT for that key alone: it is an orphan that
+        no lookup has settled yet (a dead worker's create that Kling does not know stays one
+        for ``orphan_grace``). Other keys may still get a slot (an extra to the protocol)."""
+        return key in self._unresolved
 
     async def wait_for_slot(self, timeout: float) -> None:
         if timeout <= 0:
@@ -494,6 +529,7 @@ class RedisCoordinator:
 
     async def accepted(self, key: str, task_id: str, status: str) -> None:
         self._held.add(key)
+        self._doubt.discard(key)
         cap = await self._run(
             "ACCEPTED", self._k("slots", "orphans", "owners", "journal", "cap"),
             [key, self.worker_id, int(self._lease * 1000), dump_entry(task_id, status),
@@ -513,6 +549,19 @@ class RedisCoordinator:
     async def release(self, key: str) -> None:
         await self._free(key, "release", "")
 
+    def abandon(self, key: str) -> None:
+        """The create under ``key`` was cancelled before its answer (its batch was cancelled
+        or reached its deadline): stop renewing its lease. It lapses into an orphan that a
+        lookup settles (found: followed to its end; unknown after ``orphan_grace``: freed).
+        Renewing it, as before, held the slot for as long as this coordinator lived."""
+        if key in self._held and key not in self._adopted:
+            self._held.discard(key)
+            self._doubt.add(key)
+
+    def in_doubt(self, key: str) -> bool:
+        """A create under ``key`` was abandoned by this worker and nothing has settled it."""
+        return key in self._doubt
+
     async def finished(self, key: str, task_id: str, status: str) -> None:
         await self._free(key, "finish", dump_entry(task_id, status))
 
@@ -522,6 +571,7 @@ class RedisCoordinator:
             [key, self.worker_id, mode, entry, self._k("events")[0],
              D.STATE_TTL_SECONDS * 1000])
         self._held.discard(key)
+        self._doubt.discard(key)
         self._adopted.pop(key, None)
         if int(freed):
             self._wake()  # our own waiters need not wait for the pub/sub round trip

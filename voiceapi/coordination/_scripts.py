@@ -26,12 +26,31 @@ local function used(slots, orphans)
 end
 """
 
-# KEYS: slots orphans owners journal cap backoff_create
-# ARGV: key me lease_ms ceiling initial state_ttl_ms
-# -> {grant, cap, backoff_ms}
+# The state's epoch: a token set when the first worker starts on an empty namespace. A Redis
+# restart without persistence, a FLUSHDB or an eviction takes it with the journal and the
+# slots; a worker whose token is no longer there knows the state it trusted is gone.
+# KEYS: epoch  ARGV: token ttl_ms  -> the token in force (ours, or the one already there)
+JOIN_EPOCH = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return redis.call('GET', KEYS[1])
+"""
+
+# KEYS: slots orphans owners journal cap backoff_create epoch
+# ARGV: key me lease_ms ceiling initial state_ttl_ms epoch_token
+# -> {grant, cap, backoff_ms, state_lost(0/1), key_unresolved(0/1)}
+# state_lost: the epoch is not the caller's (the journal it relied on is gone): the grant stands,
+# but its key may exist at Kling, so the caller must look it up before creating.
 ACQUIRE = _PRELUDE + """
 local key, me, lease = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local ceiling, initial = tonumber(ARGV[4]), tonumber(ARGV[5])
+local lost = 0
+local epoch = redis.call('GET', KEYS[7])
+if epoch ~= ARGV[7] then
+  lost = 1
+  if not epoch then redis.call('SET', KEYS[7], ARGV[7]) end
+end
+redis.call('PEXPIRE', KEYS[7], ARGV[6])
 sweep(KEYS[1], KEYS[2])
 local cap = tonumber(redis.call('HGET', KEYS[5], 'value'))
 if not cap then
@@ -40,22 +59,23 @@ if not cap then
 end
 redis.call('PEXPIRE', KEYS[5], ARGV[6])
 local eff = math.min(cap, ceiling)
-if redis.call('HEXISTS', KEYS[4], key) == 1 then return {'follow', eff, 0} end
+if redis.call('HEXISTS', KEYS[4], key) == 1 then return {'follow', eff, 0, lost, 0} end
 if redis.call('ZSCORE', KEYS[1], key) then
   if redis.call('HGET', KEYS[3], key) == me then
     redis.call('ZADD', KEYS[1], now + lease, key)
-    return {'create', eff, 0}
+    return {'create', eff, 0, lost, 0}
   end
-  return {'follow', eff, 0}
+  return {'follow', eff, 0, lost, 0}
 end
--- an orphan may or may not exist at Kling: nobody creates it until it is resolved
-if redis.call('ZSCORE', KEYS[2], key) then return {'wait', eff, 0} end
+-- an orphan may or may not exist at Kling: nobody creates it until it is resolved (the
+-- last 1: this key waits, not the caller's other keys)
+if redis.call('ZSCORE', KEYS[2], key) then return {'wait', eff, 0, lost, 1} end
 local until_ms = tonumber(redis.call('GET', KEYS[6]) or '0')
-if until_ms > now then return {'wait', eff, until_ms - now} end
-if used(KEYS[1], KEYS[2]) >= eff then return {'wait', eff, 0} end
+if until_ms > now then return {'wait', eff, until_ms - now, lost, 0} end
+if used(KEYS[1], KEYS[2]) >= eff then return {'wait', eff, 0, lost, 0} end
 redis.call('ZADD', KEYS[1], now + lease, key)
 redis.call('HSET', KEYS[3], key, me)
-return {'create', eff, 0}
+return {'create', eff, 0, lost, 0}
 """
 
 # KEYS: slots orphans owners journal cap
@@ -125,13 +145,15 @@ if freed > 0 then redis.call('PUBLISH', ARGV[5], 'free') end
 return freed
 """
 
-# KEYS: slots orphans owners
-# ARGV: me lease_ms key...
+# KEYS: slots orphans owners epoch
+# ARGV: me lease_ms state_ttl_ms key...
 # -> keys this worker no longer holds (adopted or finished by another worker)
+# The epoch lives as long as a worker does (never reset here: only ACQUIRE may notice a loss).
 RENEW = _PRELUDE + """
 local me, lease = ARGV[1], tonumber(ARGV[2])
 local lost = {}
-for i = 3, #ARGV do
+redis.call('PEXPIRE', KEYS[4], ARGV[3])
+for i = 4, #ARGV do
   local k = ARGV[i]
   if redis.call('HGET', KEYS[3], k) == me then
     if redis.call('ZSCORE', KEYS[2], k) then redis.call('ZREM', KEYS[2], k) end
