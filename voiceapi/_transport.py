@@ -26,6 +26,7 @@ from ._errors import (
     EventLoopError,
     SentCredential,
     UnexpectedResponseError,
+    ValidationError,
     VoiceAPIError,
     printable,
 )
@@ -101,6 +102,9 @@ class Transport:
     ) -> None:
         configure_from_env()
         self.config = config
+        if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
+            raise ValidationError(f"retry_policy must be a voiceapi.RetryPolicy, got "
+                                  f"{type(retry_policy).__name__}")
         self.retry_policy = retry_policy or RetryPolicy()
         self._session = session
         self._owns_session = session is None
