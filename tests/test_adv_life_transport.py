@@ -256,3 +256,26 @@ def test_a_thousand_retries_do_not_overflow_the_backoff() -> None:
                   retries_used=5000, max_retries=10_000, resigned=False, time_left=100.0,
                   policy=policy)
     assert step.retry and 0 <= step.delay <= 0.01
+
+
+class _NotACoordinator:
+    async def before_request(self, *, create: bool) -> None:
+        return None
+
+
+@pytest.mark.parametrize("kw", [
+    {"middlewares": [None]}, {"middlewares": "abc"}, {"middlewares": 5}, {"session": "s"},
+    {"coordinator": object()}, {"coordinator": _NotACoordinator()}],
+    ids=["middleware-none", "middlewares-str", "middlewares-int", "session-str",
+         "coordinator-object", "coordinator-half"])
+def test_unusable_pluggable_parts_are_validation_errors(kw: dict[str, Any]) -> None:
+    # Before, each failed every call as a bare TypeError or AttributeError deep in the chain.
+    for client in (voiceapi.AsyncVoiceClient, voiceapi.VoiceClient):
+        with pytest.raises(voiceapi.ValidationError):
+            client(api_key="k", **kw)
+
+
+async def test_middlewares_none_means_no_middlewares(emu: KlingEmulator) -> None:
+    async with voiceapi.AsyncVoiceClient(api_key=emu.api_key, base_url=emu.base_url,
+                                         middlewares=None) as client:  # type: ignore[arg-type]
+        assert len(await client.preset_voices.list(page_size=1)) == 1
