@@ -224,7 +224,10 @@ class RetryMiddleware:
         2. tenacity sleeps the delay and replays the loop;
         3. a re-sign drops the refused token (the server's clock, if it told us, is used for
            the next one);
-        4. a reconcile looks the call up; if it landed, its answer is the call's answer;
+        4. a reconcile looks the call up; if it landed, its answer is the call's answer; if
+           the lookup itself fails (its own retries spent), we give up with its error: it is
+           no attempt of this call, and a 1302 or 1004 there must never read as "the create
+           was refused, resend it" (the caller keeps looking up: ``_create``);
         5. the next attempt is sent; its failure goes back to 1.
 
         Giving up re-raises the last attempt's error.
@@ -235,12 +238,15 @@ class RetryMiddleware:
         failures: list[BaseException] = [first_error]  # failures[-1]: the latest
         retries_used = 0
         resigned = False
+        looking_up = False  # True while the reconcile hook runs: a failure then is its own
 
         def judge(state: RetryCallState) -> bool:
             exc = state.outcome.exception() if state.outcome is not None else None
             if exc is None:
                 return False
             failures.append(exc)
+            if looking_up:
+                return False  # whether the call landed is unknown: never resend it blind
             step = decide(exc, idempotent=request.idempotent,
                           can_reconcile=request.reconcile is not None,
                           retry_rate_limits=request.retry_rate_limits,
@@ -265,7 +271,9 @@ class RetryMiddleware:
                 else:
                     retries_used += 1
                 if step.reconcile and request.reconcile is not None:
+                    looking_up = True
                     found = await request.reconcile()
+                    looking_up = False
                     if found is not None:
                         return found
                 request.attempt += 1
