@@ -182,3 +182,33 @@ async def test_an_unresolved_orphan_at_the_head_of_the_queue_holds_up_only_itsel
         created = [t["task_info"]["external_task_id"] for t in emu.tasks()]
         assert created[-1] == f"{ns}-0", created  # the others did not wait for it
         assert snap["slots"] == [] and snap["orphans"] == [], snap
+
+
+@pytest.mark.parametrize("first_run", [{"wait": False}, {"item_timeout": 0.05}])
+async def test_tasks_a_batch_left_running_free_their_slots_for_the_next_batch(
+        server: RedisServer, first_run: dict[str, Any]) -> None:
+    """A long-lived coordinator (a worker process running batch after batch): the first batch
+    returns while its tasks still run (``wait=False``, or items timed out). Their slots stay
+    held, rightly, but nobody followed those tasks any more and the worker renewed their
+    leases for ever: the next batch on it never got a slot (every item NotSubmittedError at
+    its timeout; without one it hung). Now the coordinator follows its held tasks itself."""
+    ns = f"t-{uuid.uuid4().hex[:12]}"
+    async with KlingEmulator(concurrency=3, task_seconds=0.3) as emu:
+        url = emu.sample_url(10)
+        coord = RedisCoordinator(server.url, namespace=ns, max_in_flight=3, lease_seconds=0.5)
+        async with coord, voiceapi.AsyncVoiceClient(emu.access_key, emu.secret_key,
+                                                    base_url=emu.base_url,
+                                                    coordinator=coord) as client:
+            first = await client.custom_voices.create_many(
+                [{"voice_name": f"a{i}", "voice_url": url} for i in range(3)],
+                poll_interval=0.05, **first_run)
+            assert all(r.task is not None for r in first)
+            assert len((await coord.snapshot())["slots"]) == 3  # still running: still held
+            second = await client.custom_voices.create_many(
+                [{"voice_name": f"b{i}", "voice_url": url} for i in range(3)],
+                poll_interval=0.05, timeout=20)
+            snap = await coord.snapshot()
+        assert [r.ok for r in second] == [True] * 3, [r.error for r in second]
+        assert emu.stats()["tasks_per_external_id"] == {"1": 6}
+        assert emu.peak_in_progress <= 3
+        assert snap["slots"] == [] and snap["orphans"] == [], snap
