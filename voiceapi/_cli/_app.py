@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import math
+import os
 import re
+import shlex
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
@@ -72,6 +75,22 @@ def cli_words(message: str) -> str:
     for sdk, flag in _FLAG_WORDS:
         message = re.sub(rf"(?<![\w-]){re.escape(sdk)}\b", flag, message)
     return message
+
+
+class _Finite(click.FloatRange):
+    """A float range that refuses nan and inf: both pass FloatRange (nan compares false with
+    every bound), then reached the SDK, which named its own parameter instead of the flag, or
+    the emulator (a ValueError traceback; ``inf`` a demo that never ends)."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+_POSITIVE = _Finite(0, min_open=True)
 
 
 # --- settings shared by every command ------------------------------------------------------------
@@ -210,7 +229,7 @@ _GLOBAL_FLAGS = {"access_key": "--access-key", "secret_key": "--secret-key",
 @click.option("--base-url", envvar=C.ENV_BASE_URL,
               help=f"API host (or KLING_BASE_URL); default {C.DEFAULT_BASE_URL}, Beijing "
                    f"accounts {C.BEIJING_BASE_URL}.")
-@click.option("--request-timeout", type=click.FloatRange(0, min_open=True),
+@click.option("--request-timeout", type=_POSITIVE,
               default=C.DEFAULT_TIMEOUT, show_default=True,
               help="Seconds per HTTP attempt (a command's --timeout is its overall limit).")
 @click.option("--max-retries", type=click.IntRange(0, 20), default=C.DEFAULT_MAX_RETRIES,
@@ -260,8 +279,6 @@ def _json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _print_task(state: State, task: VoiceTask) -> None:
     out(dump(task) if state.json else task_table([task]))
 
-
-_POSITIVE = click.FloatRange(0, min_open=True)
 
 
 @cli.command(epilog="\b\nExample:\n  voiceapi create --name Narrator "
@@ -424,6 +441,24 @@ def _writable_journal(journal: Path) -> None:
         raise InputError(f"--journal {journal}: cannot write it ({exc.strerror})") from None
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet: compare where they would be
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _refuse_overlapping_files(manifest: Path, journal: Path, report: Path | None) -> None:
+    """The journal is appended to and the report replaced: either on the manifest (or on each
+    other) would destroy it, so ``--report voices.csv`` for ``voices.csv`` is refused."""
+    named = [("the manifest", manifest), ("--journal", journal), ("--report", report)]
+    for i, (first, a) in enumerate(named):
+        for second, b in named[i + 1:]:
+            if a is not None and b is not None and _same_file(a, b):
+                raise InputError(f"{second} {b} is the same file as {first}: it would be "
+                                 "overwritten; give another file name")
+
+
 def _batch_summary(results: list[BatchResult], wheres: list[str]) -> dict[str, Any]:
     return {"total": len(results), "succeeded": sum(r.ok for r in results),
             "failed": sum(r.error is not None for r in results),
@@ -483,6 +518,7 @@ def batch(state: State, manifest: Path, max_in_flight: int | None, journal: Path
         out(dump({"valid": len(items)}) if state.json else f"{len(items)} rows are valid")
         return
     journal = journal or manifest.with_name(manifest.name + C.CLI_JOURNAL_SUFFIX)
+    _refuse_overlapping_files(manifest, journal, report)
     _writable_journal(journal)
     coordinator_class = _redis_coordinator_class() if redis_url is not None else None
     # The Redis URL may hold a password: the resume hint says "same --redis", not the URL.
@@ -556,6 +592,7 @@ class _MockServerCommand(click.Command):
         super().format_epilog(ctx, formatter)
 
 
+_MAX_PORT = 65535
 _MOCK_DEFAULTS = {"port": C.CLI_EMULATOR_PORT, "task_seconds": 5.0,
                   "api_key": C.CLI_EMULATOR_API_KEY, "secret_key": C.CLI_EMULATOR_SECRET_KEY}
 
@@ -574,7 +611,14 @@ def mock_server(state: State, emulator_args: tuple[str, ...]) -> None:
     from ..testing import build_parser, serve
 
     parser = build_parser(prog="voiceapi mock-server")
+
+    def refuse(message: str) -> NoReturn:  # argparse would print its whole usage block
+        raise InputError(f"{message}; see voiceapi mock-server --help")
+
+    parser.error = refuse  # type: ignore[method-assign]
     parsed, unknown = parser.parse_known_args(list(emulator_args))
+    if parsed.port is not None and not 0 <= parsed.port <= _MAX_PORT:
+        refuse(f"--port must be between 0 and {_MAX_PORT} (0 picks a free one)")
     if unknown:  # one line with a suggestion, like the other commands (not argparse's usage)
         flags = [f for action in parser._actions for f in action.option_strings]
         guess = difflib.get_close_matches(unknown[0].split("=", 1)[0], flags, n=1)
@@ -589,9 +633,11 @@ def mock_server(state: State, emulator_args: tuple[str, ...]) -> None:
                       "secret_key": emu.secret_key, "api_key": emu.api_key}))
             return
         out(f"Kling emulator on {emu.base_url}  (Ctrl-C to stop)")
-        out(f"export KLING_BASE_URL={emu.base_url}")
-        out(f"export KLING_API_KEY={emu.api_key}")
-        out(f"# or AK/SK: KLING_ACCESS_KEY={emu.access_key} KLING_SECRET_KEY={emu.secret_key}")
+        # Quoted: these lines are pasted into a shell, and a key may hold a space or a `;`.
+        out(f"export KLING_BASE_URL={shlex.quote(emu.base_url)}")
+        out(f"export KLING_API_KEY={shlex.quote(emu.api_key)}")
+        out(f"# or AK/SK: KLING_ACCESS_KEY={shlex.quote(emu.access_key)} "
+            f"KLING_SECRET_KEY={shlex.quote(emu.secret_key)}")
         out(f"# sample: {emu.sample_url(12)}")
 
     try:
@@ -609,7 +655,7 @@ def mock_server(state: State, emulator_args: tuple[str, ...]) -> None:
 
 @cli.command(epilog="\b\nExamples:\n  voiceapi demo\n  voiceapi demo --task-seconds 0.5\n"
                     "  KLING_API_KEY=... voiceapi demo --sample-url https://example.com/a.wav")
-@click.option("--task-seconds", type=click.FloatRange(min=0), default=2.0, show_default=True,
+@click.option("--task-seconds", type=_Finite(min=0), default=2.0, show_default=True,
               help="Emulated time per voice (embedded emulator only).")
 @click.option("--sample-url", "sample_urls", multiple=True,
               help="Sample URLs to clone (needed against a real server).")

@@ -20,6 +20,10 @@ from .._batch import prepare
 from .._models import BatchResult
 from ._output import InputError, result_status
 
+#: A manifest is read whole; past this it is refused instead of filling the memory (a runaway
+#: FIFO, /dev/zero, the wrong file). A million rows of ~200 bytes fit with room to spare.
+MANIFEST_MAX_BYTES = 256 << 20
+
 FIELDS = ("voice_name", "voice_url", "video_id", "external_task_id", "callback_url")
 REPORT_SUFFIXES = (".csv", ".jsonl")
 REPORT_FIELDS = ("row", *FIELDS, "status", "task_id", "voice_id", "error")
@@ -61,9 +65,13 @@ def read_manifest(path: Path, encoding: str = "utf-8-sig") -> list[Row]:
     """The rows of a manifest, each with where it came from; a row that cannot be read carries
     its problem. Raises ``InputError`` when the file as a whole is unusable."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as fh:
+            data = fh.read(MANIFEST_MAX_BYTES + 1)
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > MANIFEST_MAX_BYTES:
+        raise InputError(f"{path} is larger than {MANIFEST_MAX_BYTES >> 20} MiB: split it into "
+                         "several manifests (one batch each; they can share --journal)")
     text = _decode(path, data, encoding)
     kind = _kind(path, text)
     rows = {"json": _json_rows, "jsonl": _jsonl_rows, "csv": _csv_rows}[kind](path, text)
@@ -76,6 +84,11 @@ def read_manifest(path: Path, encoding: str = "utf-8-sig") -> list[Row]:
 def _object_row(where: str, value: Any) -> Row:
     if not isinstance(value, dict):
         return Row(where, {}, f"expected an object with voice_name, got {type(value).__name__}")
+    for key, field in value.items():
+        # JSON may spell a lone surrogate ("\\udcff"): no text encoding can carry it, and the
+        # batch's id hashing would fail on it before the row's own validation names it.
+        if isinstance(field, str) and not _is_text(field):
+            return Row(where, {}, f"{key} holds a lone surrogate (\\ud800-\\udfff): not text")
     unknown = sorted(str(k) for k in value if k not in FIELDS)
     if unknown:
         return Row(where, value, f"unknown key(s) {', '.join(unknown)} "
@@ -83,11 +96,21 @@ def _object_row(where: str, value: Any) -> Row:
     return Row(where, value)
 
 
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _json_rows(path: Path, text: str) -> list[Row]:
     try:
         value = json.loads(text)
     except ValueError as exc:
         raise InputError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InputError(f"{path}: not a manifest (JSON nested too deeply)") from None
     if not isinstance(value, list):
         raise InputError(f"{path}: a .json manifest must be an array of objects "
                                "(or use JSON lines: one object per line, .jsonl)")
@@ -103,6 +126,9 @@ def _jsonl_rows(path: Path, text: str) -> list[Row]:
             value = json.loads(line)
         except ValueError:
             rows.append(Row(f"line {n}", {}, "not valid JSON"))
+            continue
+        except RecursionError:
+            rows.append(Row(f"line {n}", {}, "JSON nested too deeply"))
             continue
         rows.append(_object_row(f"line {n}", value))
     return rows
@@ -133,7 +159,8 @@ def _csv_rows(path: Path, text: str) -> list[Row]:
             rows.append(Row(where, {k: v.strip() for k, v in raw.items()
                                     if isinstance(v, str) and v.strip()}))
     except csv.Error as exc:
-        raise InputError(f"{path}: line {reader.line_num}: {exc}") from None
+        # line_num counts the lines read whole; the error is on the one being read
+        raise InputError(f"{path}: line {reader.line_num + 1}: {exc}") from None
     return rows
 
 
