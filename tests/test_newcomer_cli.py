@@ -305,3 +305,35 @@ def test_a_bad_voiceapi_log_is_one_warning_line(temu: KlingEmulator) -> None:
     assert out.stderr.decode().splitlines() == [
         "warning: VOICEAPI_LOG='loud' is not one of debug, info, warning, error, off; "
         "logging stays off"]
+
+
+def test_a_journal_that_is_not_a_regular_file_is_refused(tmp_path: Path,
+                                                         temu: KlingEmulator) -> None:
+    """`--journal /dev/full` read the device back as an endless line (the batch was killed for
+    its memory); `--journal /dev/null` ran a batch whose journal could never resume it."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"voice_name,voice_url\na,{temu.sample_url()}\n")
+    result = run(temu, "batch", str(manifest), "--journal", os.devnull)
+    assert result.exit_code == 2 and "not a regular file" in result.stderr, result.output
+    assert temu.count("create") == 0
+
+
+def test_a_redis_url_redis_cannot_parse_is_a_usage_error(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("voice_name,voice_url\na,https://e.com/a-12s.wav\n")
+    result = run(None, "batch", str(manifest), "--redis", "redis://:pw-secret@127.0.0.1:99999/0",
+                 KLING_API_KEY="k", KLING_BASE_URL="http://127.0.0.1:9")
+    assert result.exit_code == 2, result.output
+    assert "--redis: Port out of range" in result.stderr and "pw-secret" not in result.output
+
+
+@pytest.mark.xfail(strict=True, reason="library: RedisCoordinator passes the URL to redis-py's "
+                   "from_url, whose ValueError (port out of range) escapes instead of a "
+                   "ValidationError")
+def test_library_redis_coordinator_refuses_a_bad_port_with_a_validation_error() -> None:
+    pytest.importorskip("redis")
+    from voiceapi._errors import ValidationError
+    from voiceapi.coordination import RedisCoordinator
+
+    with pytest.raises(ValidationError):
+        RedisCoordinator("redis://127.0.0.1:99999/0")

@@ -434,6 +434,11 @@ def delete(state: State, voice_id: str) -> None:
 def _writable_journal(journal: Path) -> None:
     if not journal.parent.is_dir():
         raise InputError(f"--journal {journal}: the folder {journal.parent} does not exist")
+    if journal.exists() and not journal.is_file():
+        # A journal is read back whole at the start: /dev/zero or /dev/full never end (the
+        # batch filled the memory), a FIFO blocks, a directory cannot be appended to.
+        raise InputError(f"--journal {journal}: not a regular file (give --journal PATH of a "
+                         "file)")
     try:
         with open(journal, "a", encoding="utf-8"):
             pass
@@ -538,9 +543,14 @@ def batch(state: State, manifest: Path, max_in_flight: int | None, journal: Path
             if coordinator_class is None:
                 return await _with_client(state, lambda c: c.custom_voices.create_many(
                     items, **options))
-            async with coordinator_class(redis_url, namespace=namespace,
-                                         max_in_flight=max_in_flight) as coord, \
-                    state.client(coordinator=coord) as client:
+            try:
+                coordinator = coordinator_class(redis_url, namespace=namespace,
+                                                max_in_flight=max_in_flight)
+            except ValueError as exc:  # redis-py's URL parser, e.g. a port out of range
+                if isinstance(exc, ValidationError):
+                    raise
+                raise ValidationError(f"--redis: {exc}") from None  # (never the URL: a password)
+            async with coordinator as coord, state.client(coordinator=coord) as client:
                 return await client.custom_voices.create_many(items, coordinator=coord,
                                                               **options)
 
