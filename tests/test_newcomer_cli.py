@@ -337,3 +337,46 @@ def test_library_redis_coordinator_refuses_a_bad_port_with_a_validation_error() 
 
     with pytest.raises(ValidationError):
         RedisCoordinator("redis://127.0.0.1:99999/0")
+
+
+def _on_a_terminal(args: list[str], env: dict[str, str], columns: int = 200) -> str:
+    """What a terminal of ``columns`` columns shows (stdout and stderr on one pseudo-terminal)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "voiceapi", *args], env=env,
+                                stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    finally:
+        os.close(slave)
+    chunks = []
+    try:
+        for _ in range(100_000):  # bounded: ends at the child's exit (EIO) long before
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(master)
+        proc.wait(60)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("setting", [{"NO_COLOR": "1"}, {"TERM": "dumb"}])
+def test_no_color_and_a_dumb_terminal_get_no_colour(temu: KlingEmulator,
+                                                    setting: dict[str, str]) -> None:
+    """NO_COLOR (no-color.org) and TERM=dumb were ignored: green statuses, red errors."""
+    _tasks(temu, 2)
+    for args, columns in ((["list"], 200), (["list"], 60), (["get", "1"], 200)):
+        shown = _on_a_terminal(args, _env(temu, **setting), columns)
+        assert "succeed" in shown or "error: Task not found" in shown, shown
+        assert not re.search(r"\x1b\[(3\d|9\d)m", shown), (args, columns, shown)
+    coloured = _on_a_terminal(["get", "1"], _env(temu, TERM="xterm"))
+    assert "\x1b[31merror:" in coloured  # the check above can see colour

@@ -102,9 +102,16 @@ class InputError(click.UsageError):
         error(self.format_message())
 
 
+def colour_allowed() -> bool:
+    """False when the user turned colour off: ``NO_COLOR`` set and not empty (no-color.org) or
+    ``TERM=dumb``. Terminals only either way (click and rich strip colour from pipes)."""
+    return not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
 def error(message: str, *hints: str) -> None:
     """One red ``error:`` line (red only on a terminal: click strips colour otherwise)."""
-    click.secho(f"error: {message}", fg="red", err=True)
+    line = f"error: {message}"
+    click.echo(click.style(line, fg="red") if colour_allowed() else line, err=True)
     for hint in hints:
         click.echo(f"  {hint}", err=True)
 
@@ -171,11 +178,12 @@ def render_table(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str
     """A plain, aligned table (cell widths as the terminal shows them: CJK and emoji count
     double) without trailing spaces; on a terminal too narrow for it, labelled lines."""
     tty = _stdout_tty()
+    colour = tty and colour_allowed()
     width = _width()
     cells = [[printable(cell) for cell in row] for row in rows]
     widths = _fitted_widths(columns, cells, width)
     if widths is None:
-        return _records(columns, cells, tty)
+        return _records(columns, cells, colour)
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold",
                   expand=False)
     for (header, kind), fitted in zip(columns, widths, strict=True):
@@ -186,10 +194,11 @@ def render_table(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str
     for row in cells:
         # Server text is escaped (a control character could retitle the terminal or forge a
         # row); Text() never interprets markup, so a voice named "[red]x" prints as typed.
-        table.add_row(*(Text(cell, style=_STYLES.get(cell, "") if tty else "") for cell in row))
+        table.add_row(*(Text(cell, style=_STYLES.get(cell, "") if colour else "")
+                        for cell in row))
     buf = io.StringIO()
     console = Console(file=buf, width=width, force_terminal=tty,
-                      color_system="standard" if tty else None, no_color=not tty,
+                      color_system="standard" if tty else None, no_color=not colour,
                       highlight=False, emoji=False, soft_wrap=False)
     console.print(table)
     lines = [line.rstrip() for line in buf.getvalue().rstrip("\n").splitlines()]
@@ -219,7 +228,7 @@ def _fitted_widths(columns: Sequence[tuple[str, str]], cells: Sequence[Sequence[
 
 
 def _records(columns: Sequence[tuple[str, str]], cells: Sequence[Sequence[str]],
-             tty: bool) -> str:
+             colour: bool) -> str:
     """One block per row, ``LABEL  value`` per line (empty values left out), blocks apart by a
     blank line: every value whole, whatever the terminal's width."""
     label = max(cell_len(header) for header, _ in columns)
@@ -228,7 +237,7 @@ def _records(columns: Sequence[tuple[str, str]], cells: Sequence[Sequence[str]],
         lines = []
         for (header, _kind), cell in zip(columns, row, strict=True):
             if cell:
-                style = _STYLES.get(cell) if tty else None
+                style = _STYLES.get(cell) if colour else None
                 value = cell if style is None else click.style(
                     cell, fg=None if style == "dim" else style, dim=style == "dim")
                 lines.append(f"{header:<{label}}  {value}")
