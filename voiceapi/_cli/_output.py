@@ -166,24 +166,22 @@ _STYLES = {"succeed": "green", "failed": "red", "error": "red", "deleted": "dim"
 
 
 #: Columns of a table are separated by three cells (a space of padding on each side of rich's
-#: blank divider), and names and messages shrink to these widths, never less, before a table
-#: that still does not fit becomes one block of labelled lines per row. Rich's own last resort
-#: shrank every column evenly and dropped those that reached zero: on an 80-column terminal the
-#: task table lost its STATUS column and cut the external ids.
+#: blank divider). Names and messages shrink to these widths, never less; a table that still
+#: does not fit is drawn wider than the terminal (which wraps its lines): one line per row, so
+#: `| grep` keeps working. Rich's own last resort shrank every column evenly and dropped those
+#: that reached zero: on an 80-column terminal the task table lost its STATUS column and cut
+#: the external ids.
 _GAP = 3
 _SHRINK_TO = {"name": 10, "message": 12}
 
 
 def render_table(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str]]) -> str:
     """A plain, aligned table (cell widths as the terminal shows them: CJK and emoji count
-    double) without trailing spaces; on a terminal too narrow for it, labelled lines."""
+    double) without trailing spaces; ids and statuses whole whatever the terminal's width."""
     tty = _stdout_tty()
     colour = tty and colour_allowed()
-    width = _width()
     cells = [[printable(cell) for cell in row] for row in rows]
-    widths = _fitted_widths(columns, cells, width)
-    if widths is None:
-        return _records(columns, cells, colour)
+    widths, width = _fitted_widths(columns, cells, _width())
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold",
                   expand=False)
     for (header, kind), fitted in zip(columns, widths, strict=True):
@@ -208,9 +206,9 @@ def render_table(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str
 
 
 def _fitted_widths(columns: Sequence[tuple[str, str]], cells: Sequence[Sequence[str]],
-                   width: int) -> list[int] | None:
-    """Each column's width in cells so that the table fits ``width``, shrinking names and
-    messages (the message first) down to ``_SHRINK_TO``; None when even that is too wide."""
+                   width: int) -> tuple[list[int], int]:
+    """Each column's width in cells, and the width to draw the table at: ``width`` when it fits
+    after names and messages (the message first) shrank down to ``_SHRINK_TO``, else wider."""
     widths = []
     for i, (header, kind) in enumerate(columns):
         natural = max([cell_len(header), *(cell_len(row[i]) for row in cells)])
@@ -224,25 +222,7 @@ def _fitted_widths(columns: Sequence[tuple[str, str]], cells: Sequence[Sequence[
                 cut = min(excess, max(0, widths[i] - floor))
                 widths[i] -= cut
                 excess -= cut
-    return widths if excess <= 0 else None
-
-
-def _records(columns: Sequence[tuple[str, str]], cells: Sequence[Sequence[str]],
-             colour: bool) -> str:
-    """One block per row, ``LABEL  value`` per line (empty values left out), blocks apart by a
-    blank line: every value whole, whatever the terminal's width."""
-    label = max(cell_len(header) for header, _ in columns)
-    blocks = []
-    for row in cells:
-        lines = []
-        for (header, _kind), cell in zip(columns, row, strict=True):
-            if cell:
-                style = _STYLES.get(cell) if colour else None
-                value = cell if style is None else click.style(
-                    cell, fg=None if style == "dim" else style, dim=style == "dim")
-                lines.append(f"{header:<{label}}  {value}")
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)
+    return widths, width + max(0, excess)
 
 
 def _cut_rule(line: str, width: int) -> str:
