@@ -386,3 +386,14 @@ def test_no_color_and_a_dumb_terminal_get_no_colour(temu: KlingEmulator,
         assert not re.search(r"\x1b\[(3\d|9\d)m", shown), (args, columns, shown)
     coloured = _on_a_terminal(["get", "1"], _env(temu, TERM="xterm"))
     assert "\x1b[31merror:" in coloured  # the check above can see colour
+
+
+def test_demo_refuses_a_bad_sample_url_before_sending(temu: KlingEmulator) -> None:
+    """It was sent as a batch item, reported as a failed voice (exit 1, "voice_url …")."""
+    bad = run(temu, "demo", "--sample-url", temu.sample_url(), "--sample-url", "notaurl")
+    assert bad.exit_code == 2, bad.output
+    assert bad.stderr.strip() == "error: --sample-url 'notaurl': must be an http(s) URL"
+    assert temu.count("create") == 0 and temu.count("presets") == 0
+    one = run(temu, "demo", "--sample-url", temu.sample_url())
+    assert one.exit_code == 0, one.output
+    assert "Cloning 1 voice as one batch" in one.stdout

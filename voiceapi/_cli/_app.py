@@ -24,6 +24,7 @@ import click
 from click.core import ParameterSource
 
 from .. import _constants as C
+from .. import _validation
 from .._aio import run_main
 from .._batch import BatchProgress
 from .._client import AsyncVoiceClient
@@ -688,6 +689,12 @@ def demo(state: State, task_seconds: float, sample_urls: tuple[str, ...]) -> Non
     elif ctx.get_parameter_source("task_seconds") is ParameterSource.COMMANDLINE:
         raise click.UsageError("--task-seconds is for the embedded emulator; with credentials "
                                "the demo uses your server")
+    for url in sample_urls:  # refused here (exit 2), not reported as a failed voice (exit 1)
+        try:
+            _validation.voice_url(url)
+        except ValidationError as exc:
+            raise InputError(f"--sample-url {url!r}: {str(exc).replace('voice_url ', '')}") \
+                from None
     state.doing = "running the demo"
     code = _run(state, lambda: run_demo(state.client if has_creds else None,
                                         task_seconds=task_seconds, sample_urls=list(sample_urls),
