@@ -397,3 +397,19 @@ def test_demo_refuses_a_bad_sample_url_before_sending(temu: KlingEmulator) -> No
     one = run(temu, "demo", "--sample-url", temu.sample_url())
     assert one.exit_code == 0, one.output
     assert "Cloning 1 voice as one batch" in one.stdout
+
+
+def test_unknown_keys_and_columns_are_escaped_and_bounded(tmp_path: Path) -> None:
+    """A JSON key "\\u001b]0;pwned\\u0007" reached the terminal raw (it retitles it); a header
+    with 5000 unknown columns made a 700 kB message."""
+    keys = tmp_path / "m.jsonl"
+    keys.write_text('{"voice_name": "a", "\\u001b]0;pwned\\u0007": 1}\n')
+    result = run(None, "batch", str(keys), "--dry-run")
+    assert result.exit_code == 2 and "\x1b" not in result.stderr and "\x07" not in result.stderr
+    assert r"unknown key(s) '\x1b]0;pwned\x07'" in result.stderr, result.stderr
+    wide = tmp_path / "wide.csv"
+    wide.write_text(",".join(["voice_name", *(f"column{i}" * 20 for i in range(5000))])
+                    + "\na\n")
+    result = run(None, "batch", str(wide), "--dry-run")
+    assert result.exit_code == 2 and "and 4995 more" in result.stderr
+    assert len(result.stderr) < 1000, len(result.stderr)

@@ -91,9 +91,18 @@ def _object_row(where: str, value: Any) -> Row:
             return Row(where, {}, f"{key} holds a lone surrogate (\\ud800-\\udfff): not text")
     unknown = sorted(str(k) for k in value if k not in FIELDS)
     if unknown:
-        return Row(where, value, f"unknown key(s) {', '.join(unknown)} "
+        return Row(where, value, f"unknown key(s) {_some(unknown)} "
                                  f"(known: {', '.join(FIELDS)})")
     return Row(where, value)
+
+
+def _some(names: Sequence[str], most: int = 5, longest: int = 40) -> str:
+    """Names for a message, quoted and escaped (a manifest from elsewhere may carry terminal
+    escapes: ``"\\u001b]0;…"`` as a JSON key retitled the terminal), at most ``most`` of them
+    and each cut to ``longest`` characters (a header may have thousands: 700 kB of message)."""
+    shown = [repr(n if len(n) <= longest else n[:longest] + "…") for n in names[:most]]
+    more = len(names) - most
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
 def _is_text(value: str) -> bool:
@@ -145,8 +154,8 @@ def _csv_rows(path: Path, text: str) -> list[Row]:
     reader.fieldnames = header
     unknown = [h for h in header if h not in FIELDS]
     if unknown:  # said once, for the header, not once per row
-        raise InputError(f"{path}: unknown column(s) {', '.join(map(repr, unknown))} in "
-                               f"the header (known: {', '.join(FIELDS)})")
+        raise InputError(f"{path}: unknown column(s) {_some(unknown)} in the header "
+                         f"(known: {', '.join(FIELDS)})")
     if "voice_name" not in header:
         raise InputError(f"{path}: the CSV header needs a voice_name column")
     rows = []
