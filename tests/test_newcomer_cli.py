@@ -126,7 +126,10 @@ def test_a_stdout_that_cannot_encode_the_names_still_gets_every_row() -> None:
         every = cli_run(["--json", "list", "--all"], env)
     assert table.returncode == 0, table.stderr
     _no_traceback(table.stderr)
-    assert b"voice" in table.stdout and table.stdout.decode("cp1252")
+    lines = table.stdout.decode("cp1252").splitlines()
+    assert set(lines[1]) == {"-"}  # the rule in a character the pipe can carry
+    row = next(x for x in lines if "\\u4e2d" in x)  # the name escaped, and still aligned
+    assert row.index("succeed", row.index("\\u4e2d")) == lines[0].index("VOICE STATUS")
     assert page.returncode == 0 and every.returncode == 0, (page.stderr, every.stderr)
     assert json.loads(page.stdout)[0]["voices"][0]["voice_name"] == name
     assert json.loads(every.stdout.splitlines()[0])["voices"][0]["voice_name"] == name

@@ -180,7 +180,8 @@ def render_table(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str
     double) without trailing spaces; ids and statuses whole whatever the terminal's width."""
     tty = _stdout_tty()
     colour = tty and colour_allowed()
-    cells = [[printable(cell) for cell in row] for row in rows]
+    # Escaped before measuring (not by ``out``), so a name stdout cannot encode still aligns.
+    cells = [[_encodable(printable(cell), sys.stdout) for cell in row] for row in rows]
     widths, width = _fitted_widths(columns, cells, _width())
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold",
                   expand=False)
@@ -202,7 +203,8 @@ def render_table(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str
     lines = [line.rstrip() for line in buf.getvalue().rstrip("\n").splitlines()]
     # rich may draw the rule under the header wider than any row: cut it to the widest row.
     widest = max((cell_len(Text.from_ansi(x).plain) for x in lines if "─" not in x), default=0)
-    return "\n".join(_cut_rule(x, widest) for x in lines)
+    rule = "─" if _encodable("─", sys.stdout) == "─" else "-"  # e.g. a cp1252 pipe
+    return "\n".join(_cut_rule(x, widest, rule) for x in lines)
 
 
 def _fitted_widths(columns: Sequence[tuple[str, str]], cells: Sequence[Sequence[str]],
@@ -225,9 +227,9 @@ def _fitted_widths(columns: Sequence[tuple[str, str]], cells: Sequence[Sequence[
     return widths, width + max(0, excess)
 
 
-def _cut_rule(line: str, width: int) -> str:
+def _cut_rule(line: str, width: int, rule: str = "─") -> str:
     plain = Text.from_ansi(line).plain
-    return "─" * width if plain and set(plain) == {"─"} else line
+    return rule * width if plain and set(plain) == {"─"} else line
 
 
 TASK_COLUMNS = (("TASK ID", _ID), ("STATUS", _SHORT), ("VOICE ID", _ID),
