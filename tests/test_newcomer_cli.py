@@ -416,3 +416,48 @@ def test_unknown_keys_and_columns_are_escaped_and_bounded(tmp_path: Path) -> Non
     result = run(None, "batch", str(wide), "--dry-run")
     assert result.exit_code == 2 and "and 4995 more" in result.stderr
     assert len(result.stderr) < 1000, len(result.stderr)
+
+
+def test_every_command_against_a_mock_server_that_answers_garbage() -> None:
+    """`voiceapi mock-server --fault …` scripts faults (the emulator had them, the command
+    line could not reach them); every command then fails with one error line and exit 1, no
+    traceback and no key."""
+    secret = "sk-mock-secret-0123456789abcdef"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "voiceapi", "mock-server", "--port", "0", "--json",
+         "--task-seconds", "0.05", "--api-key", secret,
+         "--fault", "get:garbage:50", "--fault", "list:truncated:50",
+         "--fault", "presets:html502:50", "--fault", "delete:reset:50"],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        info = json.loads(server.stdout.readline())
+        env = _env(KLING_API_KEY=secret, KLING_BASE_URL=info["base_url"])
+        for args, expected in (
+                (["get", "1"], "not a Kling JSON envelope"),
+                (["--json", "list"], "not a Kling JSON envelope"),
+                (["presets"], "HTTP 502 without a Kling JSON envelope"),
+                (["delete", "1"], "no answer from"),
+                (["wait", "1", "--timeout", "5"], "not a Kling JSON envelope")):
+            done = cli_run(["--max-retries", "1", *args], env)
+            err = done.stderr.decode()
+            assert done.returncode == 1 and err.startswith("error: ") and expected in err, \
+                (args, err)
+            _no_traceback(err)
+            assert secret.encode() not in done.stdout + done.stderr and done.stdout == b""
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.communicate(timeout=30)
+    assert server.returncode == 0
+
+
+@pytest.mark.parametrize(("fault", "expected"), [
+    ("get:nope", "unknown fault 'nope'"),
+    ("bogus:garbage", "unknown route 'bogus'"),
+    ("get:garbage:0", "TIMES must be at least 1"),
+    ("get:garbage:x", "invalid literal"),
+])
+def test_mock_server_refuses_a_bad_fault(fault: str, expected: str) -> None:
+    result = run(None, "mock-server", "--port", "0", "--fault", fault)
+    assert result.exit_code == 2 and expected in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1

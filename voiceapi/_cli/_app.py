@@ -608,18 +608,42 @@ _MOCK_DEFAULTS = {"port": C.CLI_EMULATOR_PORT, "task_seconds": 5.0,
                   "api_key": C.CLI_EMULATOR_API_KEY, "secret_key": C.CLI_EMULATOR_SECRET_KEY}
 
 
+def _parse_fault(text: str, emulator_class: Any) -> tuple[str, str, int]:
+    """``ROUTE:KIND[:TIMES]``, checked by the emulator itself (on a scratch instance that never
+    starts) before the server starts, so a typo is a usage error, not a fault-free server."""
+    route, _, rest = text.partition(":")
+    kind, _, times_text = rest.partition(":")
+    try:
+        times = int(times_text) if times_text else 1
+        if times < 1:
+            raise ValueError("TIMES must be at least 1")
+        emulator_class().inject(route, kind, times=times)
+    except ValueError as exc:
+        raise InputError(f"--fault {text!r}: {exc} (ROUTE:KIND[:TIMES], e.g. get:garbage:3)") \
+            from None
+    return route, kind, times
+
+
 @cli.command("mock-server", cls=_MockServerCommand,
              context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
              epilog="\b\nExamples:\n  voiceapi mock-server --port 8787\n"
                     "  voiceapi mock-server --port 0 --json --profile strict-real "
-                    "--webhook-secret whsec_dGVzdA==")
+                    "--webhook-secret whsec_dGVzdA==\n"
+                    "  voiceapi mock-server --fault get:garbage:3 --fault create:1303")
 @click.argument("emulator_args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--fault", "faults", metavar="ROUTE:KIND[:TIMES]", multiple=True,
+              help="Script a fault for the next TIMES (default 1) requests to ROUTE (create, "
+                   "get, list, presets, delete or *): a Kling code (5000, 1302, 1303, …) or "
+                   "reset, slow, garbage, truncated, html502, commit_then_5000, "
+                   "commit_then_drop. Repeatable.")
 @_json_option
 @pass_state
-def mock_server(state: State, emulator_args: tuple[str, ...]) -> None:
-    """Run the local Kling emulator until Ctrl-C (every option below is the emulator's)."""
+def mock_server(state: State, emulator_args: tuple[str, ...], faults: tuple[str, ...]) -> None:
+    """Run the local Kling emulator until Ctrl-C (the options below are the emulator's)."""
     state.refuse_globals("mock-server", "it is the server; its key is mock-server --api-key")
-    from ..testing import build_parser, serve
+    from ..testing import KlingEmulator, build_parser, serve
+
+    scripted = [_parse_fault(f, KlingEmulator) for f in faults]
 
     parser = build_parser(prog="voiceapi mock-server")
 
@@ -639,6 +663,8 @@ def mock_server(state: State, emulator_args: tuple[str, ...]) -> None:
     options = {**_MOCK_DEFAULTS, **{k: v for k, v in vars(parsed).items() if v is not None}}
 
     def announce(emu: Any) -> None:
+        for route, kind, times in scripted:
+            emu.inject(route, kind, times=times)
         if state.json:
             out(dump({"base_url": emu.base_url, "access_key": emu.access_key,
                       "secret_key": emu.secret_key, "api_key": emu.api_key}))
