@@ -461,3 +461,24 @@ def test_mock_server_refuses_a_bad_fault(fault: str, expected: str) -> None:
     result = run(None, "mock-server", "--port", "0", "--fault", fault)
     assert result.exit_code == 2 and expected in result.stderr, result.output
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    ("voice_name,voice_url\na,https://e.com/a.wav\n".encode("utf-16"),
+     "is UTF-16 (it starts with its byte-order mark): give --encoding utf-16"),
+    (b"voice_name;voice_url\na;https://e.com/a.wav\n",
+     "the header is one column holding ';': a CSV manifest is separated by commas"),
+    (b"voice_name\tvoice_url\na\thttps://e.com/a.wav\n",
+     "the header is one column holding '\\t'"),
+], ids=["utf-16", "semicolons", "tabs"])
+def test_spreadsheet_exports_get_the_right_hint(tmp_path: Path, data: bytes,
+                                                expected: str) -> None:
+    """Excel's "Unicode text" (UTF-16) was told to try --encoding cp1252; a ";"-separated
+    export was told its whole header was one unknown column."""
+    path = tmp_path / "voices.csv"
+    path.write_bytes(data)
+    result = run(None, "batch", str(path), "--dry-run")
+    assert result.exit_code == 2 and expected in result.stderr, result.stderr
+    if data.startswith(b"\xff\xfe"):
+        fixed = run(None, "--json", "batch", str(path), "--dry-run", "--encoding", "utf-16")
+        assert json.loads(fixed.stdout) == {"valid": 1}

@@ -6,6 +6,7 @@ line, never a traceback: manifests are hand-made, and "line 7 has no voice_name"
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -42,6 +43,9 @@ def _decode(path: Path, data: bytes, encoding: str) -> str:
     except LookupError:
         raise InputError(f"unknown --encoding {encoding!r}") from None
     except UnicodeDecodeError as exc:
+        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # Excel's "Unicode text"
+            raise InputError(f"{path} is UTF-16 (it starts with its byte-order mark): give "
+                             "--encoding utf-16, or save it as CSV UTF-8") from None
         line = data[:exc.start].count(b"\n") + 1
         raise InputError(
             f"{path}: line {line} is not valid {encoding} (byte 0x{data[exc.start]:02x}); "
@@ -153,6 +157,10 @@ def _csv_rows(path: Path, text: str) -> list[Row]:
         raise InputError(f"{path} is empty: expected a CSV header with voice_name")
     reader.fieldnames = header
     unknown = [h for h in header if h not in FIELDS]
+    separator = next((c for c in ";\t|" if len(header) == 1 and c in header[0]), None)
+    if separator is not None:  # a spreadsheet's export in a locale whose lists use ";"
+        raise InputError(f"{path}: the header is one column holding {separator!r}: a CSV "
+                         "manifest is separated by commas (or use JSON lines, .jsonl)")
     if unknown:  # said once, for the header, not once per row
         raise InputError(f"{path}: unknown column(s) {_some(unknown)} in the header "
                          f"(known: {', '.join(FIELDS)})")
