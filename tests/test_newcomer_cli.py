@@ -17,8 +17,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rich.cells import cell_len
 
+from tests.conftest import scaled_examples
 from voiceapi._cli import _manifest
 from voiceapi._cli._app import cli
 from voiceapi.testing import KlingEmulator
@@ -482,3 +485,33 @@ def test_spreadsheet_exports_get_the_right_hint(tmp_path: Path, data: bytes,
     if data.startswith(b"\xff\xfe"):
         fixed = run(None, "--json", "batch", str(path), "--dry-run", "--encoding", "utf-16")
         assert json.loads(fixed.stdout) == {"valid": 1}
+
+
+_CELL = st.text(st.characters(codec="utf-8"), max_size=30)  # utf-8: no lone surrogates
+
+
+@settings(max_examples=scaled_examples(80), deadline=None)
+@given(rows=st.lists(st.tuples(st.from_regex(r"[0-9a-z-]{1,45}", fullmatch=True), _CELL, _CELL,
+                               st.sampled_from(["succeed", "failed", "processing", ""])),
+                     min_size=1, max_size=4),
+       width=st.integers(min_value=1, max_value=260))
+def test_any_table_keeps_every_id_and_status_on_one_line_per_row(
+        rows: list[tuple[str, str, str, str]], width: int) -> None:
+    """Whatever the terminal's width and the names (CJK, emoji, control characters): one line
+    per row, ids and statuses whole, and within the width whenever the shrunk table fits."""
+    from voiceapi._cli import _output
+    from voiceapi._errors import printable
+
+    columns = (("ID", "id"), ("NAME", "name"), ("MESSAGE", "message"), ("STATUS", "short"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_output, "_width", lambda: width)
+        lines = _output.render_table(columns, rows).splitlines()
+    assert len(lines) == 2 + len(rows)
+    for (ident, name, _message, status), line in zip(rows, lines[2:], strict=True):
+        assert line.startswith(ident + " ") or line == ident
+        assert line.rstrip().endswith(status) or not status
+        if len(printable(name)) <= 10:  # short names are never cut
+            assert printable(name) in line
+    shrunk = max(len(r[0]) for r in rows) + 10 + 12 + 10 + 3 * 3
+    if shrunk <= width:
+        assert all(cell_len(line) <= width for line in lines), (width, lines)
