@@ -5,6 +5,7 @@ code before its fix (session 5, helper "newcomer")."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -515,3 +516,26 @@ def test_any_table_keeps_every_id_and_status_on_one_line_per_row(
     shrunk = max(len(r[0]) for r in rows) + 10 + 12 + 10 + 3 * 3
     if shrunk <= width:
         assert all(cell_len(line) <= width for line in lines), (width, lines)
+
+
+def test_the_csv_report_never_holds_a_spreadsheet_formula(tmp_path: Path,
+                                                          temu: KlingEmulator) -> None:
+    """A failed task's message is the server's text and names are the manifest's: a cell
+    starting with "=" ran as a formula when the report was opened in a spreadsheet."""
+    formula = '=HYPERLINK("http://evil.example","x")'
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(
+        json.dumps({"voice_name": "=1+1", "voice_url": temu.sample_url()}) + "\n"
+        + json.dumps({"voice_name": "fine", "voice_url": temu.sample_url() + "?kling_fail="
+                      + formula}) + "\n")
+    csv_report, jsonl_report = tmp_path / "r.csv", tmp_path / "r.jsonl"
+    assert run(temu, "batch", str(manifest), "--report", str(csv_report)).exit_code == 1
+    with csv_report.open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows[0]["voice_name"] == "'=1+1" and rows[1]["error"].startswith("voice task ")
+    assert formula in rows[1]["error"]
+    cells = [cell for row in rows for cell in row.values()]
+    assert not any(cell.startswith(("=", "+", "-", "@")) for cell in cells), cells
+    assert run(temu, "batch", str(manifest), "--report", str(jsonl_report)).exit_code == 1
+    first = json.loads(jsonl_report.read_text().splitlines()[0])
+    assert first["voice_name"] == "=1+1"  # JSON lines are data, not a spreadsheet: unchanged

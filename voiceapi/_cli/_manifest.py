@@ -221,6 +221,17 @@ def report_rows(results: Sequence[BatchResult], wheres: Sequence[str]) -> list[d
     return rows
 
 
+#: A spreadsheet runs a cell that starts with one of these as a formula ("CSV injection"): the
+#: error column carries the server's text, and names are whatever the manifest held.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _inert(value: str) -> str:
+    """A CSV report cell that a spreadsheet shows as text: a leading ``'`` before a formula
+    start (OWASP's advice); every other value as it is."""
+    return "'" + value if value.startswith(_FORMULA_STARTS) else value
+
+
 def write_report(path: Path, results: Sequence[BatchResult], wheres: Sequence[str]) -> None:
     """Every input row with its task id, voice id, status and error; written whole or not at
     all (a temporary file renamed into place), so a reader never sees half a report."""
@@ -230,7 +241,7 @@ def write_report(path: Path, results: Sequence[BatchResult], wheres: Sequence[st
         if path.suffix.lower() == ".csv":
             writer = csv.DictWriter(fh, fieldnames=REPORT_FIELDS)
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({k: _inert(v) for k, v in row.items()} for row in rows)
         else:
             fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     os.replace(tmp, path)
