@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -182,3 +187,88 @@ async def test_an_unresolved_orphan_at_the_head_of_the_queue_holds_up_only_itsel
         created = [t["task_info"]["external_task_id"] for t in emu.tasks()]
         assert created[-1] == f"{ns}-0", created  # the others did not wait for it
         assert snap["slots"] == [] and snap["orphans"] == [], snap
+
+
+@pytest.mark.parametrize("first_run", [{"wait": False}, {"item_timeout": 0.05}])
+async def test_tasks_a_batch_left_running_free_their_slots_for_the_next_batch(
+        server: RedisServer, first_run: dict[str, Any]) -> None:
+    """A long-lived coordinator (a worker process running batch after batch): the first batch
+    returns while its tasks still run (``wait=False``, or items timed out). Their slots stay
+    held, rightly, but nobody followed those tasks any more and the worker renewed their
+    leases for ever: the next batch on it never got a slot (every item NotSubmittedError at
+    its timeout; without one it hung). Now the coordinator follows its held tasks itself."""
+    ns = f"t-{uuid.uuid4().hex[:12]}"
+    async with KlingEmulator(concurrency=3, task_seconds=0.3) as emu:
+        url = emu.sample_url(10)
+        coord = RedisCoordinator(server.url, namespace=ns, max_in_flight=3, lease_seconds=0.5)
+        async with coord, voiceapi.AsyncVoiceClient(emu.access_key, emu.secret_key,
+                                                    base_url=emu.base_url,
+                                                    coordinator=coord) as client:
+            first = await client.custom_voices.create_many(
+                [{"voice_name": f"a{i}", "voice_url": url} for i in range(3)],
+                poll_interval=0.05, **first_run)
+            assert all(r.task is not None for r in first)
+            assert len((await coord.snapshot())["slots"]) == 3  # still running: still held
+            second = await client.custom_voices.create_many(
+                [{"voice_name": f"b{i}", "voice_url": url} for i in range(3)],
+                poll_interval=0.05, timeout=20)
+            snap = await coord.snapshot()
+        assert [r.ok for r in second] == [True] * 3, [r.error for r in second]
+        assert emu.stats()["tasks_per_external_id"] == {"1": 6}
+        assert emu.peak_in_progress <= 3
+        assert snap["slots"] == [] and snap["orphans"] == [], snap
+
+
+WORKER = r"""
+import asyncio, json, sys, voiceapi
+from voiceapi.coordination import RedisCoordinator
+cfg = json.loads(sys.argv[1])
+
+async def main():
+    items = [{"voice_name": f"v{i}", "voice_url": cfg["url"]} for i in range(cfg["n"])]
+    coord = RedisCoordinator(cfg["redis"], namespace=cfg["ns"], lease_seconds=0.6,
+                             orphan_grace=1.0, stale_after=1.0)
+    async with coord, voiceapi.AsyncVoiceClient(api_key=cfg["key"], base_url=cfg["base"],
+                                                coordinator=coord) as client:
+        results = await client.custom_voices.create_many(items, poll_interval=0.05,
+                                                          timeout=120)
+    print(json.dumps({"ok": [r.ok for r in results],
+                      "order": [r.input["voice_name"] for r in results],
+                      "errors": [repr(r.error) for r in results if not r.ok]}), flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attack", ["kill-one", "restart-redis", "kill-one-and-restart"])
+def test_three_processes_on_a_server_that_accepts_repeated_ids(
+        server: RedisServer, attack: str) -> None:
+    """Held: three worker processes share one account and the same items, on a server that
+    does NOT refuse a repeated external_task_id (the emulator's loose reading), with one worker
+    killed -9 mid-batch, Redis restarted empty mid-batch, or both: the survivors return every
+    item, in input order, each voice created once, the account's cap never passed."""
+    n = 24
+    with KlingEmulator(concurrency=4, task_seconds=1.0, unique_external_ids=False) as emu:
+        cfg = {"url": emu.sample_url(10), "n": n, "redis": server.url,
+               "ns": f"t-{uuid.uuid4().hex[:12]}", "key": emu.api_key, "base": emu.base_url}
+        procs = [subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(cfg)],
+                                  stdout=subprocess.PIPE, text=True) for _ in range(3)]
+        deadline = time.monotonic() + 60
+        while emu.task_count < 8 and time.monotonic() < deadline:  # bounded: mid-batch
+            time.sleep(0.01)
+        assert emu.task_count >= 8
+        if "kill" in attack:
+            os.kill(procs[0].pid, signal.SIGKILL)
+        if "restart" in attack:
+            server.stop()
+            server.restart()
+        outputs = [p.communicate(timeout=150)[0] for p in procs]
+        stats = emu.stats()
+    survivors = outputs[1:] if "kill" in attack else outputs
+    for out in survivors:
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["ok"] == [True] * n, result["errors"]
+        assert result["order"] == [f"v{i}" for i in range(n)]
+    assert stats["tasks_per_external_id"] == {"1": n}, stats["repeated_external_ids"]
+    assert stats["peak_in_progress"] <= 4

@@ -7,6 +7,7 @@ that held.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -90,3 +91,24 @@ async def test_timeouts_shorter_than_a_task_then_a_rerun_that_waits(
         stats = emu.stats()
         assert stats["tasks_per_external_id"] == {"1": 8}
         assert stats["peak_in_progress"] <= 2
+
+
+async def test_a_timeout_during_the_journal_check_never_says_a_journaled_item_was_not_sent(
+        tmp_path: Path) -> None:
+    """A rerun from a journal whose server answers slowly, with a timeout shorter than the
+    re-attach: every item was created by the first run, yet each was reported
+    NotSubmittedError ("the batch ended before the item was sent"), inviting the caller to
+    create it again. Now: a WaitTimeoutError naming the journal's task; nothing is created."""
+    journal = str(tmp_path / "batch.journal")
+    async with KlingEmulator(concurrency=5, task_seconds=0.05) as emu, _client(emu) as client:
+        items = _items(emu.sample_url(10), 6)
+        first = await client.custom_voices.create_many(items, journal=journal,
+                                                       poll_interval=0.05)
+        emu.inject("get", "slow", delay=3.0, times=100)
+        creates = emu.count("create")
+        again = await client.custom_voices.create_many(items, journal=journal,
+                                                       poll_interval=0.05, timeout=0.5)
+        assert emu.count("create") == creates
+    assert all(isinstance(r.error, WaitTimeoutError) for r in again), [r.error for r in again]
+    assert [r.error.task_id for r in again  # type: ignore[union-attr]
+            ] == [r.task.task_id for r in first if r.task is not None]

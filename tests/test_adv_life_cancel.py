@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+from collections.abc import AsyncIterator, Awaitable
 
 import pytest
 
@@ -38,3 +40,82 @@ async def test_a_call_cancelled_as_it_is_handed_a_slot_gives_the_slot_back(
         # The slot is free: the next call runs at once instead of queueing for ever.
         voices = await asyncio.wait_for(client.preset_voices.list(page_size=1), 5)
         assert len(voices) == 1
+
+
+def _our_pending(before: set[asyncio.Task[object]]) -> list[str]:
+    """Tasks the call left behind (the emulator's own server tasks are not the client's)."""
+    return [repr(t) for t in asyncio.all_tasks() - before
+            if not t.done() and "web_protocol" not in repr(t) and "testing" not in repr(t)]
+
+
+@pytest.mark.parametrize("kind", ["create", "create-lost", "get", "get-5000", "list",
+                                  "iter_all", "wait", "delete"])
+async def test_a_call_cancelled_at_any_step_leaves_nothing_behind(
+        emu: KlingEmulator, kind: str) -> None:
+    # Cancel the call after 0, 1, 2, ... loop iterations until one runs to its end: no slot,
+    # connection or task may outlive it, asyncio reports nothing, and no external id ever
+    # names two tasks.
+    reports: list[str] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: reports.append(str(context.get("message"))))
+    try:
+        async with voiceapi.AsyncVoiceClient(
+                emu.access_key, emu.secret_key, base_url=emu.base_url, retry_policy=FAST_RETRY,
+                timeout=5, max_concurrent_requests=2) as client:
+            cv = client.custom_voices
+            done = await cv.wait(await cv.create(voice_name="s", voice_url=emu.sample_url()),
+                                 poll_interval=0.01)
+            assert done.voice_id is not None
+            faults: dict[str, tuple[str, str | int]] = {
+                "create-lost": ("create", "commit_then_drop"), "get-5000": ("get", 5000),
+                "delete": ("delete", "commit_then_5000")}
+            fault = faults.get(kind)
+
+            def call() -> Awaitable[object]:
+                if kind.startswith("create"):
+                    return cv.create(voice_name="n", voice_url=emu.sample_url())
+                if kind.startswith("get"):
+                    return cv.get(done.task_id)
+                if kind == "list":
+                    return cv.list()
+                if kind == "iter_all":
+                    return _collect(cv.iter_all(page_size=1))
+                if kind == "wait":
+                    return cv.wait(done.task_id)
+                return cv.delete(done.voice_id or "")
+
+            finished = False
+            for steps in range(200):  # bounded: every call ends within far fewer steps
+                if fault is not None:
+                    emu.inject(fault[0], fault[1])
+                before = asyncio.all_tasks()
+                task = asyncio.ensure_future(call())
+                for _ in range(steps):
+                    await asyncio.sleep(0)
+                finished = task.done()
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+                except voiceapi.InvalidRequestError:
+                    assert kind == "delete"  # deleted by an earlier, uncancelled round
+                for _ in range(3):
+                    await asyncio.sleep(0)  # let aiohttp's callbacks settle
+                assert _our_pending(before) == [], steps
+                assert client.transport._limits.active == 0, steps
+                session = client.transport._session
+                assert session is None or not session.connector._acquired, steps  # type: ignore[union-attr]
+                emu.clear_faults()
+                if finished:
+                    break
+            assert finished
+        assert emu.stats()["tasks_per_external_id"].keys() <= {"1"}
+    finally:
+        loop.set_exception_handler(None)
+    gc.collect()
+    assert reports == []
+
+
+async def _collect(tasks: AsyncIterator[object]) -> list[object]:
+    return [t async for t in tasks]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import traceback
 from typing import Any
 
@@ -14,7 +15,7 @@ import voiceapi
 from tests._raw_server import raw_server
 from tests.conftest import FAST_RETRY
 from voiceapi._decode import is_already_deleted
-from voiceapi._retry import RetryPolicy, decide
+from voiceapi._retry import RetryPolicy, backoff_delay, decide
 from voiceapi.testing import KlingEmulator
 
 
@@ -222,3 +223,59 @@ async def test_a_delete_on_a_connection_closed_under_it_is_resent_and_succeeds()
         await client.custom_voices.delete("v")
     assert server.deleted == ["v"]
     assert server.lines[1:] == ["POST /v1/general/delete-voices"] * 2
+
+
+# --- retry settings an adversary would pass ---------------------------------------------------
+
+@pytest.mark.parametrize("kw", [
+    {"initial_delay": "0.5"}, {"initial_delay": float("nan")}, {"initial_delay": -1.0},
+    {"initial_delay": math.inf}, {"max_delay": None}, {"max_delay": float("nan")},
+    {"rate_limit_min_delay": True}, {"rate_limit_min_delay": -0.1},
+    {"retry_after_max": "60"}, {"retry_after_max": -5}], ids=str)
+def test_unusable_retry_policy_settings_are_validation_errors(kw: dict[str, Any]) -> None:
+    # Used only once a call fails: before, a "0.5" surfaced as a bare TypeError in the middle
+    # of an outage, and a NaN silently meant no retries at all.
+    with pytest.raises(voiceapi.ValidationError, match="RetryPolicy"):
+        RetryPolicy(**kw)
+
+
+def test_retry_policy_takes_zero_and_an_uncapped_maximum() -> None:
+    policy = RetryPolicy(initial_delay=0, max_delay=math.inf, rate_limit_min_delay=0,
+                         retry_after_max=math.inf)
+    assert policy.max_delay == math.inf
+    with pytest.raises(voiceapi.ValidationError, match="retry_policy"):
+        voiceapi.AsyncVoiceClient(api_key="k", retry_policy={"initial_delay": 1})  # type: ignore[arg-type]
+
+
+def test_a_thousand_retries_do_not_overflow_the_backoff() -> None:
+    # max_retries may be large: 2**1024 no longer converts to a float (a bare OverflowError).
+    policy = RetryPolicy(initial_delay=0.001, max_delay=0.01)
+    assert backoff_delay(1100, policy, rng=lambda a, b: b) == 0.01
+    lost = voiceapi.ServerError("x", code=5000, http_status=500)
+    step = decide(lost, idempotent=True, can_reconcile=False, retry_rate_limits=True,
+                  retries_used=5000, max_retries=10_000, resigned=False, time_left=100.0,
+                  policy=policy)
+    assert step.retry and 0 <= step.delay <= 0.01
+
+
+class _NotACoordinator:
+    async def before_request(self, *, create: bool) -> None:
+        return None
+
+
+@pytest.mark.parametrize("kw", [
+    {"middlewares": [None]}, {"middlewares": "abc"}, {"middlewares": 5}, {"session": "s"},
+    {"coordinator": object()}, {"coordinator": _NotACoordinator()}],
+    ids=["middleware-none", "middlewares-str", "middlewares-int", "session-str",
+         "coordinator-object", "coordinator-half"])
+def test_unusable_pluggable_parts_are_validation_errors(kw: dict[str, Any]) -> None:
+    # Before, each failed every call as a bare TypeError or AttributeError deep in the chain.
+    for client in (voiceapi.AsyncVoiceClient, voiceapi.VoiceClient):
+        with pytest.raises(voiceapi.ValidationError):
+            client(api_key="k", **kw)
+
+
+async def test_middlewares_none_means_no_middlewares(emu: KlingEmulator) -> None:
+    async with voiceapi.AsyncVoiceClient(api_key=emu.api_key, base_url=emu.base_url,
+                                         middlewares=None) as client:  # type: ignore[arg-type]
+        assert len(await client.preset_voices.list(page_size=1)) == 1

@@ -40,7 +40,7 @@ from ._batch_models import (
 from ._batch_state import Entry, Ledger, Phase
 from ._coordinator import Coordinator, JournalEntry
 from ._create import Created, build_create_body
-from ._errors import ValidationError, VoiceAPIError
+from ._errors import ValidationError, VoiceAPIError, WaitTimeoutError
 from ._follower import Follower
 from ._local_coordinator import FileJournal, LocalCoordinator, SlotCap
 from ._models import BatchResult, VoiceTask
@@ -165,6 +165,9 @@ class _Run:
         self.item_keys: set[str] = {e.key for e in entries if e.body is not None} \
             if retry_failed else set()
         self.side_journal = side_journal
+        #: Items the journal names a task for, not checked yet (id(entry) -> entry, line): a
+        #: deadline that cuts the re-attach short must not report them as never sent.
+        self._unchecked: dict[int, tuple[Entry, JournalEntry]] = {}
         self.wake = asyncio.Event()
         self.submitter = Submitter(api, coordinator, self.ledger, on_created=self._created,
                                    on_foreign=self._foreign, wake=self.wake.set,
@@ -246,6 +249,7 @@ class _Run:
         # coordinator vouches for that: see _vouched).
         self.submitter.look_first = not self._vouched()
         jobs = iter([(e, known[e.key]) for e in entries if e.key in known])
+        self._unchecked = {id(e): (e, known[e.key]) for e in entries if e.key in known}
 
         async def worker() -> None:
             for entry, jentry in jobs:  # shared iterator: coroutines made only when run
@@ -273,6 +277,10 @@ class _Run:
         return known
 
     async def _follow_known(self, entry: Entry, jentry: JournalEntry) -> None:
+        await self._check_known(entry, jentry)
+        del self._unchecked[id(entry)]  # not when cancelled: see _end_at_deadline
+
+    async def _check_known(self, entry: Entry, jentry: JournalEntry) -> None:
         task: VoiceTask | None = None
         with contextlib.suppress(VoiceAPIError):  # any failure: ask by external id below
             task = await self.api.get(jentry.task_id)
@@ -422,6 +430,13 @@ class _Run:
         unknown = await self.submitter.cancel()
         await self._resolve_unknown(unknown)
         self.follower.time_out_all(self.timeout)
+        for entry, jentry in self._unchecked.values():
+            # The journal names a task for it (an earlier run created it), but the deadline
+            # came before its line was checked: not a NotSubmittedError ("never sent"), which
+            # invited the caller to create it again.
+            if not entry.done and entry.task is None:
+                self.ledger.resolve(entry, error=WaitTimeoutError(jentry.task_id, self.timeout,
+                                                                  None))
         self.submitter.give_up(f"the batch timeout of {self.timeout:g}s was reached")
 
     async def _end_early(self, error: VoiceAPIError) -> None:

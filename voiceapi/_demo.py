@@ -55,7 +55,7 @@ async def _scenario(client: AsyncVoiceClient, samples: list[str], cap: int | Non
         run = f"demo-{int(time.time())}"
         items = [{"voice_name": f"Demo voice {i + 1}", "voice_url": url,
                   "external_task_id": f"{run}-{i + 1}"} for i, url in enumerate(samples)]
-        say(_line(f"Cloning {len(items)} voices as one batch"))
+        say(_line(f"Cloning {len(items)} voice{'s' if len(items) != 1 else ''} as one batch"))
         if cap:
             # "slots" below start at 2 and grow: the batch learns the cap from 1303 answers.
             say(f"  The emulated account allows {cap} tasks in progress. The batch is not told:"

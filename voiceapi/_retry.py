@@ -11,6 +11,7 @@ after an ambiguous failure only once its ``reconcile`` hook has confirmed it did
 from __future__ import annotations
 
 import math
+import numbers
 import random
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from ._errors import (
     RateLimitError,
     ServerError,
     UnexpectedResponseError,
+    ValidationError,
     VoiceAPIError,
     drop_foreign_context,
 )
@@ -40,14 +42,36 @@ RATE_LIMIT_CODES = frozenset({1302, 1303})
 TOKEN_TIME_CODES = frozenset({1003, 1004})
 
 
+def _seconds(*, finite: bool) -> Callable[[object, attrs.Attribute[float], object], None]:
+    """A validator: a number of seconds >= 0 (``finite=False`` also takes inf, "no cap")."""
+    def check(_: object, attribute: attrs.Attribute[float], value: object) -> None:
+        name = f"RetryPolicy.{attribute.name}"
+        # Checked here: used only once a call fails, a "0.5" or a NaN would otherwise surface
+        # as a bare TypeError, or as no retries at all, in the middle of an outage.
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValidationError(f"{name} must be a number of seconds, got "
+                                  f"{type(value).__name__}")
+        if math.isnan(value) or value < 0 or (finite and math.isinf(value)):
+            raise ValidationError(f"{name} must be a {'finite ' if finite else ''}number of "
+                                  f"seconds >= 0, got {value!r}")
+    return check
+
+
 @attrs.frozen
 class RetryPolicy:
-    """Backoff knobs. The defaults suit the real API; tests shrink them."""
+    """Backoff knobs. The defaults suit the real API; tests shrink them.
 
-    initial_delay: float = C.RETRY_INITIAL_DELAY
-    max_delay: float = C.RETRY_MAX_DELAY
-    rate_limit_min_delay: float = C.RATE_LIMIT_MIN_DELAY
-    retry_after_max: float = C.RETRY_AFTER_MAX
+    Every knob is a number of seconds >= 0 (a ValidationError otherwise); ``max_delay`` and
+    ``retry_after_max`` may be ``math.inf`` (no cap).
+    """
+
+    initial_delay: float = attrs.field(default=C.RETRY_INITIAL_DELAY,
+                                       validator=_seconds(finite=True))
+    max_delay: float = attrs.field(default=C.RETRY_MAX_DELAY, validator=_seconds(finite=False))
+    rate_limit_min_delay: float = attrs.field(default=C.RATE_LIMIT_MIN_DELAY,
+                                              validator=_seconds(finite=True))
+    retry_after_max: float = attrs.field(default=C.RETRY_AFTER_MAX,
+                                         validator=_seconds(finite=False))
 
 
 @attrs.frozen
@@ -92,7 +116,10 @@ def backoff_delay(
     retry_number: int, policy: RetryPolicy, rng: Callable[[float, float], float] = random.uniform
 ) -> float:
     """Exponential backoff with full jitter: uniform(0, min(max, initial·2^(n−1)))."""
-    ceiling = min(policy.max_delay, policy.initial_delay * (2 ** max(retry_number - 1, 0)))
+    # The exponent is capped: 2**1024 no longer fits a float (OverflowError), and a cap of
+    # 2**1000 times any delay is past every max_delay anyway (max_retries may be large).
+    growth = 2.0 ** min(max(retry_number - 1, 0), 1000)
+    ceiling = min(policy.max_delay, policy.initial_delay * growth)
     return rng(0.0, ceiling)
 
 
@@ -197,7 +224,10 @@ class RetryMiddleware:
         2. tenacity sleeps the delay and replays the loop;
         3. a re-sign drops the refused token (the server's clock, if it told us, is used for
            the next one);
-        4. a reconcile looks the call up; if it landed, its answer is the call's answer;
+        4. a reconcile looks the call up; if it landed, its answer is the call's answer; if
+           the lookup itself fails (its own retries spent), we give up with its error: it is
+           no attempt of this call, and a 1302 or 1004 there must never read as "the create
+           was refused, resend it" (the caller keeps looking up: ``_create``);
         5. the next attempt is sent; its failure goes back to 1.
 
         Giving up re-raises the last attempt's error.
@@ -208,12 +238,15 @@ class RetryMiddleware:
         failures: list[BaseException] = [first_error]  # failures[-1]: the latest
         retries_used = 0
         resigned = False
+        looking_up = False  # True while the reconcile hook runs: a failure then is its own
 
         def judge(state: RetryCallState) -> bool:
             exc = state.outcome.exception() if state.outcome is not None else None
             if exc is None:
                 return False
             failures.append(exc)
+            if looking_up:
+                return False  # whether the call landed is unknown: never resend it blind
             step = decide(exc, idempotent=request.idempotent,
                           can_reconcile=request.reconcile is not None,
                           retry_rate_limits=request.retry_rate_limits,
@@ -238,7 +271,9 @@ class RetryMiddleware:
                 else:
                     retries_used += 1
                 if step.reconcile and request.reconcile is not None:
+                    looking_up = True
                     found = await request.reconcile()
+                    looking_up = False
                     if found is not None:
                         return found
                 request.attempt += 1

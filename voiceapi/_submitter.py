@@ -239,8 +239,9 @@ class Submitter:
         while self.deferred:
             self.pending.append(self.deferred.popleft()[1])
         while self.pending:
-            self._ledger.resolve(self.pending.popleft(), error=NotSubmittedError(
-                f"not submitted: {why}"))
+            entry = self.pending.popleft()
+            if not entry.done:  # e.g. a journaled item the deadline timed out already
+                self._ledger.resolve(entry, error=NotSubmittedError(f"not submitted: {why}"))
 
     async def resolve_unknown(self, entries: list[Entry], timeout: float,
                               on_found: Callable[[Entry, VoiceTask], Awaitable[None]]) -> None:

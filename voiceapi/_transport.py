@@ -10,7 +10,7 @@ import json
 import os
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -26,6 +26,7 @@ from ._errors import (
     EventLoopError,
     SentCredential,
     UnexpectedResponseError,
+    ValidationError,
     VoiceAPIError,
     printable,
 )
@@ -101,6 +102,7 @@ class Transport:
     ) -> None:
         configure_from_env()
         self.config = config
+        middlewares = _check_parts(session, middlewares, retry_policy, coordinator)
         self.retry_policy = retry_policy or RetryPolicy()
         self._session = session
         self._owns_session = session is None
@@ -306,6 +308,36 @@ class Transport:
         if after_fork is not None:
             after_fork()
         return keep
+
+
+def _check_parts(session: object, middlewares: object, retry_policy: object,
+                 coordinator: object) -> list[Middleware]:
+    """The client's pluggable parts, checked at construction: a wrong one would otherwise
+    fail every call as a bare TypeError or AttributeError deep in the chain. Returns the
+    middlewares as a list (None counts as none)."""
+    if session is not None and not isinstance(session, aiohttp.ClientSession):
+        raise ValidationError(f"session must be an aiohttp.ClientSession, got "
+                              f"{type(session).__name__}")
+    if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
+        raise ValidationError(f"retry_policy must be a voiceapi.RetryPolicy, got "
+                              f"{type(retry_policy).__name__}")
+    if coordinator is not None and not all(
+            callable(getattr(coordinator, name, None))
+            for name in ("before_request", "rate_limited")):
+        raise ValidationError(f"coordinator must implement voiceapi's Coordinator protocol "
+                              f"(before_request, rate_limited, ...), got "
+                              f"{type(coordinator).__name__}")
+    if middlewares is None:
+        return []
+    if isinstance(middlewares, (str, bytes)) or not isinstance(middlewares, Iterable):
+        raise ValidationError(f"middlewares must be a sequence of middlewares, got "
+                              f"{type(middlewares).__name__}")
+    parts = list(middlewares)
+    for part in parts:
+        if not callable(part):
+            raise ValidationError(f"each middleware must be callable as "
+                                  f"mw(request, call_next), got {type(part).__name__}")
+    return parts
 
 
 def _after_fork_in_child() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,6 +28,15 @@ def _missing_extra() -> str | None:
 
 def main(argv: Iterable[str] | None = None) -> None:
     """Console-script entry point."""
+    warnings.formatwarning = _one_line_warning
+    try:
+        _main(argv)
+    except KeyboardInterrupt:  # before the commands' own handling is in place (imports)
+        sys.stderr.write("interrupted\n")
+        raise SystemExit(C.CLI_EXIT_INTERRUPTED) from None
+
+
+def _main(argv: Iterable[str] | None) -> None:
     missing = _missing_extra()
     if missing is not None:
         sys.stderr.write(f"voiceapi: the command line needs the cli extra ({missing} is not "
@@ -35,6 +45,13 @@ def main(argv: Iterable[str] | None = None) -> None:
     from ._app import cli
 
     cli.main(args=list(argv) if argv is not None else None, prog_name="voiceapi")
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,
+                      lineno: int, line: str | None = None) -> str:
+    """``warning: <message>``: a command-line user needs the message, not the SDK's source
+    file and line that the default format shows (e.g. for an unknown VOICEAPI_LOG)."""
+    return f"warning: {message}\n"
 
 
 def __getattr__(name: str) -> Any:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import math
+import os
 import re
+import shlex
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
@@ -21,6 +24,7 @@ import click
 from click.core import ParameterSource
 
 from .. import _constants as C
+from .. import _validation
 from .._aio import run_main
 from .._batch import BatchProgress
 from .._client import AsyncVoiceClient
@@ -72,6 +76,22 @@ def cli_words(message: str) -> str:
     for sdk, flag in _FLAG_WORDS:
         message = re.sub(rf"(?<![\w-]){re.escape(sdk)}\b", flag, message)
     return message
+
+
+class _Finite(click.FloatRange):
+    """A float range that refuses nan and inf: both pass FloatRange (nan compares false with
+    every bound), then reached the SDK, which named its own parameter instead of the flag, or
+    the emulator (a ValueError traceback; ``inf`` a demo that never ends)."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+_POSITIVE = _Finite(0, min_open=True)
 
 
 # --- settings shared by every command ------------------------------------------------------------
@@ -210,7 +230,7 @@ _GLOBAL_FLAGS = {"access_key": "--access-key", "secret_key": "--secret-key",
 @click.option("--base-url", envvar=C.ENV_BASE_URL,
               help=f"API host (or KLING_BASE_URL); default {C.DEFAULT_BASE_URL}, Beijing "
                    f"accounts {C.BEIJING_BASE_URL}.")
-@click.option("--request-timeout", type=click.FloatRange(0, min_open=True),
+@click.option("--request-timeout", type=_POSITIVE,
               default=C.DEFAULT_TIMEOUT, show_default=True,
               help="Seconds per HTTP attempt (a command's --timeout is its overall limit).")
 @click.option("--max-retries", type=click.IntRange(0, 20), default=C.DEFAULT_MAX_RETRIES,
@@ -260,8 +280,6 @@ def _json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _print_task(state: State, task: VoiceTask) -> None:
     out(dump(task) if state.json else task_table([task]))
 
-
-_POSITIVE = click.FloatRange(0, min_open=True)
 
 
 @cli.command(epilog="\b\nExample:\n  voiceapi create --name Narrator "
@@ -417,11 +435,34 @@ def delete(state: State, voice_id: str) -> None:
 def _writable_journal(journal: Path) -> None:
     if not journal.parent.is_dir():
         raise InputError(f"--journal {journal}: the folder {journal.parent} does not exist")
+    if journal.exists() and not journal.is_file():
+        # A journal is read back whole at the start: /dev/zero or /dev/full never end (the
+        # batch filled the memory), a FIFO blocks, a directory cannot be appended to.
+        raise InputError(f"--journal {journal}: not a regular file (give --journal PATH of a "
+                         "file)")
     try:
         with open(journal, "a", encoding="utf-8"):
             pass
     except OSError as exc:
         raise InputError(f"--journal {journal}: cannot write it ({exc.strerror})") from None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet: compare where they would be
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _refuse_overlapping_files(manifest: Path, journal: Path, report: Path | None) -> None:
+    """The journal is appended to and the report replaced: either on the manifest (or on each
+    other) would destroy it, so ``--report voices.csv`` for ``voices.csv`` is refused."""
+    named = [("the manifest", manifest), ("--journal", journal), ("--report", report)]
+    for i, (first, a) in enumerate(named):
+        for second, b in named[i + 1:]:
+            if a is not None and b is not None and _same_file(a, b):
+                raise InputError(f"{second} {b} is the same file as {first}: it would be "
+                                 "overwritten; give another file name")
 
 
 def _batch_summary(results: list[BatchResult], wheres: list[str]) -> dict[str, Any]:
@@ -483,6 +524,7 @@ def batch(state: State, manifest: Path, max_in_flight: int | None, journal: Path
         out(dump({"valid": len(items)}) if state.json else f"{len(items)} rows are valid")
         return
     journal = journal or manifest.with_name(manifest.name + C.CLI_JOURNAL_SUFFIX)
+    _refuse_overlapping_files(manifest, journal, report)
     _writable_journal(journal)
     coordinator_class = _redis_coordinator_class() if redis_url is not None else None
     # The Redis URL may hold a password: the resume hint says "same --redis", not the URL.
@@ -502,9 +544,14 @@ def batch(state: State, manifest: Path, max_in_flight: int | None, journal: Path
             if coordinator_class is None:
                 return await _with_client(state, lambda c: c.custom_voices.create_many(
                     items, **options))
-            async with coordinator_class(redis_url, namespace=namespace,
-                                         max_in_flight=max_in_flight) as coord, \
-                    state.client(coordinator=coord) as client:
+            try:
+                coordinator = coordinator_class(redis_url, namespace=namespace,
+                                                max_in_flight=max_in_flight)
+            except ValueError as exc:  # redis-py's URL parser, e.g. a port out of range
+                if isinstance(exc, ValidationError):
+                    raise
+                raise ValidationError(f"--redis: {exc}") from None  # (never the URL: a password)
+            async with coordinator as coord, state.client(coordinator=coord) as client:
                 return await client.custom_voices.create_many(items, coordinator=coord,
                                                               **options)
 
@@ -556,25 +603,57 @@ class _MockServerCommand(click.Command):
         super().format_epilog(ctx, formatter)
 
 
+_MAX_PORT = 65535
 _MOCK_DEFAULTS = {"port": C.CLI_EMULATOR_PORT, "task_seconds": 5.0,
                   "api_key": C.CLI_EMULATOR_API_KEY, "secret_key": C.CLI_EMULATOR_SECRET_KEY}
+
+
+def _parse_fault(text: str, emulator_class: Any) -> tuple[str, str, int]:
+    """``ROUTE:KIND[:TIMES]``, checked by the emulator itself (on a scratch instance that never
+    starts) before the server starts, so a typo is a usage error, not a fault-free server."""
+    route, _, rest = text.partition(":")
+    kind, _, times_text = rest.partition(":")
+    try:
+        times = int(times_text) if times_text else 1
+        if times < 1:
+            raise ValueError("TIMES must be at least 1")
+        emulator_class().inject(route, kind, times=times)
+    except ValueError as exc:
+        raise InputError(f"--fault {text!r}: {exc} (ROUTE:KIND[:TIMES], e.g. get:garbage:3)") \
+            from None
+    return route, kind, times
 
 
 @cli.command("mock-server", cls=_MockServerCommand,
              context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
              epilog="\b\nExamples:\n  voiceapi mock-server --port 8787\n"
                     "  voiceapi mock-server --port 0 --json --profile strict-real "
-                    "--webhook-secret whsec_dGVzdA==")
+                    "--webhook-secret whsec_dGVzdA==\n"
+                    "  voiceapi mock-server --fault get:garbage:3 --fault create:1303")
 @click.argument("emulator_args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--fault", "faults", metavar="ROUTE:KIND[:TIMES]", multiple=True,
+              help="Script a fault for the next TIMES (default 1) requests to ROUTE (create, "
+                   "get, list, presets, delete or *): a Kling code (5000, 1302, 1303, …) or "
+                   "reset, slow, garbage, truncated, html502, commit_then_5000, "
+                   "commit_then_drop. Repeatable.")
 @_json_option
 @pass_state
-def mock_server(state: State, emulator_args: tuple[str, ...]) -> None:
-    """Run the local Kling emulator until Ctrl-C (every option below is the emulator's)."""
+def mock_server(state: State, emulator_args: tuple[str, ...], faults: tuple[str, ...]) -> None:
+    """Run the local Kling emulator until Ctrl-C (the options below are the emulator's)."""
     state.refuse_globals("mock-server", "it is the server; its key is mock-server --api-key")
-    from ..testing import build_parser, serve
+    from ..testing import KlingEmulator, build_parser, serve
+
+    scripted = [_parse_fault(f, KlingEmulator) for f in faults]
 
     parser = build_parser(prog="voiceapi mock-server")
+
+    def refuse(message: str) -> NoReturn:  # argparse would print its whole usage block
+        raise InputError(f"{message}; see voiceapi mock-server --help")
+
+    parser.error = refuse  # type: ignore[method-assign]
     parsed, unknown = parser.parse_known_args(list(emulator_args))
+    if parsed.port is not None and not 0 <= parsed.port <= _MAX_PORT:
+        refuse(f"--port must be between 0 and {_MAX_PORT} (0 picks a free one)")
     if unknown:  # one line with a suggestion, like the other commands (not argparse's usage)
         flags = [f for action in parser._actions for f in action.option_strings]
         guess = difflib.get_close_matches(unknown[0].split("=", 1)[0], flags, n=1)
@@ -584,14 +663,18 @@ def mock_server(state: State, emulator_args: tuple[str, ...]) -> None:
     options = {**_MOCK_DEFAULTS, **{k: v for k, v in vars(parsed).items() if v is not None}}
 
     def announce(emu: Any) -> None:
+        for route, kind, times in scripted:
+            emu.inject(route, kind, times=times)
         if state.json:
             out(dump({"base_url": emu.base_url, "access_key": emu.access_key,
                       "secret_key": emu.secret_key, "api_key": emu.api_key}))
             return
         out(f"Kling emulator on {emu.base_url}  (Ctrl-C to stop)")
-        out(f"export KLING_BASE_URL={emu.base_url}")
-        out(f"export KLING_API_KEY={emu.api_key}")
-        out(f"# or AK/SK: KLING_ACCESS_KEY={emu.access_key} KLING_SECRET_KEY={emu.secret_key}")
+        # Quoted: these lines are pasted into a shell, and a key may hold a space or a `;`.
+        out(f"export KLING_BASE_URL={shlex.quote(emu.base_url)}")
+        out(f"export KLING_API_KEY={shlex.quote(emu.api_key)}")
+        out(f"# or AK/SK: KLING_ACCESS_KEY={shlex.quote(emu.access_key)} "
+            f"KLING_SECRET_KEY={shlex.quote(emu.secret_key)}")
         out(f"# sample: {emu.sample_url(12)}")
 
     try:
@@ -609,7 +692,7 @@ def mock_server(state: State, emulator_args: tuple[str, ...]) -> None:
 
 @cli.command(epilog="\b\nExamples:\n  voiceapi demo\n  voiceapi demo --task-seconds 0.5\n"
                     "  KLING_API_KEY=... voiceapi demo --sample-url https://example.com/a.wav")
-@click.option("--task-seconds", type=click.FloatRange(min=0), default=2.0, show_default=True,
+@click.option("--task-seconds", type=_Finite(min=0), default=2.0, show_default=True,
               help="Emulated time per voice (embedded emulator only).")
 @click.option("--sample-url", "sample_urls", multiple=True,
               help="Sample URLs to clone (needed against a real server).")
@@ -632,6 +715,12 @@ def demo(state: State, task_seconds: float, sample_urls: tuple[str, ...]) -> Non
     elif ctx.get_parameter_source("task_seconds") is ParameterSource.COMMANDLINE:
         raise click.UsageError("--task-seconds is for the embedded emulator; with credentials "
                                "the demo uses your server")
+    for url in sample_urls:  # refused here (exit 2), not reported as a failed voice (exit 1)
+        try:
+            _validation.voice_url(url)
+        except ValidationError as exc:
+            raise InputError(f"--sample-url {url!r}: {str(exc).replace('voice_url ', '')}") \
+                from None
     state.doing = "running the demo"
     code = _run(state, lambda: run_demo(state.client if has_creds else None,
                                         task_seconds=task_seconds, sample_urls=list(sample_urls),

@@ -6,6 +6,7 @@ line, never a traceback: manifests are hand-made, and "line 7 has no voice_name"
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -19,6 +20,10 @@ import attrs
 from .._batch import prepare
 from .._models import BatchResult
 from ._output import InputError, result_status
+
+#: A manifest is read whole; past this it is refused instead of filling the memory (a runaway
+#: FIFO, /dev/zero, the wrong file). A million rows of ~200 bytes fit with room to spare.
+MANIFEST_MAX_BYTES = 256 << 20
 
 FIELDS = ("voice_name", "voice_url", "video_id", "external_task_id", "callback_url")
 REPORT_SUFFIXES = (".csv", ".jsonl")
@@ -38,6 +43,9 @@ def _decode(path: Path, data: bytes, encoding: str) -> str:
     except LookupError:
         raise InputError(f"unknown --encoding {encoding!r}") from None
     except UnicodeDecodeError as exc:
+        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # Excel's "Unicode text"
+            raise InputError(f"{path} is UTF-16 (it starts with its byte-order mark): give "
+                             "--encoding utf-16, or save it as CSV UTF-8") from None
         line = data[:exc.start].count(b"\n") + 1
         raise InputError(
             f"{path}: line {line} is not valid {encoding} (byte 0x{data[exc.start]:02x}); "
@@ -61,9 +69,13 @@ def read_manifest(path: Path, encoding: str = "utf-8-sig") -> list[Row]:
     """The rows of a manifest, each with where it came from; a row that cannot be read carries
     its problem. Raises ``InputError`` when the file as a whole is unusable."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as fh:
+            data = fh.read(MANIFEST_MAX_BYTES + 1)
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > MANIFEST_MAX_BYTES:
+        raise InputError(f"{path} is larger than {MANIFEST_MAX_BYTES >> 20} MiB: split it into "
+                         "several manifests (one batch each; they can share --journal)")
     text = _decode(path, data, encoding)
     kind = _kind(path, text)
     rows = {"json": _json_rows, "jsonl": _jsonl_rows, "csv": _csv_rows}[kind](path, text)
@@ -76,11 +88,33 @@ def read_manifest(path: Path, encoding: str = "utf-8-sig") -> list[Row]:
 def _object_row(where: str, value: Any) -> Row:
     if not isinstance(value, dict):
         return Row(where, {}, f"expected an object with voice_name, got {type(value).__name__}")
+    for key, field in value.items():
+        # JSON may spell a lone surrogate ("\\udcff"): no text encoding can carry it, and the
+        # batch's id hashing would fail on it before the row's own validation names it.
+        if isinstance(field, str) and not _is_text(field):
+            return Row(where, {}, f"{key} holds a lone surrogate (\\ud800-\\udfff): not text")
     unknown = sorted(str(k) for k in value if k not in FIELDS)
     if unknown:
-        return Row(where, value, f"unknown key(s) {', '.join(unknown)} "
+        return Row(where, value, f"unknown key(s) {_some(unknown)} "
                                  f"(known: {', '.join(FIELDS)})")
     return Row(where, value)
+
+
+def _some(names: Sequence[str], most: int = 5, longest: int = 40) -> str:
+    """Names for a message, quoted and escaped (a manifest from elsewhere may carry terminal
+    escapes: ``"\\u001b]0;…"`` as a JSON key retitled the terminal), at most ``most`` of them
+    and each cut to ``longest`` characters (a header may have thousands: 700 kB of message)."""
+    shown = [repr(n if len(n) <= longest else n[:longest] + "…") for n in names[:most]]
+    more = len(names) - most
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _json_rows(path: Path, text: str) -> list[Row]:
@@ -88,6 +122,8 @@ def _json_rows(path: Path, text: str) -> list[Row]:
         value = json.loads(text)
     except ValueError as exc:
         raise InputError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InputError(f"{path}: not a manifest (JSON nested too deeply)") from None
     if not isinstance(value, list):
         raise InputError(f"{path}: a .json manifest must be an array of objects "
                                "(or use JSON lines: one object per line, .jsonl)")
@@ -104,6 +140,9 @@ def _jsonl_rows(path: Path, text: str) -> list[Row]:
         except ValueError:
             rows.append(Row(f"line {n}", {}, "not valid JSON"))
             continue
+        except RecursionError:
+            rows.append(Row(f"line {n}", {}, "JSON nested too deeply"))
+            continue
         rows.append(_object_row(f"line {n}", value))
     return rows
 
@@ -118,9 +157,13 @@ def _csv_rows(path: Path, text: str) -> list[Row]:
         raise InputError(f"{path} is empty: expected a CSV header with voice_name")
     reader.fieldnames = header
     unknown = [h for h in header if h not in FIELDS]
+    separator = next((c for c in ";\t|" if len(header) == 1 and c in header[0]), None)
+    if separator is not None:  # a spreadsheet's export in a locale whose lists use ";"
+        raise InputError(f"{path}: the header is one column holding {separator!r}: a CSV "
+                         "manifest is separated by commas (or use JSON lines, .jsonl)")
     if unknown:  # said once, for the header, not once per row
-        raise InputError(f"{path}: unknown column(s) {', '.join(map(repr, unknown))} in "
-                               f"the header (known: {', '.join(FIELDS)})")
+        raise InputError(f"{path}: unknown column(s) {_some(unknown)} in the header "
+                         f"(known: {', '.join(FIELDS)})")
     if "voice_name" not in header:
         raise InputError(f"{path}: the CSV header needs a voice_name column")
     rows = []
@@ -133,7 +176,8 @@ def _csv_rows(path: Path, text: str) -> list[Row]:
             rows.append(Row(where, {k: v.strip() for k, v in raw.items()
                                     if isinstance(v, str) and v.strip()}))
     except csv.Error as exc:
-        raise InputError(f"{path}: line {reader.line_num}: {exc}") from None
+        # line_num counts the lines read whole; the error is on the one being read
+        raise InputError(f"{path}: line {reader.line_num + 1}: {exc}") from None
     return rows
 
 
@@ -177,6 +221,17 @@ def report_rows(results: Sequence[BatchResult], wheres: Sequence[str]) -> list[d
     return rows
 
 
+#: A spreadsheet runs a cell that starts with one of these as a formula ("CSV injection"): the
+#: error column carries the server's text, and names are whatever the manifest held.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _inert(value: str) -> str:
+    """A CSV report cell that a spreadsheet shows as text: a leading ``'`` before a formula
+    start (OWASP's advice); every other value as it is."""
+    return "'" + value if value.startswith(_FORMULA_STARTS) else value
+
+
 def write_report(path: Path, results: Sequence[BatchResult], wheres: Sequence[str]) -> None:
     """Every input row with its task id, voice id, status and error; written whole or not at
     all (a temporary file renamed into place), so a reader never sees half a report."""
@@ -186,7 +241,7 @@ def write_report(path: Path, results: Sequence[BatchResult], wheres: Sequence[st
         if path.suffix.lower() == ".csv":
             writer = csv.DictWriter(fh, fieldnames=REPORT_FIELDS)
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({k: _inert(v) for k, v in row.items()} for row in rows)
         else:
             fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     os.replace(tmp, path)

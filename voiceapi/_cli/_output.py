@@ -48,13 +48,42 @@ class PipeClosed(Exception):
 
 
 def out(text: str) -> None:
-    """Write one line to stdout; a closed pipe becomes ``PipeClosed`` (a quiet exit 0)."""
+    """Write one line to stdout; a closed pipe becomes ``PipeClosed`` (a quiet exit 0), any other
+    failure (a full disk, a closed descriptor) ``OutputError`` (exit 1, one line)."""
+    if sys.stdout is None:  # started with stdout closed (`>&-`): Python leaves it None
+        raise OutputError("stdout is closed")
     try:
-        click.echo(text)
+        click.echo(_encodable(text, sys.stdout))
     except OSError as exc:
         if isinstance(exc, BrokenPipeError) or exc.errno in (errno.EPIPE, errno.EINVAL):
             raise PipeClosed from None
-        raise
+        raise OutputError(exc.strerror or str(exc)) from None
+
+
+def _encodable(text: str, stream: Any) -> str:
+    """``text`` as the stream can take it: a Windows pipe (cp1252) cannot encode a Chinese
+    voice name, a strict UTF-8 stdout cannot take a file name's undecodable bytes (lone
+    surrogates). Those characters are escaped (``\\u4e2d``) instead of ending the command."""
+    encoding = getattr(stream, "encoding", None)
+    if not encoding:
+        return text
+    try:
+        text.encode(encoding, getattr(stream, "errors", None) or "strict")
+    except UnicodeEncodeError:
+        return text.encode(encoding, "backslashreplace").decode(encoding)
+    except LookupError:
+        pass
+    return text
+
+
+class OutputError(click.ClickException):
+    """stdout refused the output (not a closed pipe): exit 1 with one ``error:`` line."""
+
+    exit_code = C.CLI_EXIT_API_ERROR
+
+    def show(self, file: Any = None) -> None:
+        silence_stdout()  # what is still buffered would fail again at the interpreter's exit
+        error(f"cannot write the output: {self.format_message()}")
 
 
 def silence_stdout() -> None:
@@ -73,9 +102,16 @@ class InputError(click.UsageError):
         error(self.format_message())
 
 
+def colour_allowed() -> bool:
+    """False when the user turned colour off: ``NO_COLOR`` set and not empty (no-color.org) or
+    ``TERM=dumb``. Terminals only either way (click and rich strip colour from pipes)."""
+    return not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
 def error(message: str, *hints: str) -> None:
     """One red ``error:`` line (red only on a terminal: click strips colour otherwise)."""
-    click.secho(f"error: {message}", fg="red", err=True)
+    line = f"error: {message}"
+    click.echo(click.style(line, fg="red") if colour_allowed() else line, err=True)
     for hint in hints:
         click.echo(f"  {hint}", err=True)
 
@@ -99,13 +135,20 @@ def jsonable(value: Any) -> Any:
 
 
 def dump(value: Any) -> str:
-    return json.dumps(jsonable(value), ensure_ascii=False)
+    """One JSON document; non-ASCII text as is, unless stdout cannot encode it (a cp1252 pipe,
+    a file name with undecodable bytes): then as JSON escapes, which every reader decodes
+    (``out``'s own escaping would write ``\\U0001f600``, which is not JSON)."""
+    data = jsonable(value)
+    text = json.dumps(data, ensure_ascii=False)
+    if sys.stdout is not None and _encodable(text, sys.stdout) != text:
+        return json.dumps(data)
+    return text
 
 
 # --- tables -------------------------------------------------------------------------------------
 
 def _stdout_tty() -> bool:
-    return sys.stdout.isatty()
+    return sys.stdout is not None and sys.stdout.isatty()
 
 
 def _width() -> int:
@@ -122,43 +165,71 @@ _STYLES = {"succeed": "green", "failed": "red", "error": "red", "deleted": "dim"
            "processing": "yellow", "submitted": "yellow"}
 
 
+#: Columns of a table are separated by three cells (a space of padding on each side of rich's
+#: blank divider). Names and messages shrink to these widths, never less; a table that still
+#: does not fit is drawn wider than the terminal (which wraps its lines): one line per row, so
+#: `| grep` keeps working. Rich's own last resort shrank every column evenly and dropped those
+#: that reached zero: on an 80-column terminal the task table lost its STATUS column and cut
+#: the external ids.
+_GAP = 3
+_SHRINK_TO = {"name": 10, "message": 12}
+
+
 def render_table(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str]]) -> str:
     """A plain, aligned table (cell widths as the terminal shows them: CJK and emoji count
-    double) without trailing spaces."""
+    double) without trailing spaces; ids and statuses whole whatever the terminal's width."""
     tty = _stdout_tty()
+    colour = tty and colour_allowed()
+    # Escaped before measuring (not by ``out``), so a name stdout cannot encode still aligns.
+    cells = [[_encodable(printable(cell), sys.stdout) for cell in row] for row in rows]
+    widths, width = _fitted_widths(columns, cells, _width())
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold",
                   expand=False)
-    for header, kind in columns:
-        if kind == _ID:
-            longest = max((len(r[len(table.columns)]) for r in rows), default=0)
-            table.add_column(header, no_wrap=True, min_width=max(longest, len(header)))
-        elif kind == _NAME:
-            table.add_column(header, no_wrap=True, overflow="ellipsis",
-                             max_width=C.CLI_NAME_MAX_WIDTH)
-        elif kind == _MESSAGE:
-            table.add_column(header, no_wrap=True, overflow="ellipsis",
-                             max_width=C.CLI_MESSAGE_MAX_WIDTH)
-        else:
-            table.add_column(header, no_wrap=True)
-    for row in rows:
+    for (header, kind), fitted in zip(columns, widths, strict=True):
+        if kind in _SHRINK_TO:  # bounded, and cut with "…" when the terminal needs the room
+            table.add_column(header, no_wrap=True, overflow="ellipsis", max_width=fitted)
+        else:  # ids and short words are never cut
+            table.add_column(header, no_wrap=True, min_width=fitted)
+    for row in cells:
         # Server text is escaped (a control character could retitle the terminal or forge a
         # row); Text() never interprets markup, so a voice named "[red]x" prints as typed.
-        table.add_row(*(Text(printable(cell), style=_STYLES.get(cell, "") if tty else "")
+        table.add_row(*(Text(cell, style=_STYLES.get(cell, "") if colour else "")
                         for cell in row))
     buf = io.StringIO()
-    console = Console(file=buf, width=_width(), force_terminal=tty,
-                      color_system="standard" if tty else None, no_color=not tty,
+    console = Console(file=buf, width=width, force_terminal=tty,
+                      color_system="standard" if tty else None, no_color=not colour,
                       highlight=False, emoji=False, soft_wrap=False)
     console.print(table)
     lines = [line.rstrip() for line in buf.getvalue().rstrip("\n").splitlines()]
     # rich may draw the rule under the header wider than any row: cut it to the widest row.
     widest = max((cell_len(Text.from_ansi(x).plain) for x in lines if "─" not in x), default=0)
-    return "\n".join(_cut_rule(x, widest) for x in lines)
+    rule = "─" if _encodable("─", sys.stdout) == "─" else "-"  # e.g. a cp1252 pipe
+    return "\n".join(_cut_rule(x, widest, rule) for x in lines)
 
 
-def _cut_rule(line: str, width: int) -> str:
+def _fitted_widths(columns: Sequence[tuple[str, str]], cells: Sequence[Sequence[str]],
+                   width: int) -> tuple[list[int], int]:
+    """Each column's width in cells, and the width to draw the table at: ``width`` when it fits
+    after names and messages (the message first) shrank down to ``_SHRINK_TO``, else wider."""
+    widths = []
+    for i, (header, kind) in enumerate(columns):
+        natural = max([cell_len(header), *(cell_len(row[i]) for row in cells)])
+        bound = {"name": C.CLI_NAME_MAX_WIDTH, "message": C.CLI_MESSAGE_MAX_WIDTH}.get(kind)
+        widths.append(natural if bound is None else min(natural, max(bound, cell_len(header))))
+    excess = sum(widths) + _GAP * (len(widths) - 1) - width
+    for kind in ("message", "name"):
+        for i, (header, column_kind) in enumerate(columns):
+            if excess > 0 and column_kind == kind:
+                floor = max(_SHRINK_TO[kind], cell_len(header))
+                cut = min(excess, max(0, widths[i] - floor))
+                widths[i] -= cut
+                excess -= cut
+    return widths, width + max(0, excess)
+
+
+def _cut_rule(line: str, width: int, rule: str = "─") -> str:
     plain = Text.from_ansi(line).plain
-    return "─" * width if plain and set(plain) == {"─"} else line
+    return rule * width if plain and set(plain) == {"─"} else line
 
 
 TASK_COLUMNS = (("TASK ID", _ID), ("STATUS", _SHORT), ("VOICE ID", _ID),

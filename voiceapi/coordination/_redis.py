@@ -222,6 +222,9 @@ class RedisCoordinator:
         #: Keys whose last acquire waited for the key itself (an unresolved orphan).
         self._unresolved: set[str] = set()
         self._adopted: dict[str, str] = {}  # key -> task id, orphans this worker follows
+        #: key -> task id for every held slot whose task exists (accepted, adopted, held on a
+        #: rerun): observe() follows those no batch follows any more (see ``_unfollowed``).
+        self._task_of: dict[str, str] = {}
         self._cap = max_in_flight if max_in_flight is not None else C.BATCH_INITIAL_SLOTS
         self._wake_event = asyncio.Event()
         self._backoff_until = 0.0  # monotonic; a shared backoff seen by acquire
@@ -403,6 +406,7 @@ class RedisCoordinator:
             # Another worker adopted or finished it: it is no longer ours to hold.
             self._held.discard(key)
             self._adopted.pop(key, None)
+            self._task_of.pop(key, None)
 
     async def _listen(self) -> None:
         delay = 0.1
@@ -530,6 +534,7 @@ class RedisCoordinator:
     async def accepted(self, key: str, task_id: str, status: str) -> None:
         self._held.add(key)
         self._doubt.discard(key)
+        self._task_of[key] = task_id
         cap = await self._run(
             "ACCEPTED", self._k("slots", "orphans", "owners", "journal", "cap"),
             [key, self.worker_id, int(self._lease * 1000), dump_entry(task_id, status),
@@ -543,6 +548,7 @@ class RedisCoordinator:
             "REFUSED", self._k("slots", "orphans", "owners", "cap", "backoff:create"),
             [key, self.worker_id, int(delay * 1000)])
         self._held.discard(key)
+        self._task_of.pop(key, None)
         self._cap = min(int(cap), self._ceiling)
         return delay
 
@@ -573,6 +579,7 @@ class RedisCoordinator:
         self._held.discard(key)
         self._doubt.discard(key)
         self._adopted.pop(key, None)
+        self._task_of.pop(key, None)
         if int(freed):
             self._wake()  # our own waiters need not wait for the pub/sub round trip
 
@@ -639,6 +646,7 @@ class RedisCoordinator:
             self.adoptions += 1
             self._held.add(key)
             self._adopted[key] = task.task_id
+            self._task_of[key] = task.task_id
         return int(adopted)
 
     async def adopt(self, key: str, task_id: str, status: str) -> None:
@@ -651,6 +659,7 @@ class RedisCoordinator:
              D.STATE_TTL_SECONDS * 1000])
         if int(held):
             self._held.add(key)
+            self._task_of[key] = task_id
 
     @property
     def adopted(self) -> Mapping[str, str]:
@@ -662,7 +671,8 @@ class RedisCoordinator:
     async def observe(self, mine: Collection[str], poll: PollFunction,
                       lookup: LookupFunction) -> Mapping[str, VoiceTask]:
         self._lookup = lookup
-        ids = set(mine) | set(self._adopted.values())
+        unfollowed = self._unfollowed(mine)
+        ids = set(mine) | set(self._adopted.values()) | set(unfollowed)
         leader_ms = int(self._lease * 1000)
         result = await self._run(
             "OBSERVE", self._k("tracked", "obs_at", "leader"),
@@ -676,11 +686,21 @@ class RedisCoordinator:
             await self._free_ended(seen)
         else:
             seen = await self._read_observations(ids)
-        for key, task_id in list(self._adopted.items()):
+        for key, task_id in [*self._adopted.items(), *((k, t) for t, k in unfollowed.items())]:
             task = seen.get(task_id)
-            if task is not None and task.is_terminal:
+            if task is not None and task.is_terminal and self._task_of.get(key) == task_id:
                 await self.finished(key, task_id, task.task_status.value)
         return {i: seen[i] for i in mine if i in seen}
+
+    def _unfollowed(self, mine: Collection[str]) -> dict[str, str]:
+        """Task id -> key for this worker's held slots whose task no batch follows now: a
+        batch that returned with tasks still running (``wait=False``, timed-out items). They
+        keep their slot until seen ending, so observe() follows them; before, nobody did, the
+        worker renewed their leases for as long as it lived, and its next batch never got a
+        slot."""
+        wanted = set(mine)
+        return {tid: key for key, tid in self._task_of.items()
+                if tid not in wanted and key not in self._adopted}
 
     def _stale_now(self) -> float:
         """How old the poller's last observations may be before this worker polls itself.
