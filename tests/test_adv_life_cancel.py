@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from typing import Any
 
 import pytest
 
@@ -136,3 +137,34 @@ async def test_a_call_cancelled_at_any_step_leaves_nothing_behind(
 
 async def _collect(tasks: AsyncIterator[object]) -> list[object]:
     return [t async for t in tasks]
+
+
+@pytest.mark.parametrize("resource", ["custom_voices", "preset_voices"])
+async def test_closing_an_iteration_closes_its_page_walker_on_the_spot(
+        client: voiceapi.AsyncVoiceClient, emu: KlingEmulator,
+        monkeypatch: pytest.MonkeyPatch, resource: str) -> None:
+    # Before, iter_all left its page walker to the garbage collector, whose close asyncio
+    # schedules as a task of its own: a VoiceClient.close() from another thread stopped the
+    # loop under it ("Task was destroyed but it is pending!", "coroutine method 'aclose' of
+    # 'walk_pages' was never awaited", seen on 3.13).
+    import voiceapi._custom_voices as cv_module
+    import voiceapi._preset_voices as pv_module
+
+    for _ in range(3):
+        await client.custom_voices.create(voice_name="n", voice_url=emu.sample_url())
+    closed: list[str] = []
+    module = cv_module if resource == "custom_voices" else pv_module
+    real = module.walk_pages
+
+    async def watched(*args: Any, **kw: Any) -> AsyncGenerator[list[Any], None]:
+        try:
+            async for page in real(*args, **kw):
+                yield page
+        finally:
+            closed.append("walker")
+
+    monkeypatch.setattr(module, "walk_pages", watched)
+    iteration = getattr(client, resource).iter_all(page_size=1)
+    await iteration.__anext__()
+    await iteration.aclose()
+    assert closed == ["walker"]  # closed by the aclose itself, not later by a loop callback

@@ -422,9 +422,27 @@ async def _shutdown(loop: asyncio.AbstractEventLoop, final: Coroutine[Any, Any, 
                 await asyncio.wait_for(final, SHUTDOWN_GRACE)
         await loop.shutdown_asyncgens()
         await loop.shutdown_default_executor()
+        await _drain_late_tasks(me)
     finally:
         stopping.set()
         loop.stop()
+
+
+#: How many rounds of late tasks (each may start the next) the shutdown waits for.
+_LATE_ROUNDS = 5
+
+
+async def _drain_late_tasks(me: asyncio.Task[Any] | None) -> None:
+    """Wait (bounded) for tasks that began during the shutdown itself: an async generator
+    finalized meanwhile (its last reference went in ``final``, say) has its ``aclose()``
+    queued by asyncio to become a task on a later loop step. Stopping first would drop it:
+    "coroutine ... was never awaited", or "Task was destroyed but it is pending!"."""
+    for _ in range(_LATE_ROUNDS):
+        await asyncio.sleep(0)  # the queued task creations run here
+        late = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        if not late:
+            return
+        await asyncio.wait(late, timeout=SHUTDOWN_GRACE)
 
 
 def _finish_without_loop(coro: Coroutine[Any, Any, None]) -> None:
