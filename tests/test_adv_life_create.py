@@ -3,11 +3,14 @@ lookups themselves fail."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import pytest
 
 import voiceapi
+from tests._raw_server import raw_server
 from voiceapi.testing import KlingEmulator
 
 from .conftest import FAST_RETRY
@@ -55,3 +58,46 @@ async def test_a_lookup_that_keeps_failing_ends_in_an_unknown_outcome_not_a_rese
     # The caller learns that the create may exist (look it up before creating it again).
     assert isinstance(info.value, voiceapi.APIConnectionError)
     assert "may exist" in str(info.value)
+
+
+async def test_a_create_answered_about_another_task_is_never_adopted() -> None:
+    # The POST itself is answered with someone else's task (a cache or a misrouting gateway):
+    # before, create() returned it, and the caller went on to wait for a stranger's voice.
+    other: dict[str, object] = {"task_id": "999", "task_status": "succeed",
+                                "task_info": {"external_task_id": "someone-else"}}
+
+    async def answer(method: str, target: str, writer: asyncio.StreamWriter) -> bool:
+        if method == "POST":
+            payload: dict[str, object] = other
+        else:  # the lookup by our own external id finds our task
+            payload = {"task_id": "1", "task_status": "submitted",
+                       "task_info": {"external_task_id": target.rsplit("/", 1)[1]}}
+        body = json.dumps({"code": 0, "message": "SUCCEED", "request_id": "r",
+                           "data": payload}).encode()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        return True
+
+    async with raw_server(answer) as (base, seen), voiceapi.AsyncVoiceClient(
+            api_key="k" * 24, base_url=base, retry_policy=FAST_RETRY, timeout=5) as client:
+        task = await client.custom_voices.create(voice_name="n", voice_url="https://x/a.wav",
+                                                 external_task_id="mine-1")
+    assert (task.task_id, task.external_task_id) == ("1", "mine-1")
+    assert seen.count("POST") == 1 and seen.count("GET") >= 1
+
+
+async def test_a_create_answer_with_our_id_as_a_number_is_ours() -> None:
+    async def answer(method: str, target: str, writer: asyncio.StreamWriter) -> bool:
+        body = json.dumps({"code": 0, "message": "SUCCEED", "request_id": "r", "data": {
+            "task_id": 7, "task_status": "submitted",
+            "task_info": {"external_task_id": 12345}}}).encode()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        return True
+
+    async with raw_server(answer) as (base, seen), voiceapi.AsyncVoiceClient(
+            api_key="k" * 24, base_url=base, retry_policy=FAST_RETRY, timeout=5) as client:
+        task = await client.custom_voices.create(voice_name="n", voice_url="https://x/a.wav",
+                                                 external_task_id="12345")
+    assert task.external_task_id == "12345" and seen.count("POST") == 1
+    assert seen.count("GET") == 0

@@ -436,7 +436,7 @@ async def test_informational_answers_before_the_real_one_are_skipped() -> None:
     create that landed."""
     async def hints(method: str, target: str, writer: asyncio.StreamWriter) -> bool:
         writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
-                     b"HTTP/1.1 100 Continue\r\n\r\n" + http(200, env(task_json())))
+                     b"HTTP/1.1 100 Continue\r\n\r\n" + http(200, env(task_json(task_info={}))))
         return True
 
     async with raw_server(hints) as (base, seen), client_for(base) as client:

@@ -555,7 +555,8 @@ async def test_create_after_connect_refused_is_resent_without_a_lookup(
         ConnectionKey("kling.test", 443, True, True, None, None, None),
         OSError(111, "Connection refused"))
     mocked.post(CV, exception=refused)
-    mocked.post(CV, payload=envelope(task_json()))
+    # A create's answer echoes the external id it was sent (or leaves it out): never another.
+    mocked.post(CV, payload=envelope(task_json(task_info={})))
     task = await mock_client.custom_voices.create(voice_name="n", voice_url="https://x/a.wav")
     assert task.task_id == "930801301486305328"
     assert _requests(mocked, "POST") == 2 and _requests(mocked, "GET") == 0
@@ -566,7 +567,7 @@ async def test_create_after_reset_is_looked_up_before_resending(
     mocked.post(CV, exception=aiohttp.ClientOSError(104, "Connection reset by peer"))
     mocked.get(f"{CV}/mine-7", status=400,
                payload=envelope(code=1201, message="Task not found by id/external id: mine-7"))
-    mocked.post(CV, payload=envelope(task_json()))
+    mocked.post(CV, payload=envelope(task_json(task_info={"external_task_id": "mine-7"})))
     await mock_client.custom_voices.create(voice_name="n", voice_url="https://x/a.wav",
                                            external_task_id="mine-7")
     assert _requests(mocked, "POST") == 2 and _requests(mocked, "GET") == 1

@@ -136,7 +136,8 @@ async def test_ambiguous_create_is_looked_up_before_resending(
     mocked.post(CV, status=500, payload=envelope(code=5000, message="boom"))
     mocked.get(re.compile(rf"^{CV}/voiceapi-.*$"), status=400,
                payload=envelope(code=1201, message="Task not found by id/external id: x"))
-    mocked.post(CV, payload=envelope(task_json()))
+    # A create's answer echoes the external id it was sent (or leaves it out): never another.
+    mocked.post(CV, payload=envelope(task_json(task_info={})))
     task = await mock_client.custom_voices.create(voice_name="n",
                                                   voice_url="https://x/a.wav")
     bodies = _posted(mocked, CV)
@@ -161,7 +162,7 @@ async def test_create_1303_is_resent_without_lookup(mocked: aioresponses,
                                                     ) -> None:
     mocked.post(CV, status=429, payload=envelope(code=1303, message="parallel task over"))
     mocked.post(CV, payload=envelope({"task_id": "930801301486305328",
-                                      "task_info": {"external_task_id": "e"},
+                                      "task_info": {},
                                       "task_status": "submitted",
                                       "created_at": 1, "updated_at": 1}))
     await mock_client.custom_voices.create(voice_name="n", voice_url="https://x/a.wav")

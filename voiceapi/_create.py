@@ -305,6 +305,14 @@ def _created_task(response: Response, ext: str) -> VoiceTask:
     info = raw.get("task_info")
     if not isinstance(info, Mapping) or not info.get("external_task_id"):
         raw["task_info"] = {"external_task_id": ext}
+    elif str(info["external_task_id"]) != ext:  # an id sent back as a number still matches
+        # Like task_about: a misrouted or cached answer is never adopted. Unreadable is an
+        # unknown outcome, so the create flow looks its own external id up instead.
+        raise UnexpectedResponseError(
+            f"the create of {printable(ext, 200)!r} was answered about another task "
+            f"(external_task_id {printable(str(info['external_task_id']), 200)!r}): a proxy "
+            "or cache in front of the API may be answering for it",
+            http_status=response.status, request_id=response.request_id)
     return parse_task(raw, request_id=response.request_id)
 
 

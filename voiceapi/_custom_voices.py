@@ -6,6 +6,7 @@ import asyncio
 import builtins
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 from . import _validation as V
@@ -142,12 +143,16 @@ class AsyncCustomVoices:
         """
         V.page(page_size, "page_size")
         seen: set[str] = set()
-        async for records in walk_pages(self._list_raw, page_size=page_size,
-                                        limit=self._page_limit):
-            for task in parse_task_list(records):
-                if task.task_id not in seen:  # pages shift when tasks are created meanwhile
-                    seen.add(task.task_id)
-                    yield task
+        # aclosing: an iteration closed early closes the page walker with it, on the spot;
+        # left to the garbage collector, its close could be scheduled on a loop that a
+        # VoiceClient.close() is stopping, and be reported destroyed while pending.
+        async with aclosing(walk_pages(self._list_raw, page_size=page_size,
+                                       limit=self._page_limit)) as pages:
+            async for records in pages:
+                for task in parse_task_list(records):
+                    if task.task_id not in seen:  # pages shift as tasks are created meanwhile
+                        seen.add(task.task_id)
+                        yield task
 
     async def delete(self, voice_id: str) -> None:
         """Delete a custom voice by its ``voice_id`` (not the task id). Presets cannot be.

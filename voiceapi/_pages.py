@@ -11,7 +11,7 @@ the client's resource.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from . import _constants as C
@@ -86,7 +86,7 @@ async def fetch_page(fetch: FetchPage, page_num: int, size: int,
 
 
 async def walk_pages(fetch: FetchPage, *, page_size: int, limit: PageLimit,
-                     max_pages: int = C.MAX_PAGES) -> AsyncIterator[list[Any]]:
+                     max_pages: int = C.MAX_PAGES) -> AsyncGenerator[list[Any], None]:
     """Raw pages from the first until a short or empty one (at most ``max_pages``).
 
     A full page that brings no record not seen before also ends the walk: the server ignores

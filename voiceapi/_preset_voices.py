@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 from . import _validation as V
@@ -44,9 +45,12 @@ class AsyncPresetVoices:
         """
         V.page(page_size, "page_size")
         seen: set[str] = set()
-        async for records in walk_pages(self._list_raw, page_size=page_size,
-                                        limit=self._page_limit):
-            for voice in parse_voices(records):
-                if voice.voice_id not in seen:
-                    seen.add(voice.voice_id)
-                    yield voice
+        # aclosing: closing this iteration closes the page walker on the spot (see
+        # AsyncCustomVoices.iter_all).
+        async with aclosing(walk_pages(self._list_raw, page_size=page_size,
+                                       limit=self._page_limit)) as pages:
+            async for records in pages:
+                for voice in parse_voices(records):
+                    if voice.voice_id not in seen:
+                        seen.add(voice.voice_id)
+                        yield voice

@@ -422,9 +422,29 @@ async def _shutdown(loop: asyncio.AbstractEventLoop, final: Coroutine[Any, Any, 
                 await asyncio.wait_for(final, SHUTDOWN_GRACE)
         await loop.shutdown_asyncgens()
         await loop.shutdown_default_executor()
+        await _drain_late_tasks({me, *others})
     finally:
         stopping.set()
         loop.stop()
+
+
+#: How many rounds of late tasks (each may start the next) the shutdown waits for.
+_LATE_ROUNDS = 5
+
+
+async def _drain_late_tasks(known: set[asyncio.Task[Any] | None]) -> None:
+    """Wait (bounded) for tasks that began during the shutdown itself: an async generator
+    finalized meanwhile (its last reference went in ``final``, say) has its ``aclose()``
+    queued by asyncio to become a task on a later loop step. Stopping first would drop it:
+    "coroutine ... was never awaited", or "Task was destroyed but it is pending!". The tasks
+    cancelled at the start (``known``) had their grace period already."""
+    for _ in range(_LATE_ROUNDS):
+        await asyncio.sleep(0)  # the queued task creations run here
+        late = [t for t in asyncio.all_tasks() if t not in known and not t.done()]
+        if not late:
+            return
+        known.update(late)  # each late task gets one grace period, as the others did
+        await asyncio.wait(late, timeout=SHUTDOWN_GRACE)
 
 
 def _finish_without_loop(coro: Coroutine[Any, Any, None]) -> None:
