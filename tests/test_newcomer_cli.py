@@ -539,3 +539,11 @@ def test_the_csv_report_never_holds_a_spreadsheet_formula(tmp_path: Path,
     assert run(temu, "batch", str(manifest), "--report", str(jsonl_report)).exit_code == 1
     first = json.loads(jsonl_report.read_text().splitlines()[0])
     assert first["voice_name"] == "=1+1"  # JSON lines are data, not a spreadsheet: unchanged
+
+
+def test_json_lines_in_a_json_file_are_told_to_use_jsonl(tmp_path: Path) -> None:
+    path = tmp_path / "voices.json"
+    path.write_text('{"voice_name": "a", "voice_url": "https://e.com/a.wav"}\n'
+                    '{"voice_name": "b", "voice_url": "https://e.com/b.wav"}\n')
+    result = run(None, "batch", str(path), "--dry-run")
+    assert result.exit_code == 2 and "name the file .jsonl" in result.stderr, result.stderr

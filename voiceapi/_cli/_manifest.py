@@ -121,7 +121,9 @@ def _json_rows(path: Path, text: str) -> list[Row]:
     try:
         value = json.loads(text)
     except ValueError as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
+        hint = ("; one object per line is JSON lines: name the file .jsonl"
+                if str(exc).startswith("Extra data") else "")
+        raise InputError(f"{path}: not valid JSON ({exc}){hint}") from None
     except RecursionError:
         raise InputError(f"{path}: not a manifest (JSON nested too deeply)") from None
     if not isinstance(value, list):
