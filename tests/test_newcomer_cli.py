@@ -556,3 +556,13 @@ def test_emulator_standalone_port_out_of_range_is_one_line() -> None:
     out = subprocess.run([sys.executable, "-m", "voiceapi.testing", "--port", "99999"],
                          env=_env(), capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+
+
+def test_demo_on_your_server_expects_no_failure_whatever_the_sample_urls(
+        temu: KlingEmulator) -> None:
+    """The embedded emulator's deliberately bad sample was recognised by "-3s." in its URL, so
+    your own sample named like that made a demo where every voice succeeded exit 1."""
+    result = run(temu, "--json", "demo", "--sample-url", "https://example.com/take-3s.mp3.wav")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["created"] == 1 and summary["failed"] == 0
