@@ -566,3 +566,21 @@ def test_demo_on_your_server_expects_no_failure_whatever_the_sample_urls(
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.splitlines()[-1])
     assert summary["created"] == 1 and summary["failed"] == 0
+
+
+def test_a_piped_manifest_needs_a_journal_path(tmp_path: Path, temu: KlingEmulator) -> None:
+    """`voiceapi batch <(grep … voices.csv)` put its journal at /dev/fd/63.journal ("cannot
+    write it"); `batch /dev/stdin` run as root created /dev/stdin.journal."""
+    (tmp_path / "m.csv").write_text(f"voice_name,voice_url\na,{temu.sample_url()}\n")
+    line = f"{shlex.quote(sys.executable)} -m voiceapi batch <(cat m.csv)"
+    piped = subprocess.run(["bash", "-c", line], env=_env(temu), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert piped.returncode == 2, piped.stderr
+    assert "is not a regular file (a pipe?): give --journal PATH" in piped.stderr
+    assert temu.count("create") == 0
+    journal = tmp_path / "j.journal"
+    done = subprocess.run(["bash", "-c", f"{line} --journal {journal}"], env=_env(temu),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert journal.exists() and temu.count("create") == 1

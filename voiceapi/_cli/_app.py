@@ -511,6 +511,11 @@ def batch(state: State, manifest: Path, max_in_flight: int | None, journal: Path
     """
     if namespace is not None and redis_url is None:
         raise click.UsageError("--namespace: not used without --redis")
+    if journal is None and not dry_run and not manifest.is_file():
+        # `batch <(grep … voices.csv)` or /dev/stdin: no folder to keep MANIFEST.journal in
+        # (/dev/fd), or one that is no place for it (/dev, as root).
+        raise InputError(f"{manifest} is not a regular file (a pipe?): give --journal PATH, "
+                         "the file a rerun resumes from")
     items, wheres, problems = _manifest.validate(_manifest.read_manifest(manifest, encoding))
     if problems:
         for p in problems:
