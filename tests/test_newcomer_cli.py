@@ -584,3 +584,14 @@ def test_a_piped_manifest_needs_a_journal_path(tmp_path: Path, temu: KlingEmulat
                           check=False)
     assert done.returncode == 0, done.stderr
     assert journal.exists() and temu.count("create") == 1
+
+
+def test_a_taken_external_id_says_which_task_has_it(temu: KlingEmulator) -> None:
+    args = ("create", "--name", "dup", "--url", temu.sample_url(), "--external-id", "mine-1")
+    first = run(temu, "--json", *args)
+    assert first.exit_code == 0
+    again = run(temu, *args)
+    assert again.exit_code == 1 and again.stderr.startswith("error: ")
+    task_id = json.loads(first.stdout)["task_id"]
+    assert f"give another --external-id, or see the task that has it: voiceapi get {task_id}" \
+        in again.stderr

@@ -32,6 +32,7 @@ from .._errors import (
     APIConnectionError,
     APIError,
     AuthenticationError,
+    ConflictError,
     TaskFailedError,
     ValidationError,
     VoiceAPIError,
@@ -172,6 +173,10 @@ def _run(state: State, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
               f"attempt(s) in {spent:.1f}s (last: {exc})",
               "check --base-url / KLING_BASE_URL and the network; --request-timeout sets "
               "the seconds per attempt, --max-retries the retries")
+    except ConflictError as exc:  # your --external-id is taken: say how to see that task
+        existing = f"voiceapi get {exc.existing_task_id}" if exc.existing_task_id else \
+            "voiceapi get --external-id <id>"
+        error(str(exc), f"give another --external-id, or see the task that has it: {existing}")
     except VoiceAPIError as exc:
         detail = str(exc)
         if isinstance(exc, APIError) and exc.request_id and exc.request_id not in detail:
