@@ -595,3 +595,18 @@ def test_a_taken_external_id_says_which_task_has_it(temu: KlingEmulator) -> None
     task_id = json.loads(first.stdout)["task_id"]
     assert f"give another --external-id, or see the task that has it: voiceapi get {task_id}" \
         in again.stderr
+
+
+def test_a_batch_with_refused_credentials_says_what_to_check(tmp_path: Path,
+                                                            temu: KlingEmulator) -> None:
+    """Every row said "Authorization is invalid (code=1002, ht…", cut by the table, without
+    the hints every other command gives (key pair, region, clock)."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("voice_name,voice_url\n" + "".join(
+        f"v{i},{temu.sample_url()}\n" for i in range(3)))
+    result = run(temu, "batch", str(manifest), KLING_API_KEY="not-the-key-0123456789")
+    assert result.exit_code == 1
+    assert result.stderr.count("error: Authorization is invalid (code=1002") == 1
+    assert "check the key pair" in result.stderr and "check the region" in result.stderr
+    assert "not-the-key-0123456789" not in result.output
+    assert "errors are cut short in the table: --report FILE" in result.stdout

@@ -580,6 +580,12 @@ def batch(state: State, manifest: Path, max_in_flight: int | None, journal: Path
         ok = sum(r.ok for r in results)
         out(f"\n{ok} of {len(results)} voices ready in {time.monotonic() - started:.1f}s"
             + (f"; results in {report}" if report is not None else ""))
+        if report is None and any(r.error is not None and len(str(r.error)) >
+                                  C.CLI_MESSAGE_MAX_WIDTH for r in results):
+            out("errors are cut short in the table: --report FILE (or --json) has them whole")
+    refused = next((r.error for r in results if isinstance(r.error, AuthenticationError)), None)
+    if refused is not None:  # every item carries it, cut in the table: say it once, in full
+        error(str(refused), *_auth_hints(state.host))
     if any(r.error is not None for r in results):
         raise SystemExit(C.CLI_EXIT_API_ERROR)
 
