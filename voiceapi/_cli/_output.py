@@ -13,6 +13,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -175,13 +176,25 @@ _GAP = 3
 _SHRINK_TO = {"name": 10, "message": 12}
 
 
+#: Bidirectional controls: the SDK's ``printable`` leaves them, but in a table a right-to-left
+#: override in a voice name (server text) reverses the rest of its row on the screen, so an id
+#: or a status after it reads as something else ("Trojan Source", CVE-2021-42574).
+_BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def shown(text: str) -> str:
+    """Server or file text as a terminal line may show it: ``printable`` (control characters
+    escaped), bidirectional controls escaped too."""
+    return _BIDI.sub(lambda m: f"\\u{ord(m.group()):04x}", printable(text))
+
+
 def render_table(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str]]) -> str:
     """A plain, aligned table (cell widths as the terminal shows them: CJK and emoji count
     double) without trailing spaces; ids and statuses whole whatever the terminal's width."""
     tty = _stdout_tty()
     colour = tty and colour_allowed()
     # Escaped before measuring (not by ``out``), so a name stdout cannot encode still aligns.
-    cells = [[_encodable(printable(cell), sys.stdout) for cell in row] for row in rows]
+    cells = [[_encodable(shown(cell), sys.stdout) for cell in row] for row in rows]
     widths, width = _fitted_widths(columns, cells, _width())
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold",
                   expand=False)
