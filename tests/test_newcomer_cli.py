@@ -623,6 +623,9 @@ def test_a_right_to_left_override_in_a_name_cannot_disguise_its_row(temu: KlingE
     assert "ab\\u202ecd\\u2066e" in table.stdout
     tasks = json.loads(run(temu, "--json", "list").stdout)
     assert tasks[0]["voices"][0]["voice_name"] == name  # --json keeps the data as it is
+    missing = run(temu, "get", "--external-id", "x\u202eyz")  # echoed in the server's error
+    assert missing.exit_code == 1 and "\u202e" not in missing.stderr
+    assert "x\\u202eyz" in missing.stderr, missing.stderr
 
 
 @pytest.mark.xfail(strict=True, reason="library: voiceapi._errors.printable (used for str(exc) "

@@ -111,7 +111,7 @@ def colour_allowed() -> bool:
 
 def error(message: str, *hints: str) -> None:
     """One red ``error:`` line (red only on a terminal: click strips colour otherwise)."""
-    line = f"error: {message}"
+    line = f"error: {_no_bidi(message)}"  # the SDK's messages escape the rest already
     click.echo(click.style(line, fg="red") if colour_allowed() else line, err=True)
     for hint in hints:
         click.echo(f"  {hint}", err=True)
@@ -185,7 +185,11 @@ _BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 def shown(text: str) -> str:
     """Server or file text as a terminal line may show it: ``printable`` (control characters
     escaped), bidirectional controls escaped too."""
-    return _BIDI.sub(lambda m: f"\\u{ord(m.group()):04x}", printable(text))
+    return _no_bidi(printable(text))
+
+
+def _no_bidi(text: str) -> str:
+    return _BIDI.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def render_table(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str]]) -> str:
