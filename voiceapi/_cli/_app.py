@@ -1,7 +1,8 @@
 """The commands. Exit codes: 0 success; 1 an API or task error (message, code and request id on
 stderr); 2 a usage error (bad flags, bad input, missing credentials); 130 interrupted (Ctrl-C).
 Tables go to stdout, ``--json`` gives one JSON document (JSON lines for ``--all``); progress and
-colour appear on stderr, only on a terminal. A closed pipe (``| head -1``) ends quietly with 0.
+colour appear on stderr, only on a terminal. A closed pipe (``| head -1``) ends quietly with 0;
+a stdout that refuses the output (a full disk, closed) is exit 1 with one ``error:`` line.
 """
 
 from __future__ import annotations
