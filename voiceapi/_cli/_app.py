@@ -51,6 +51,7 @@ from ._output import (
     error,
     jsonable,
     out,
+    register_secrets,
     result_table,
     silence_stdout,
     stop_live_displays,
@@ -128,6 +129,7 @@ class State:
                 "middlewares": [self._count]}
 
     def client(self, coordinator: Any = None) -> AsyncVoiceClient:
+        register_secrets(self.secret_key, self.api_key)  # masked in all this command prints
         client = AsyncVoiceClient(self.access_key, self.secret_key, api_key=self.api_key,
                                   base_url=self.base_url, coordinator=coordinator,
                                   **self.client_options())
@@ -253,6 +255,7 @@ def cli(ctx: click.Context, access_key: str | None, secret_key: str | None,
     Exit codes: 0 ok, 1 API or task error, 2 usage error, 130 interrupted.
     Try it without an account:  voiceapi demo
     """
+    register_secrets()  # none until this command makes a client (one process, many runs)
     explicit = tuple(flag for name, flag in _GLOBAL_FLAGS.items()
                      if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE)
     ctx.obj = State(access_key, secret_key, api_key, base_url, request_timeout, max_retries,

@@ -40,12 +40,36 @@ from rich.text import Text
 
 from .. import _constants as C
 from .._batch import BatchProgress
-from .._errors import TaskFailedError, printable
+from .._errors import SECRET_MIN_CHARS, TaskFailedError, printable
 from .._models import BatchResult, Voice, VoiceTask
 
 
 class PipeClosed(Exception):
     """Whoever read stdout went away (``voiceapi list --all --json | head -1``)."""
+
+
+#: The credentials of the command's client (``register_secrets``): masked in everything the
+#: command prints or writes, data included. A server that echoes a key back (in a voice name,
+#: a task's message) would otherwise put it on the terminal, in a CI log or in a report; the
+#: SDK masks what it sent only in the messages of the errors it raises.
+_SECRETS: list[str] = []
+#: A token signed by anyone (the SDK's ``printable`` masks these in server text it shows).
+_JWT = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+
+
+def register_secrets(*values: str | None) -> None:
+    """Mask these values (the secret key, the API key) from now on; short ones are not secrets
+    worth the noise (they would blank out ordinary words)."""
+    _SECRETS[:] = sorted({v for v in values if v and len(v) >= SECRET_MIN_CHARS},
+                         key=len, reverse=True)
+
+
+def masked(text: str) -> str:
+    """``text`` without the registered credentials or any JWT."""
+    for secret in _SECRETS:
+        if secret in text:
+            text = text.replace(secret, "***")
+    return _JWT.sub("***", text) if "eyJ" in text else text
 
 
 def out(text: str) -> None:
@@ -54,7 +78,7 @@ def out(text: str) -> None:
     if sys.stdout is None:  # started with stdout closed (`>&-`): Python leaves it None
         raise OutputError("stdout is closed")
     try:
-        click.echo(_encodable(text, sys.stdout))
+        click.echo(_encodable(masked(text), sys.stdout))
     except OSError as exc:
         if isinstance(exc, BrokenPipeError) or exc.errno in (errno.EPIPE, errno.EINVAL):
             raise PipeClosed from None
@@ -111,10 +135,10 @@ def colour_allowed() -> bool:
 
 def error(message: str, *hints: str) -> None:
     """One red ``error:`` line (red only on a terminal: click strips colour otherwise)."""
-    line = f"error: {_no_bidi(message)}"  # the SDK's messages escape the rest already
+    line = f"error: {_no_bidi(masked(message))}"  # the SDK's messages escape the rest already
     click.echo(click.style(line, fg="red") if colour_allowed() else line, err=True)
     for hint in hints:
-        click.echo(f"  {hint}", err=True)
+        click.echo(f"  {masked(hint)}", err=True)
 
 
 # --- JSON ---------------------------------------------------------------------------------------
