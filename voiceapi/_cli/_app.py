@@ -1,7 +1,8 @@
 """The commands. Exit codes: 0 success; 1 an API or task error (message, code and request id on
 stderr); 2 a usage error (bad flags, bad input, missing credentials); 130 interrupted (Ctrl-C).
 Tables go to stdout, ``--json`` gives one JSON document (JSON lines for ``--all``); progress and
-colour appear on stderr, only on a terminal. A closed pipe (``| head -1``) ends quietly with 0.
+colour appear on stderr, only on a terminal. A closed pipe (``| head -1``) ends quietly with 0;
+a stdout that refuses the output (a full disk, closed) is exit 1 with one ``error:`` line.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .._errors import (
     APIConnectionError,
     APIError,
     AuthenticationError,
+    ConflictError,
     TaskFailedError,
     ValidationError,
     VoiceAPIError,
@@ -49,6 +51,7 @@ from ._output import (
     error,
     jsonable,
     out,
+    register_secrets,
     result_table,
     silence_stdout,
     stop_live_displays,
@@ -126,6 +129,7 @@ class State:
                 "middlewares": [self._count]}
 
     def client(self, coordinator: Any = None) -> AsyncVoiceClient:
+        register_secrets(self.secret_key, self.api_key)  # masked in all this command prints
         client = AsyncVoiceClient(self.access_key, self.secret_key, api_key=self.api_key,
                                   base_url=self.base_url, coordinator=coordinator,
                                   **self.client_options())
@@ -172,6 +176,10 @@ def _run(state: State, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
               f"attempt(s) in {spent:.1f}s (last: {exc})",
               "check --base-url / KLING_BASE_URL and the network; --request-timeout sets "
               "the seconds per attempt, --max-retries the retries")
+    except ConflictError as exc:  # your --external-id is taken: say how to see that task
+        existing = f"voiceapi get {exc.existing_task_id}" if exc.existing_task_id else \
+            "voiceapi get --external-id <id>"
+        error(str(exc), f"give another --external-id, or see the task that has it: {existing}")
     except VoiceAPIError as exc:
         detail = str(exc)
         if isinstance(exc, APIError) and exc.request_id and exc.request_id not in detail:
@@ -247,6 +255,7 @@ def cli(ctx: click.Context, access_key: str | None, secret_key: str | None,
     Exit codes: 0 ok, 1 API or task error, 2 usage error, 130 interrupted.
     Try it without an account:  voiceapi demo
     """
+    register_secrets()  # none until this command makes a client (one process, many runs)
     explicit = tuple(flag for name, flag in _GLOBAL_FLAGS.items()
                      if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE)
     ctx.obj = State(access_key, secret_key, api_key, base_url, request_timeout, max_retries,
@@ -511,6 +520,11 @@ def batch(state: State, manifest: Path, max_in_flight: int | None, journal: Path
     """
     if namespace is not None and redis_url is None:
         raise click.UsageError("--namespace: not used without --redis")
+    if journal is None and not dry_run and not manifest.is_file():
+        # `batch <(grep … voices.csv)` or /dev/stdin: no folder to keep MANIFEST.journal in
+        # (/dev/fd), or one that is no place for it (/dev, as root).
+        raise InputError(f"{manifest} is not a regular file (a pipe?): give --journal PATH, "
+                         "the file a rerun resumes from")
     items, wheres, problems = _manifest.validate(_manifest.read_manifest(manifest, encoding))
     if problems:
         for p in problems:
@@ -570,6 +584,12 @@ def batch(state: State, manifest: Path, max_in_flight: int | None, journal: Path
         ok = sum(r.ok for r in results)
         out(f"\n{ok} of {len(results)} voices ready in {time.monotonic() - started:.1f}s"
             + (f"; results in {report}" if report is not None else ""))
+        if report is None and any(r.error is not None and len(str(r.error)) >
+                                  C.CLI_MESSAGE_MAX_WIDTH for r in results):
+            out("errors are cut short in the table: --report FILE (or --json) has them whole")
+    refused = next((r.error for r in results if isinstance(r.error, AuthenticationError)), None)
+    if refused is not None:  # every item carries it, cut in the table: say it once, in full
+        error(str(refused), *_auth_hints(state.host))
     if any(r.error is not None for r in results):
         raise SystemExit(C.CLI_EXIT_API_ERROR)
 

@@ -19,7 +19,7 @@ import attrs
 
 from .._batch import prepare
 from .._models import BatchResult
-from ._output import InputError, result_status
+from ._output import InputError, masked, result_status
 
 #: A manifest is read whole; past this it is refused instead of filling the memory (a runaway
 #: FIFO, /dev/zero, the wrong file). A million rows of ~200 bytes fit with room to spare.
@@ -121,7 +121,9 @@ def _json_rows(path: Path, text: str) -> list[Row]:
     try:
         value = json.loads(text)
     except ValueError as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
+        hint = ("; one object per line is JSON lines: name the file .jsonl"
+                if str(exc).startswith("Extra data") else "")
+        raise InputError(f"{path}: not valid JSON ({exc}){hint}") from None
     except RecursionError:
         raise InputError(f"{path}: not a manifest (JSON nested too deeply)") from None
     if not isinstance(value, list):
@@ -241,7 +243,7 @@ def write_report(path: Path, results: Sequence[BatchResult], wheres: Sequence[st
         if path.suffix.lower() == ".csv":
             writer = csv.DictWriter(fh, fieldnames=REPORT_FIELDS)
             writer.writeheader()
-            writer.writerows({k: _inert(v) for k, v in row.items()} for row in rows)
+            writer.writerows({k: _inert(masked(v)) for k, v in row.items()} for row in rows)
         else:
-            fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            fh.writelines(masked(json.dumps(row, ensure_ascii=False)) + "\n" for row in rows)
     os.replace(tmp, path)

@@ -13,6 +13,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -39,12 +40,36 @@ from rich.text import Text
 
 from .. import _constants as C
 from .._batch import BatchProgress
-from .._errors import TaskFailedError, printable
+from .._errors import SECRET_MIN_CHARS, TaskFailedError, printable
 from .._models import BatchResult, Voice, VoiceTask
 
 
 class PipeClosed(Exception):
     """Whoever read stdout went away (``voiceapi list --all --json | head -1``)."""
+
+
+#: The credentials of the command's client (``register_secrets``): masked in everything the
+#: command prints or writes, data included. A server that echoes a key back (in a voice name,
+#: a task's message) would otherwise put it on the terminal, in a CI log or in a report; the
+#: SDK masks what it sent only in the messages of the errors it raises.
+_SECRETS: list[str] = []
+#: A token signed by anyone (the SDK's ``printable`` masks these in server text it shows).
+_JWT = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+
+
+def register_secrets(*values: str | None) -> None:
+    """Mask these values (the secret key, the API key) from now on; short ones are not secrets
+    worth the noise (they would blank out ordinary words)."""
+    _SECRETS[:] = sorted({v for v in values if v and len(v) >= SECRET_MIN_CHARS},
+                         key=len, reverse=True)
+
+
+def masked(text: str) -> str:
+    """``text`` without the registered credentials or any JWT."""
+    for secret in _SECRETS:
+        if secret in text:
+            text = text.replace(secret, "***")
+    return _JWT.sub("***", text) if "eyJ" in text else text
 
 
 def out(text: str) -> None:
@@ -53,7 +78,7 @@ def out(text: str) -> None:
     if sys.stdout is None:  # started with stdout closed (`>&-`): Python leaves it None
         raise OutputError("stdout is closed")
     try:
-        click.echo(_encodable(text, sys.stdout))
+        click.echo(_encodable(masked(text), sys.stdout))
     except OSError as exc:
         if isinstance(exc, BrokenPipeError) or exc.errno in (errno.EPIPE, errno.EINVAL):
             raise PipeClosed from None
@@ -110,10 +135,10 @@ def colour_allowed() -> bool:
 
 def error(message: str, *hints: str) -> None:
     """One red ``error:`` line (red only on a terminal: click strips colour otherwise)."""
-    line = f"error: {message}"
+    line = f"error: {_no_bidi(masked(message))}"  # the SDK's messages escape the rest already
     click.echo(click.style(line, fg="red") if colour_allowed() else line, err=True)
     for hint in hints:
-        click.echo(f"  {hint}", err=True)
+        click.echo(f"  {masked(hint)}", err=True)
 
 
 # --- JSON ---------------------------------------------------------------------------------------
@@ -175,13 +200,29 @@ _GAP = 3
 _SHRINK_TO = {"name": 10, "message": 12}
 
 
+#: Bidirectional controls: the SDK's ``printable`` leaves them, but in a table a right-to-left
+#: override in a voice name (server text) reverses the rest of its row on the screen, so an id
+#: or a status after it reads as something else ("Trojan Source", CVE-2021-42574).
+_BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def shown(text: str) -> str:
+    """Server or file text as a terminal line may show it: ``printable`` (control characters
+    escaped), bidirectional controls escaped too."""
+    return _no_bidi(printable(text))
+
+
+def _no_bidi(text: str) -> str:
+    return _BIDI.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def render_table(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str]]) -> str:
     """A plain, aligned table (cell widths as the terminal shows them: CJK and emoji count
     double) without trailing spaces; ids and statuses whole whatever the terminal's width."""
     tty = _stdout_tty()
     colour = tty and colour_allowed()
     # Escaped before measuring (not by ``out``), so a name stdout cannot encode still aligns.
-    cells = [[_encodable(printable(cell), sys.stdout) for cell in row] for row in rows]
+    cells = [[_encodable(shown(cell), sys.stdout) for cell in row] for row in rows]
     widths, width = _fitted_widths(columns, cells, _width())
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold",
                   expand=False)
