@@ -629,9 +629,6 @@ def test_a_right_to_left_override_in_a_name_cannot_disguise_its_row(temu: KlingE
     assert "x\\u202eyz" in missing.stderr, missing.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="library: voiceapi._errors.printable (used for str(exc) "
-                   "and logs) escapes control characters but not bidirectional overrides "
-                   "(U+202E…), which reorder what a terminal shows")
 def test_library_printable_escapes_bidirectional_overrides() -> None:
     from voiceapi._errors import printable
 
@@ -697,9 +694,6 @@ def test_a_server_that_echoes_the_key_in_its_data_never_gets_it_printed(tmp_path
     assert key not in report.read_text() and "***" in report.read_text()
 
 
-@pytest.mark.xfail(strict=True, reason="library: TaskFailedError (and UnexpectedResponseError) "
-                   "quote server text from a task record without masking the credential the "
-                   "request sent; only envelope error messages are masked (SentCredential)")
 def test_library_task_failed_error_masks_an_echoed_api_key() -> None:
     from voiceapi import TaskFailedError, VoiceClient
 

@@ -210,7 +210,7 @@ class AsyncCustomVoices:
             if last.task_status is TaskStatus.SUCCEED:
                 return last
             if last.task_status is TaskStatus.FAILED:
-                raise TaskFailedError(last)
+                raise TaskFailedError(last, sent=self._transport.credential_mask())
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise WaitTimeoutError(ref, timeout, last)

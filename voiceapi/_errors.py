@@ -14,20 +14,26 @@ from typing import Any, Protocol
 # Server messages, request ids and task texts end up in str(exc), logs and the CLI's terminal.
 # A hostile or broken server (or a proxy in front of it) controls them, so before they are
 # shown: a token the server echoes back ("invalid header Authorization: Bearer eyJ…") is
-# masked, control characters (ANSI escapes, forged log lines) and lone surrogates (which make
-# a UTF-8 log handler raise) are escaped, and the length is capped.
+# masked, control characters (ANSI escapes, forged log lines), bidirectional controls (an
+# U+202E shows the rest of a line reversed: a spoofed id or message) and lone surrogates (which
+# make a UTF-8 log handler raise) are escaped, and the length is capped.
 _BEARER = re.compile(r"(?i)\b(bearer)(\s+)[^\s\"',;]+")
 # The look-behind lets a match start only where a token starts: without it "eyJeyJeyJ…" is
 # scanned from every "eyJ" in it, which is quadratic (120 kB took 8 s).
-_JWT = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
-_UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+JWT_TOKEN = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+#: Bidirectional controls ("Trojan Source", CVE-2021-42574): an U+202E in a voice name
+#: reverses the rest of its line on screen, so an id or a status after it reads otherwise.
+BIDI_CONTROLS = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_UNSHOWABLE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
 #: Longest server text kept in an error; a real Kling message is one short sentence.
 SERVER_TEXT_MAX = 1000
 #: Longer than any token we send (a JWT is ~200 characters): a token the cut splits is seen whole.
 _TOKEN_MARGIN = 2000
 
 
-def _escape(match: re.Match[str]) -> str:
+def escape_char(match: re.Match[str]) -> str:
+    """A matched character as ``\\xNN`` / ``\\uNNNN``."""
     code = ord(match.group())
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
@@ -67,10 +73,10 @@ def printable(text: str, limit: int = SERVER_TEXT_MAX,
     text = text[:limit + _TOKEN_MARGIN]
     if sent is not None:
         text = sent.mask(text)
-    text = _JWT.sub("***", _BEARER.sub(r"\1\2***", text))
+    text = JWT_TOKEN.sub("***", _BEARER.sub(r"\1\2***", text))
     if size > limit:
         text = f"{text[:limit]}… ({size - limit} more characters)"
-    return _UNSHOWABLE.sub(_escape, text)
+    return _UNSHOWABLE.sub(escape_char, text)
 
 
 def _rebuild(cls: type[VoiceAPIError], args: tuple[Any, ...],
@@ -259,9 +265,11 @@ class TaskFailedError(VoiceAPIError):
     #: A ``VoiceTask``; typed loosely because errors may not import the models (layering).
     task: Any
 
-    def __init__(self, task: _TaskLike) -> None:
-        msg = printable(task.task_status_msg or "no reason given")
-        super().__init__(f"voice task {printable(task.task_id, 200)} failed: {msg}")
+    def __init__(self, task: _TaskLike, *, sent: SentCredential | None = None) -> None:
+        # ``sent``: the client's credential. A server may echo it in a task's text, which
+        # the envelope's masking never saw (it is data, kept as sent in ``.task``).
+        msg = printable(task.task_status_msg or "no reason given", sent=sent)
+        super().__init__(f"voice task {printable(task.task_id, 200, sent)} failed: {msg}")
         self.task = task
 
 

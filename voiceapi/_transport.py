@@ -271,6 +271,11 @@ class Transport:
             sent=self._sent(request))
         return Response(status=status, headers=headers, data=data_out, request_id=request_id)
 
+    def credential_mask(self) -> SentCredential:
+        """This client's credential, to mask in server text quoted outside an answer's own
+        decoding (a failed task's message in a TaskFailedError)."""
+        return SentCredential(self.config.credentials.authorization())
+
     @staticmethod
     def _sent(request: Request) -> SentCredential:
         """The credential the request carried, to mask wherever the answer repeats it."""

@@ -13,7 +13,6 @@ import errno
 import io
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -40,7 +39,14 @@ from rich.text import Text
 
 from .. import _constants as C
 from .._batch import BatchProgress
-from .._errors import SECRET_MIN_CHARS, TaskFailedError, printable
+from .._errors import (
+    BIDI_CONTROLS,
+    JWT_TOKEN,
+    SECRET_MIN_CHARS,
+    TaskFailedError,
+    escape_char,
+    printable,
+)
 from .._models import BatchResult, Voice, VoiceTask
 
 
@@ -53,8 +59,6 @@ class PipeClosed(Exception):
 #: a task's message) would otherwise put it on the terminal, in a CI log or in a report; the
 #: SDK masks what it sent only in the messages of the errors it raises.
 _SECRETS: list[str] = []
-#: A token signed by anyone (the SDK's ``printable`` masks these in server text it shows).
-_JWT = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 
 def register_secrets(*values: str | None) -> None:
@@ -69,7 +73,7 @@ def masked(text: str) -> str:
     for secret in _SECRETS:
         if secret in text:
             text = text.replace(secret, "***")
-    return _JWT.sub("***", text) if "eyJ" in text else text
+    return JWT_TOKEN.sub("***", text) if "eyJ" in text else text
 
 
 def out(text: str) -> None:
@@ -200,20 +204,14 @@ _GAP = 3
 _SHRINK_TO = {"name": 10, "message": 12}
 
 
-#: Bidirectional controls: the SDK's ``printable`` leaves them, but in a table a right-to-left
-#: override in a voice name (server text) reverses the rest of its row on the screen, so an id
-#: or a status after it reads as something else ("Trojan Source", CVE-2021-42574).
-_BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
 def shown(text: str) -> str:
-    """Server or file text as a terminal line may show it: ``printable`` (control characters
-    escaped), bidirectional controls escaped too."""
-    return _no_bidi(printable(text))
+    """Server or file text as a terminal line may show it (``printable``: control characters
+    and bidirectional controls escaped, tokens masked)."""
+    return printable(text)
 
 
 def _no_bidi(text: str) -> str:
-    return _BIDI.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return BIDI_CONTROLS.sub(escape_char, text)
 
 
 def render_table(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str]]) -> str:
