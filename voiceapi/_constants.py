@@ -131,6 +131,9 @@ CLI_NAME_MAX_WIDTH = 24
 # Table width when stdout is not a terminal (and COLUMNS is unset): wide enough for every id.
 CLI_PIPE_WIDTH = 200
 CLI_JOURNAL_SUFFIX = ".journal"
+# A manifest is read whole; past this it is refused instead of filling the memory (a runaway
+# FIFO, /dev/zero, the wrong file). A million rows of ~200 bytes fit with room to spare.
+CLI_MANIFEST_MAX_BYTES = 256 << 20
 CLI_EMULATOR_PORT = 8787
 CLI_EMULATOR_SECRET_KEY = "local-secret-key-0123456789abcdef"
 CLI_EMULATOR_API_KEY = "local-api-key"
