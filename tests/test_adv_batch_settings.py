@@ -112,3 +112,12 @@ async def test_a_timeout_during_the_journal_check_never_says_a_journaled_item_wa
     assert all(isinstance(r.error, WaitTimeoutError) for r in again), [r.error for r in again]
     assert [r.error.task_id for r in again  # type: ignore[union-attr]
             ] == [r.task.task_id for r in first if r.task is not None]
+
+
+@pytest.mark.parametrize("bad", [{"rate_limit_delay": float("inf")}, {"rate_limit_delay": -1},
+                                 {"rate_limit_delay": "1"}, {"journal": 5}])
+def test_bad_local_coordinator_settings_are_validation_errors(bad: dict[str, Any]) -> None:
+    """They were accepted, then failed at the first 1303 (a TypeError for "1"; for inf, every
+    later create waited for ever), or raised a bare TypeError (journal=5)."""
+    with pytest.raises(voiceapi.ValidationError):
+        voiceapi.LocalCoordinator(2, **bad)
