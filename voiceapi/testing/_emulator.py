@@ -239,6 +239,9 @@ class KlingEmulator:
             "unique_external_ids": unique_external_ids,
             "check_url_extension": check_url_extension, "pending_voices": pending_voices})
         check_number("concurrency", concurrency, minimum=1, integer=True)
+        check_number("port", port, minimum=0, integer=True)
+        if port > 65535:  # else an OverflowError traceback from bind() at start
+            raise ValueError(f"port must be an int from 0 to 65535, got {port!r}")
         check_number("task_seconds", task_seconds, minimum=0)
         check_number("processing_after", processing_after, minimum=0, allow_none=True)
         check_number("presets", presets, minimum=0, integer=True)
