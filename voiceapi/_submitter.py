@@ -82,6 +82,8 @@ class Submitter:
             try:
                 grant = await self._acquire(entry.key)
             except (asyncio.TimeoutError, TimeoutError):
+                if self._deadline is None or time.monotonic() < self._deadline:
+                    raise  # the coordinator's own error, not our deadline
                 return  # the batch's deadline: the loop ends the batch now
             if grant is Grant.WAIT and not self._key_waits(entry.key):
                 self.slot_blocked = True
