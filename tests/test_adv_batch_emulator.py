@@ -20,3 +20,13 @@ def test_a_port_out_of_range_is_a_usage_error_not_a_traceback(
         assert run_emulator_main(["--port", str(port)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: port must be") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("bad", [{"times": 0}, {"times": -1}, {"times": 1.5},
+                                 {"delay": -1.0}, {"delay": float("nan")},
+                                 {"delay": float("inf")}, {"retry_after": -1.0}])
+def test_a_fault_with_a_bad_count_or_delay_is_refused(bad: dict[str, object]) -> None:
+    """``times=0`` still fired once (a test meaning "never" got one fault), and a NaN delay
+    was accepted, to fail inside the handler it was meant to slow."""
+    with pytest.raises(ValueError):
+        KlingEmulator().inject("create", "slow", **bad)  # type: ignore[arg-type]

@@ -458,6 +458,13 @@ class KlingEmulator:
             raise ValueError(f"unknown route {route!r}; one of {ROUTES} or '*'")
         if kind not in FAULTS and not (kind.isdigit() and int(kind) in _ERRORS):
             raise ValueError(f"unknown fault {kind!r}")
+        # times=0 still fired once, and a NaN delay broke the handler it was meant to slow.
+        check_number("times", times, minimum=1, integer=True)
+        check_number("delay", delay, minimum=0)
+        check_number("retry_after", retry_after, minimum=0, allow_none=True)
+        if not math.isfinite(delay) or (retry_after is not None
+                                        and not math.isfinite(retry_after)):
+            raise ValueError("delay and retry_after must be finite")
         with self._lock:
             self._faults[route].append(_Fault(kind, times, delay, retry_after))
 
