@@ -51,24 +51,28 @@ async def _cancel_mid_create(emu: KlingEmulator, client: voiceapi.AsyncVoiceClie
     emu.clear_faults()
 
 
-async def test_a_cancelled_batch_leaves_a_shared_local_coordinator_usable() -> None:
+@pytest.mark.parametrize("task_seconds", [0.1, 1.5], ids=["ended-first", "still-running"])
+async def test_a_cancelled_batch_leaves_a_shared_local_coordinator_usable(
+        task_seconds: float) -> None:
     """Its two cancelled creates held their slots for ever (cap 2): the next batch on the same
-    coordinator never got one, and every item ended NotSubmittedError at its timeout. The next
-    batch sends the items in another order (its first item is new, so no rerun is suspected):
-    the cancelled creates landed, and must be found, not made again."""
-    async with KlingEmulator(concurrency=2, task_seconds=0.1,
+    coordinator never got one, and every item ended NotSubmittedError at its timeout. Now the
+    coordinator looks them up while the next batch polls. That batch sends the items in another
+    order (its first item is new, so no rerun is suspected): the cancelled creates landed, and
+    must be found, not made again; the cap holds throughout."""
+    async with KlingEmulator(concurrency=2, task_seconds=task_seconds,
                              unique_external_ids=False) as emu, \
             voiceapi.AsyncVoiceClient(emu.access_key, emu.secret_key,
                                       base_url=emu.base_url) as client:
         url = emu.sample_url(10)
         coord = voiceapi.LocalCoordinator(2)
         await _cancel_mid_create(emu, client, _items(url, 4), coord)
-        assert coord.in_flight == 0  # their outcome is unknown: not counted for ever
+        assert coord.in_flight == 2  # they may have landed: counted until looked up
         again = list(reversed(_items(url, 4)))
         results = await client.custom_voices.create_many(again, coordinator=coord,
                                                           poll_interval=0.05, timeout=20)
         assert [r.ok for r in results] == [True] * 4, [r.error for r in results]
         assert emu.stats()["tasks_per_external_id"] == {"1": 4}
+        assert emu.count("create", code=1303) == 0  # never sent above the cap
         assert coord.in_flight == 0
 
 
