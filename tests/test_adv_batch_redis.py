@@ -272,3 +272,19 @@ def test_three_processes_on_a_server_that_accepts_repeated_ids(
         assert result["order"] == [f"v{i}" for i in range(n)]
     assert stats["tasks_per_external_id"] == {"1": n}, stats["repeated_external_ids"]
     assert stats["peak_in_progress"] <= 4
+
+
+@pytest.mark.parametrize("bad", [
+    {"max_in_flight": 2.5},  # was accepted, and allowed 3 slots
+    {"max_in_flight": True},
+    {"lease_seconds": float("inf")},  # was accepted, then OverflowError at the first acquire
+    {"orphan_grace": float("inf")},
+    {"stale_after": float("inf")},
+    {"lease_seconds": "30"},  # TypeError
+    {"max_requests_per_second": "5"},
+    {"max_requests_per_second": float("inf")},
+    {"namespace": 5},
+])
+def test_bad_settings_are_validation_errors(bad: dict[str, Any]) -> None:
+    with pytest.raises(voiceapi.ValidationError):
+        RedisCoordinator("redis://127.0.0.1:1/0", **bad)

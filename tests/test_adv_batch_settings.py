@@ -112,3 +112,26 @@ async def test_a_timeout_during_the_journal_check_never_says_a_journaled_item_wa
     assert all(isinstance(r.error, WaitTimeoutError) for r in again), [r.error for r in again]
     assert [r.error.task_id for r in again  # type: ignore[union-attr]
             ] == [r.task.task_id for r in first if r.task is not None]
+
+
+@pytest.mark.parametrize("bad", [{"rate_limit_delay": float("inf")}, {"rate_limit_delay": -1},
+                                 {"rate_limit_delay": "1"}, {"journal": 5}])
+def test_bad_local_coordinator_settings_are_validation_errors(bad: dict[str, Any]) -> None:
+    """They were accepted, then failed at the first 1303 (a TypeError for "1"; for inf, every
+    later create waited for ever), or raised a bare TypeError (journal=5)."""
+    with pytest.raises(voiceapi.ValidationError):
+        voiceapi.LocalCoordinator(2, **bad)
+
+
+@pytest.mark.parametrize("interval", [1e-9, 1e-6])
+async def test_a_tiny_poll_interval_never_starves_the_batchs_own_creates(
+        interval: float) -> None:
+    """With its slots taken by creates still on the wire and nothing tracked yet, the batch
+    polled (nothing to look at: no await), found the next poll due at once, and polled again:
+    a busy loop that never let its creates run. Nothing was created; the batch timed out with
+    every item NotSubmittedError (without a timeout it spun for ever, deaf to cancel)."""
+    async with KlingEmulator(concurrency=2, task_seconds=0.05) as emu, _client(emu) as client:
+        results = await client.custom_voices.create_many(
+            _items(emu.sample_url(10), 4), max_in_flight=2, poll_interval=interval, timeout=15)
+        assert [r.ok for r in results] == [True] * 4, [r.error for r in results]
+        assert emu.stats()["tasks_per_external_id"] == {"1": 4}

@@ -395,6 +395,10 @@ class _Run:
                     await self._end_early(follower.fatal)
                     return
                 self._report()
+                # A poll with nothing to look at returns without waiting for anything: with a
+                # tiny poll_interval the loop then polled again at once, for ever, and the
+                # creates it had started never ran (nor did a cancel or a wait_for around it).
+                await asyncio.sleep(0)
                 continue
             self._report()
             await self._sleep([poll_at, next_expiry, submitter.wake_at(), self.deadline,

@@ -210,6 +210,11 @@ class Follower:
         if not (self.tracked and self.waiting) and not slots_wanted:
             return None
         interval = self.interval()
+        if not self.tracked:
+            # Only slots are wanted, and no task of ours can free one: a poll finds only
+            # orphans (a coordinator's), so never more often than the callback gap (a tiny
+            # poll_interval made this a busy loop while the batch's creates were answered).
+            interval = max(interval, C.BATCH_MIN_POLL_GAP)
         expected = self._next_expected_end()
         if expected is None:
             due = self._last_poll + interval

@@ -167,6 +167,13 @@ class LocalCoordinator:
                  journal: str | os.PathLike[str] | None = None,
                  rate_limit_delay: float = C.RATE_LIMIT_MIN_DELAY) -> None:
         self._cap = SlotCap(max_in_flight)
+        if isinstance(rate_limit_delay, bool) or not isinstance(rate_limit_delay, (int, float)) \
+                or not 0 <= rate_limit_delay < float("inf"):
+            # checked here: a bad value only failed (or hung for ever, for inf) at a 1303
+            raise ValidationError(f"rate_limit_delay must be a finite number >= 0, got "
+                                  f"{rate_limit_delay!r}")
+        if journal is not None and not isinstance(journal, (str, os.PathLike)):
+            raise ValidationError(f"journal must be a file path, got {type(journal).__name__}")
         # The journal's state is held here only (the file's own copy cost ≈ 80 bytes an item).
         self._file = FileJournal(journal) if journal is not None else None
         # Plain (task id, status) tuples: the garbage collector stops tracking tuples of
@@ -184,9 +191,13 @@ class LocalCoordinator:
         self._created: dict[str, None] = {}
         self._by_task: dict[str, str] = {}  # task id -> key, for held slots with a task
         self._followed: dict[str, float] = {}  # key -> when a batch last asked about it
-        #: Keys whose create was cancelled before its answer: it may exist at Kling, so the
-        #: next create under one is looked up first (see ``abandon``).
-        self._doubt: dict[str, None] = {}
+        #: Keys whose create was cancelled before its answer (see ``abandon``) -> when. Their
+        #: slot stays held until a lookup in ``observe`` settles them.
+        self._doubt: dict[str, float] = {}
+        self._settling: set[str] = set()  # doubtful keys being looked up right now
+        #: Settled doubts found still running: held here, but no batch created them, so
+        #: batches follow them as another's and never free them; observe() does.
+        self._unowned: set[str] = set()
         self._rate_limit_delay = rate_limit_delay
         self._not_before = 0.0  # no creates before (after a 1303 with nothing of ours running)
         self._requests_not_before = 0.0  # no requests before (after a 1302)
@@ -224,6 +235,8 @@ class LocalCoordinator:
         # the journal. Without the second test, a batch that waited for a slot while another
         # created and finished the same item would create it again on a server that accepts a
         # repeated external id.
+        if self.key_waits(key):
+            return Grant.WAIT  # its cancelled create is not settled yet: only it waits
         if key in self._held or key in self._created:
             return Grant.FOLLOW
         if time.monotonic() < self._not_before or len(self._held) >= self._cap.value:
@@ -245,6 +258,7 @@ class LocalCoordinator:
 
     def _free(self, key: str) -> None:
         self._doubt.pop(key, None)
+        self._unowned.discard(key)
         task_id = self._held.pop(key, None)
         if task_id is not None:
             self._by_task.pop(task_id, None)
@@ -289,18 +303,49 @@ class LocalCoordinator:
 
     def abandon(self, key: str) -> None:
         """The create under ``key`` was cancelled before its answer (its batch was cancelled,
-        or reached its deadline): free the slot, and look the key up before it is created
-        again. Keeping the slot held, as before, leaked it for the coordinator's lifetime: a
+        or reached its deadline): it may or may not have landed. Its slot stays counted (a
+        task that landed runs at Kling), but no batch follows it any more: ``observe`` looks
+        the key up and settles it (running: followed like an orphan; ended: freed and
+        journaled; unknown after BATCH_ORPHAN_AFTER, as its create may still land: freed).
+        Before, nobody settled it: the slot was held for the coordinator's lifetime, and a
         shared coordinator with a cap of 2 and two cancelled creates never granted a slot
-        again. A task that did land runs uncounted until it ends; a 1303 corrects the cap."""
+        again."""
         if key in self._held and self._held[key] is None:  # never accepted
-            self._free(key)
-            self._doubt[key] = None
-            self._notify()
+            self._doubt[key] = time.monotonic()
 
     def in_doubt(self, key: str) -> bool:
         """A create under ``key`` was abandoned and nothing has settled it since."""
         return key in self._doubt
+
+    def key_waits(self, key: str) -> bool:
+        """``acquire(key)`` waits for this key alone: its abandoned create is unsettled."""
+        return key in self._doubt and key in self._held
+
+    async def _settle_doubts(self, lookup: LookupFunction, now: float) -> None:
+        """Look abandoned creates up (see ``abandon``); a failed lookup is tried next time."""
+        for key, since in list(self._doubt.items()):
+            if key in self._settling or self._held.get(key, "") is not None:
+                continue  # being looked up, or settled by an answer meanwhile
+            self._settling.add(key)
+            try:
+                task = await lookup(key)
+            except Exception:  # anything but "not found": it may exist, keep it counted
+                continue
+            finally:
+                self._settling.discard(key)
+            if key not in self._doubt:
+                continue  # settled meanwhile (accepted, released)
+            if task is None:
+                if now - since >= C.BATCH_ORPHAN_AFTER:
+                    self._free(key)  # nothing landed: the slot is free, the key is new
+                    self._notify()
+                continue
+            self._created[key] = None
+            if task.is_terminal:
+                await self.finished(key, task.task_id, task.task_status.value)
+            else:
+                await self.adopt(key, task.task_id, task.task_status.value)
+                self._unowned.add(key)
 
     @property
     def journal_was_empty(self) -> bool:
@@ -328,6 +373,8 @@ class LocalCoordinator:
             key = self._by_task.get(tid)
             if key is not None:
                 self._followed[key] = now
+        if self._doubt:
+            await self._settle_doubts(lookup, now)
         orphans = {tid: key for tid, key in self._by_task.items() if tid not in wanted
                    and now - self._followed.get(key, 0.0) > C.BATCH_ORPHAN_AFTER}
         if not wanted and not orphans:
@@ -339,6 +386,11 @@ class LocalCoordinator:
                 await self.finished(key, tid, task.task_status.value)
             else:
                 self._followed[key] = now  # asked about: not again before the next interval
+        for key in list(self._unowned):
+            held_task = self._held.get(key)
+            task = seen.get(held_task) if held_task is not None else None
+            if task is not None and task.is_terminal:
+                await self.finished(key, task.task_id, task.task_status.value)
         return {tid: task for tid, task in seen.items() if tid in wanted}
 
     # --- plain client calls -------------------------------------------------------------------

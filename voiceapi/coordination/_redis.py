@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import random
 import socket
@@ -122,6 +123,32 @@ def namespace_for(credentials: Any) -> str:
     return hashlib.sha256(_NAMESPACE_SALT + identity).hexdigest()[:16]
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def _check_settings(*, lease_seconds: Any, max_in_flight: Any, max_requests_per_second: Any,
+                    orphan_grace: Any, stale_after: Any) -> None:
+    """Bad settings are a ValidationError here, not a TypeError, an OverflowError at the first
+    acquire (``lease_seconds=float("inf")``), or a cap of 3 for ``max_in_flight=2.5``."""
+    if not _finite(lease_seconds) or not lease_seconds >= D.MIN_LEASE_SECONDS:
+        # renewal runs every third of it
+        raise ValidationError(f"lease_seconds must be a finite number >= {D.MIN_LEASE_SECONDS}")
+    if max_in_flight is not None and (
+            isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int)
+            or not 1 <= max_in_flight <= C.BATCH_MAX_SLOTS):
+        raise ValidationError(f"max_in_flight must be an integer between 1 and "
+                              f"{C.BATCH_MAX_SLOTS}")
+    if max_requests_per_second is not None and (
+            not _finite(max_requests_per_second) or not max_requests_per_second > 0):
+        raise ValidationError("max_requests_per_second must be a finite number > 0")
+    if not _finite(orphan_grace) or not orphan_grace >= 0 \
+            or not _finite(stale_after) or not stale_after > 0:
+        raise ValidationError("orphan_grace must be a finite number >= 0 and stale_after a "
+                              "finite number > 0")
+
+
 def _credentials_of(obj: Any) -> Any:
     """The credentials of a client (async or sync) or of a credentials object itself."""
     for _ in range(3):  # VoiceClient -> AsyncVoiceClient -> ClientConfig -> Credentials
@@ -169,16 +196,12 @@ class RedisCoordinator:
         orphan_grace: float = D.DEFAULT_ORPHAN_GRACE_SECONDS,
         stale_after: float = D.DEFAULT_STALE_SECONDS,
     ) -> None:
-        if not lease_seconds >= D.MIN_LEASE_SECONDS:  # renewal runs every third of it
-            raise ValidationError(f"lease_seconds must be >= {D.MIN_LEASE_SECONDS}")
-        if max_in_flight is not None and not 1 <= max_in_flight <= C.BATCH_MAX_SLOTS:
-            raise ValidationError(f"max_in_flight must be between 1 and {C.BATCH_MAX_SLOTS}")
-        if max_requests_per_second is not None and not max_requests_per_second > 0:
-            raise ValidationError("max_requests_per_second must be > 0")
-        if not orphan_grace >= 0 or not stale_after > 0:
-            raise ValidationError("orphan_grace must be >= 0 and stale_after > 0")
-        if namespace is not None and (not namespace or any(c in namespace for c in "{}")):
-            raise ValidationError("namespace must be non-empty and contain no braces")
+        _check_settings(lease_seconds=lease_seconds, max_in_flight=max_in_flight,
+                        max_requests_per_second=max_requests_per_second,
+                        orphan_grace=orphan_grace, stale_after=stale_after)
+        if namespace is not None and (not isinstance(namespace, str) or not namespace
+                                      or any(c in namespace for c in "{}")):
+            raise ValidationError("namespace must be a non-empty string without braces")
         if isinstance(url_or_client, str):
             if not url_or_client.startswith(("redis://", "rediss://", "unix://")):
                 raise ValidationError("the Redis URL must start with redis://, rediss:// or "

@@ -239,6 +239,9 @@ class KlingEmulator:
             "unique_external_ids": unique_external_ids,
             "check_url_extension": check_url_extension, "pending_voices": pending_voices})
         check_number("concurrency", concurrency, minimum=1, integer=True)
+        check_number("port", port, minimum=0, integer=True)
+        if port > 65535:  # else an OverflowError traceback from bind() at start
+            raise ValueError(f"port must be an int from 0 to 65535, got {port!r}")
         check_number("task_seconds", task_seconds, minimum=0)
         check_number("processing_after", processing_after, minimum=0, allow_none=True)
         check_number("presets", presets, minimum=0, integer=True)
@@ -455,6 +458,13 @@ class KlingEmulator:
             raise ValueError(f"unknown route {route!r}; one of {ROUTES} or '*'")
         if kind not in FAULTS and not (kind.isdigit() and int(kind) in _ERRORS):
             raise ValueError(f"unknown fault {kind!r}")
+        # times=0 still fired once, and a NaN delay broke the handler it was meant to slow.
+        check_number("times", times, minimum=1, integer=True)
+        check_number("delay", delay, minimum=0)
+        check_number("retry_after", retry_after, minimum=0, allow_none=True)
+        if not math.isfinite(delay) or (retry_after is not None
+                                        and not math.isfinite(retry_after)):
+            raise ValueError("delay and retry_after must be finite")
         with self._lock:
             self._faults[route].append(_Fault(kind, times, delay, retry_after))
 
