@@ -19,6 +19,7 @@ from tests.conftest import FAST_RETRY
 from voiceapi._batch import derive_external_task_id, prepare
 from voiceapi._batch_models import JournalError, NotSubmittedError, VoiceGoneError
 from voiceapi._coordinator import Coordinator, Grant
+from voiceapi._errors import SentCredential
 from voiceapi._local_coordinator import FileJournal, LocalCoordinator
 from voiceapi.testing import KlingEmulator
 
@@ -518,6 +519,9 @@ async def test_a_task_the_server_says_is_gone_ends_its_item() -> None:
         async def list_page(self, page_num: int, page_size: int) -> list[Any]:
             return []
 
+        def credential_mask(self) -> SentCredential:
+            return SentCredential(None)
+
     api = VanishingApi()
     [result] = await asyncio.wait_for(run_batch(
         api, [{"voice_name": "v", "voice_url": "https://x.example/a.wav"}],
@@ -828,6 +832,9 @@ async def test_an_item_refused_while_another_waits_for_its_slot_is_not_lost() ->
 
         async def list_page(self, page_num: int, page_size: int) -> list[Any]:
             return []
+
+        def credential_mask(self) -> SentCredential:
+            return SentCredential(None)
 
     api = RefusesOnce()
     items = [{"voice_name": k, "voice_url": f"https://x.example/{k}.wav",

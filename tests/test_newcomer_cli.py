@@ -196,9 +196,6 @@ def test_a_lone_surrogate_in_a_json_manifest_names_the_row(tmp_path: Path) -> No
     assert "item 2: voice_name" in result.stderr and "surrogate" in result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="library: voiceapi._batch.prepare hashes an item "
-                   "(str.encode) before validating it, so a lone surrogate in voice_name raises "
-                   "UnicodeEncodeError from create_many instead of a ValidationError result")
 def test_library_create_many_reports_a_lone_surrogate_as_a_validation_error() -> None:
     from voiceapi._batch import prepare
     from voiceapi._errors import ValidationError
@@ -338,19 +335,19 @@ def test_a_redis_url_redis_cannot_parse_is_a_usage_error(tmp_path: Path) -> None
     result = run(None, "batch", str(manifest), "--redis", "redis://:pw-secret@127.0.0.1:99999/0",
                  KLING_API_KEY="k", KLING_BASE_URL="http://127.0.0.1:9")
     assert result.exit_code == 2, result.output
-    assert "--redis: Port out of range" in result.stderr and "pw-secret" not in result.output
+    assert "Redis URL is not valid: Port out of range" in result.stderr
+    assert "pw-secret" not in result.output
 
 
-@pytest.mark.xfail(strict=True, reason="library: RedisCoordinator passes the URL to redis-py's "
-                   "from_url, whose ValueError (port out of range) escapes instead of a "
-                   "ValidationError")
 def test_library_redis_coordinator_refuses_a_bad_port_with_a_validation_error() -> None:
     pytest.importorskip("redis")
     from voiceapi._errors import ValidationError
     from voiceapi.coordination import RedisCoordinator
 
-    with pytest.raises(ValidationError):
-        RedisCoordinator("redis://127.0.0.1:99999/0")
+    for url in ("redis://:pw-secret@127.0.0.1:99999/0", "redis://:pw-secret@127.0.0.1:x/0"):
+        with pytest.raises(ValidationError, match="Redis URL is not valid") as refused:
+            RedisCoordinator(url)
+        assert "pw-secret" not in str(refused.value)
 
 
 def _on_a_terminal(args: list[str], env: dict[str, str], columns: int = 200) -> str:
@@ -550,9 +547,6 @@ def test_json_lines_in_a_json_file_are_told_to_use_jsonl(tmp_path: Path) -> None
     assert result.exit_code == 2 and "name the file .jsonl" in result.stderr, result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="emulator (voiceapi/testing/_standalone.py): `python -m "
-                   "voiceapi.testing --port 99999` ends in an OverflowError traceback from "
-                   "bind(); `voiceapi mock-server` checks the range itself")
 def test_emulator_standalone_port_out_of_range_is_one_line() -> None:
     out = subprocess.run([sys.executable, "-m", "voiceapi.testing", "--port", "99999"],
                          env=_env(), capture_output=True, text=True, timeout=60, check=False)
@@ -704,3 +698,16 @@ def test_library_task_failed_error_masks_an_echoed_api_key() -> None:
         with pytest.raises(TaskFailedError) as failed:
             client.custom_voices.wait(task, timeout=30)
     assert emu.api_key not in str(failed.value)
+    assert "***" in str(failed.value) and emu.api_key in failed.value.task.task_status_msg
+
+
+def test_library_batch_failed_item_masks_an_echoed_api_key() -> None:
+    from voiceapi import TaskFailedError, VoiceClient
+
+    with KlingEmulator(task_seconds=0.05, api_key="sk-live-0123456789abcdef") as emu, \
+            VoiceClient(api_key=emu.api_key, base_url=emu.base_url) as client:
+        [result] = client.custom_voices.create_many([{
+            "voice_name": "echo", "voice_url": f"{emu.sample_url()}?kling_fail={emu.api_key}"}],
+            poll_interval=0.05)
+    assert isinstance(result.error, TaskFailedError)
+    assert emu.api_key not in str(result.error) and "***" in str(result.error)

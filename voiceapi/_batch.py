@@ -67,7 +67,9 @@ def derive_external_task_id(item: Mapping[str, Any], occurrence: int) -> str:
 def _identity_digest(item: Mapping[str, Any]) -> str:
     key = json.dumps({k: item.get(k) for k in _IDENTITY_FIELDS}, sort_keys=True,
                      ensure_ascii=False, default=str)
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
+    # surrogatepass: a lone surrogate (refused by validation right after) must not fail the
+    # hash first as a bare UnicodeEncodeError; valid text encodes exactly as before.
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def retry_key(base: str, generation: int) -> str:

@@ -11,7 +11,7 @@ import attrs
 
 from ._coordinator import Coordinator
 from ._create import Created
-from ._errors import VoiceAPIError
+from ._errors import SentCredential, VoiceAPIError, printable
 from ._models import VoiceTask
 from ._pages import PageLimit
 
@@ -69,8 +69,8 @@ class VoiceGoneError(VoiceAPIError):
     """
 
     def __init__(self, task: VoiceTask) -> None:
-        super().__init__(f"voice task {task.task_id} succeeded earlier, but its voice has been "
-                         "deleted since")
+        super().__init__(f"voice task {printable(task.task_id, 200)} succeeded earlier, but its "
+                         "voice has been deleted since")
         self.task = task
 
 
@@ -98,6 +98,10 @@ class BatchApi(Protocol):
 
     async def list_page(self, page_num: int, page_size: int) -> list[Any]:
         """One list page as raw records."""
+        ...
+
+    def credential_mask(self) -> SentCredential:
+        """The client's credential, masked in a failed task's error (servers may echo it)."""
         ...
 
 

@@ -30,7 +30,13 @@ from ._create import (
     task_path,
 )
 from ._decode import is_already_deleted, parse_task_list
-from ._errors import InvalidRequestError, TaskFailedError, ValidationError, WaitTimeoutError
+from ._errors import (
+    InvalidRequestError,
+    SentCredential,
+    TaskFailedError,
+    ValidationError,
+    WaitTimeoutError,
+)
 from ._models import BatchResult, TaskStatus, VoiceTask
 from ._pages import PageLimit, records_of, walk_pages
 
@@ -70,6 +76,9 @@ class _BatchApi:
 
     async def list_page(self, page_num: int, page_size: int) -> builtins.list[Any]:
         return await self._resource._list_raw(page_num, page_size)
+
+    def credential_mask(self) -> SentCredential:
+        return self._resource._transport.credential_mask()
 
 
 class AsyncCustomVoices:

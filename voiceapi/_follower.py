@@ -140,7 +140,8 @@ class Follower:
             elif not self._retry(entry):
                 self._ledger.resolve(entry, task=task, error=VoiceGoneError(task))
         elif not (entry.earlier and self._retry(entry)):
-            self._ledger.resolve(entry, task=task, error=TaskFailedError(task))
+            self._ledger.resolve(entry, task=task, error=TaskFailedError(
+                task, sent=self._api.credential_mask()))
 
     async def observed(self, task: VoiceTask) -> None:
         entry = self.tracked.get(task.task_id)

@@ -558,13 +558,10 @@ def batch(state: State, manifest: Path, max_in_flight: int | None, journal: Path
             if coordinator_class is None:
                 return await _with_client(state, lambda c: c.custom_voices.create_many(
                     items, **options))
-            try:
-                coordinator = coordinator_class(redis_url, namespace=namespace,
-                                                max_in_flight=max_in_flight)
-            except ValueError as exc:  # redis-py's URL parser, e.g. a port out of range
-                if isinstance(exc, ValidationError):
-                    raise
-                raise ValidationError(f"--redis: {exc}") from None  # (never the URL: a password)
+            # A bad URL is the coordinator's ValidationError (its message never shows the
+            # password the URL may carry).
+            coordinator = coordinator_class(redis_url, namespace=namespace,
+                                            max_in_flight=max_in_flight)
             async with coordinator as coord, state.client(coordinator=coord) as client:
                 return await client.custom_voices.create_many(items, coordinator=coord,
                                                               **options)

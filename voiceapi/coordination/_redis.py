@@ -74,6 +74,12 @@ def _redact(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
+def _without_password(text: str, url: str) -> str:
+    """``text`` (a parser's message about ``url``) with the URL's password masked."""
+    password = urllib.parse.urlsplit(url).password  # read without checking the port
+    return text.replace(password, "***") if password else text
+
+
 def _cancelling(task: asyncio.Task[Any] | None) -> int:
     """Cancel requests pending on ``task`` (Python >= 3.11; 0 where unknown)."""
     count = getattr(task, "cancelling", None)
@@ -206,13 +212,17 @@ class RedisCoordinator:
             if not url_or_client.startswith(("redis://", "rediss://", "unix://")):
                 raise ValidationError("the Redis URL must start with redis://, rediss:// or "
                                       "unix://")
-            self._where = _redact(url_or_client)
-            self._redis: aioredis.Redis = aioredis.Redis.from_url(
-                url_or_client,
-                retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), D.CONNECT_RETRIES),
-                retry_on_error=[RedisConnectionError, RedisTimeoutError],
-                socket_timeout=D.SOCKET_TIMEOUT_SECONDS,
-                socket_connect_timeout=D.SOCKET_TIMEOUT_SECONDS)
+            try:
+                self._where = _redact(url_or_client)
+                self._redis: aioredis.Redis = aioredis.Redis.from_url(
+                    url_or_client,
+                    retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), D.CONNECT_RETRIES),
+                    retry_on_error=[RedisConnectionError, RedisTimeoutError],
+                    socket_timeout=D.SOCKET_TIMEOUT_SECONDS,
+                    socket_connect_timeout=D.SOCKET_TIMEOUT_SECONDS)
+            except ValueError as exc:  # the URL parsers' own words (a port out of range, a db)
+                raise ValidationError(f"the Redis URL is not valid: "
+                                      f"{_without_password(str(exc), url_or_client)}") from None
             self._owns_client = True
         elif isinstance(url_or_client, aioredis.Redis):
             self._where = "the given Redis client"
