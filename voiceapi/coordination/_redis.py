@@ -521,7 +521,7 @@ class RedisCoordinator:
                         "epoch"),
                 [key, self.worker_id, int(self._lease * 1000), self._ceiling,
                  self._fixed or C.BATCH_INITIAL_SLOTS, D.STATE_TTL_SECONDS * 1000,
-                 self._epoch])
+                 self._epoch, uuid.uuid4().hex])
         except asyncio.CancelledError:
             # Redis may have granted the slot before the answer was lost to the cancel. The
             # caller will not create under it, so give it back (in the background: we are
