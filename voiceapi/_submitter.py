@@ -25,6 +25,15 @@ from ._errors import RateLimitError, VoiceAPIError
 from ._models import VoiceTask
 
 OnCreated = Callable[[Entry, Created], Awaitable[None]]
+#: Slot give-backs running in the background (see ``Submitter._give_back``): referenced here
+#: until they end, as the event loop keeps only weak references to tasks.
+_GIVE_BACKS: set[asyncio.Future[None]] = set()
+
+
+def _given_back(task: asyncio.Future[None]) -> None:
+    _GIVE_BACKS.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: a failed give-back lapses like any lease (no log noise)
 #: An item whose task another worker created: (item, task id, status from the journal).
 OnForeign = Callable[[Entry, str, str], Awaitable[None]]
 
@@ -113,7 +122,19 @@ class Submitter:
         left = self._deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError
-        return await within(self._coord.acquire(key), left)
+        return await within(self._coord.acquire(key), left, undo=self._give_back(key))
+
+    def _give_back(self, key: str) -> Callable[[Grant], None]:
+        """For ``within(undo=)``: on Python 3.10 acquire() runs as a task of its own, and a
+        slot it was granted as the batch was cancelled reached nobody. Nothing was sent under
+        it: it goes back (in the background: we are being cancelled). Before, it stayed held
+        for the coordinator's lifetime, neither created nor in doubt."""
+        def undo(grant: Grant) -> None:
+            if grant is Grant.CREATE:
+                task = asyncio.ensure_future(self._coord.release(key))
+                _GIVE_BACKS.add(task)
+                task.add_done_callback(_given_back)
+        return undo
 
     def _key_waits(self, key: str) -> bool:
         key_waits = getattr(self._coord, "key_waits", None)
