@@ -3,14 +3,18 @@ tests/_redis_server.py). Each test failed before its fix, or records an attack t
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 
 import pytest
 import redis.asyncio as aioredis
 
+import voiceapi
+
 from voiceapi._coordinator import Grant
 from voiceapi.coordination import RedisCoordinator
+from voiceapi.testing import KlingEmulator
 
 from ._redis_server import RedisServer, running_redis
 
@@ -65,3 +69,26 @@ async def test_a_second_loss_is_noticed_by_a_worker_that_joined_after_the_first(
             assert await old.acquire("k4") is Grant.CREATE  # old re-writes an epoch first
             assert await mid.acquire("k3") is Grant.CREATE
             assert mid.state_lost
+
+
+async def test_two_batches_of_one_worker_never_create_the_same_item_twice(
+        server: RedisServer) -> None:
+    """One coordinator (a worker process serving requests) runs two batches at once that
+    share items. The second batch's acquire of a key the first is creating right now found
+    the slot owned by its own worker and was granted CREATE too: a server that accepts a
+    repeated external id created (and billed) the voice twice. A LocalCoordinator answers
+    FOLLOW there; so must Redis."""
+    ns = f"t-{uuid.uuid4().hex[:12]}"
+    async with KlingEmulator(concurrency=8, task_seconds=0.2, unique_external_ids=False) as emu:
+        emu.inject("create", "slow", times=10, delay=0.3)  # both batches ask while in flight
+        url = emu.sample_url(10)
+        items = [{"voice_name": f"v{i}", "voice_url": url} for i in range(3)]
+        async with RedisCoordinator(server.url, namespace=ns, max_in_flight=8) as coord, \
+                voiceapi.AsyncVoiceClient(emu.access_key, emu.secret_key,
+                                          base_url=emu.base_url, coordinator=coord) as client:
+            first, second = await asyncio.gather(*(
+                client.custom_voices.create_many(items, poll_interval=0.05, timeout=30)
+                for _ in range(2)))
+        assert [r.ok for r in first + second] == [True] * 6, [r.error for r in first + second]
+        assert [r.task.task_id for r in first] == [r.task.task_id for r in second]  # type: ignore[union-attr]
+        assert emu.stats()["tasks_per_external_id"] == {"1": 3}
