@@ -11,8 +11,8 @@ import pytest
 import redis.asyncio as aioredis
 
 import voiceapi
-
 from voiceapi._coordinator import Grant
+from voiceapi._errors import ValidationError
 from voiceapi.coordination import RedisCoordinator
 from voiceapi.testing import KlingEmulator
 
@@ -92,3 +92,15 @@ async def test_two_batches_of_one_worker_never_create_the_same_item_twice(
         assert [r.ok for r in first + second] == [True] * 6, [r.error for r in first + second]
         assert [r.task.task_id for r in first] == [r.task.task_id for r in second]  # type: ignore[union-attr]
         assert emu.stats()["tasks_per_external_id"] == {"1": 3}
+
+
+@pytest.mark.parametrize("url", ["redis://user:s3cret-pw@[::1/0", "redis://:s3cret-pw@[zz]:1/0"])
+def test_a_redis_url_urllib_cannot_split_is_a_validation_error_without_its_password(
+        url: str) -> None:
+    """A bad IPv6 host: masking the password in redis-py's message split the URL again, and
+    urllib's own ValueError escaped bare from the handler meant to turn it into a
+    ValidationError."""
+    with pytest.raises(ValidationError, match="the Redis URL is not valid") as refused:
+        RedisCoordinator(url, namespace="x")
+    assert "s3cret-pw" not in str(refused.value)
+    assert refused.value.__context__ is None or "s3cret-pw" not in str(refused.value.__context__)

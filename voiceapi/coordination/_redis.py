@@ -76,7 +76,14 @@ def _redact(url: str) -> str:
 
 def _without_password(text: str, url: str) -> str:
     """``text`` (a parser's message about ``url``) with the URL's password masked."""
-    password = urllib.parse.urlsplit(url).password  # read without checking the port
+    try:
+        password = urllib.parse.urlsplit(url).password  # read without checking the port
+    except ValueError:
+        # A URL urllib cannot split either (a bad IPv6 host): this runs while reporting
+        # that, so it must not raise a bare ValueError in turn. Read the userinfo by hand.
+        netloc = url.partition("://")[2].partition("/")[0]
+        userinfo, at, _ = netloc.rpartition("@")
+        password = userinfo.partition(":")[2] if at else None
     return text.replace(password, "***") if password else text
 
 
