@@ -104,3 +104,29 @@ def test_a_redis_url_urllib_cannot_split_is_a_validation_error_without_its_passw
         RedisCoordinator(url, namespace="x")
     assert "s3cret-pw" not in str(refused.value)
     assert refused.value.__context__ is None or "s3cret-pw" not in str(refused.value.__context__)
+
+
+async def test_an_idle_worker_frees_the_slots_of_tasks_it_left_running_when_they_end(
+        server: RedisServer) -> None:
+    """Worker A runs ``create_many(wait=False)`` and then has nothing more to do (a web
+    worker between requests). Its tasks end at Kling a moment later, but A renews their
+    leases for as long as it lives: only a later batch of A's own followed them. Worker B,
+    sharing the account's cap, then never gets a slot."""
+    ns = f"t-{uuid.uuid4().hex[:12]}"
+    async with KlingEmulator(concurrency=3, task_seconds=0.2) as emu:
+        url = emu.sample_url(10)
+        a = RedisCoordinator(server.url, namespace=ns, max_in_flight=3, lease_seconds=0.5)
+        b = RedisCoordinator(server.url, namespace=ns, max_in_flight=3, lease_seconds=0.5)
+        async with a, b, \
+                voiceapi.AsyncVoiceClient(emu.access_key, emu.secret_key,
+                                          base_url=emu.base_url, coordinator=a) as ca, \
+                voiceapi.AsyncVoiceClient(emu.access_key, emu.secret_key,
+                                          base_url=emu.base_url, coordinator=b) as cb:
+            first = await ca.custom_voices.create_many(
+                [{"voice_name": f"a{i}", "voice_url": url} for i in range(3)], wait=False)
+            assert all(r.task is not None for r in first)
+            second = await cb.custom_voices.create_many(
+                [{"voice_name": f"b{i}", "voice_url": url} for i in range(3)],
+                poll_interval=0.05, timeout=10)
+        assert [r.ok for r in second] == [True] * 3, [r.error for r in second]
+        assert emu.peak_in_progress <= 3
