@@ -94,7 +94,7 @@ async def test_two_batches_of_one_worker_never_create_the_same_item_twice(
         assert emu.stats()["tasks_per_external_id"] == {"1": 3}
 
 
-@pytest.mark.parametrize("url", ["redis://user:s3cret-pw@[::1/0", "redis://:s3cret-pw@[zz]:1/0"])
+@pytest.mark.parametrize("url", ["redis://user:s3cret-pw@[::1/0", "redis://:s3cret-pw@[::1:6379/0"])
 def test_a_redis_url_urllib_cannot_split_is_a_validation_error_without_its_password(
         url: str) -> None:
     """A bad IPv6 host: masking the password in redis-py's message split the URL again, and
