@@ -155,7 +155,8 @@ class Submitter:
         it: it goes back (in the background: we are being cancelled). Before, it stayed held
         for the coordinator's lifetime, neither created nor in doubt."""
         def undo(grant: Grant) -> None:
-            if grant is Grant.CREATE:
+            # Not a key another batch sends: its slot, re-granted to its worker, is that one's.
+            if grant is Grant.CREATE and not self._sending_elsewhere(key):
                 task = asyncio.ensure_future(self._coord.release(key))
                 _GIVE_BACKS.add(task)
                 task.add_done_callback(_given_back)
