@@ -178,6 +178,11 @@ class _Run:
                                  item_timeout=item_timeout, poll_interval=poll_interval,
                                  callbacks=callbacks, retry=self._retry,
                                  journal=self._journal)
+        follow_with = getattr(coordinator, "follow_with", None)
+        if follow_with is not None:
+            # A shared coordinator follows the tasks it holds slots for once this batch has
+            # returned (wait=False, timed-out items): it needs a way to look at them.
+            follow_with(self.follower.tracker.poll, api.lookup)
 
     # --- hooks for the parts ------------------------------------------------------------------
 

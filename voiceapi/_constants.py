@@ -106,6 +106,9 @@ BATCH_PROGRESS_INTERVAL = 0.05
 # A task holding a slot that no batch has asked about for this long is an orphan (its batch
 # returned with wait=False or timed-out items): the next poll of any batch follows it.
 BATCH_ORPHAN_AFTER = 10.0
+# An abandoned create (cancelled unanswered) that Kling did not know is asked again after this:
+# batches poll far more often, and each look is a request against the account's rate.
+BATCH_DOUBT_LOOKUP_GAP = 1.0
 # Retries of a failed item under a fresh id (retry_failed=True) per rerun chain.
 BATCH_MAX_RETRY_GENERATIONS = 8
 

@@ -34,6 +34,10 @@ Optional extension: ``key_waits(key) -> bool``. True when the last ``acquire(key
 WAIT because of that key alone (e.g. a dead worker's slot for it is not settled yet), not for
 want of a slot: the scheduler sets that item aside (as for FOLLOW) and goes on with the others.
 
+Optional extension: ``follow_with(poll, lookup)`` (a plain method). Each batch calls it as it
+starts, so that a shared coordinator can follow the tasks it holds slots for after every batch
+following them has returned (``wait=False``), even while no batch runs.
+
 Layering: this module depends only on the models; the scheduler and the client depend on it.
 """
 

@@ -195,6 +195,8 @@ class LocalCoordinator:
         #: slot stays held until a lookup in ``observe`` settles them.
         self._doubt: dict[str, float] = {}
         self._settling: set[str] = set()  # doubtful keys being looked up right now
+        #: Doubtful key -> when it may be looked up again (BATCH_DOUBT_LOOKUP_GAP apart).
+        self._doubt_next: dict[str, float] = {}
         #: Settled doubts found still running: held here, but no batch created them, so
         #: batches follow them as another's and never free them; observe() does.
         self._unowned: set[str] = set()
@@ -252,12 +254,14 @@ class LocalCoordinator:
 
     def _hold(self, key: str, task_id: str) -> None:
         self._doubt.pop(key, None)
+        self._doubt_next.pop(key, None)
         self._held[key] = task_id
         self._by_task[task_id] = key
         self._followed[key] = time.monotonic()
 
     def _free(self, key: str) -> None:
         self._doubt.pop(key, None)
+        self._doubt_next.pop(key, None)
         self._unowned.discard(key)
         task_id = self._held.pop(key, None)
         if task_id is not None:
@@ -326,6 +330,8 @@ class LocalCoordinator:
         for key, since in list(self._doubt.items()):
             if key in self._settling or self._held.get(key, "") is not None:
                 continue  # being looked up, or settled by an answer meanwhile
+            if now < min(self._doubt_next.get(key, 0.0), since + C.BATCH_ORPHAN_AFTER):
+                continue  # not found a moment ago: polls come far more often than that
             self._settling.add(key)
             try:
                 task = await lookup(key)
@@ -339,6 +345,8 @@ class LocalCoordinator:
                 if now - since >= C.BATCH_ORPHAN_AFTER:
                     self._free(key)  # nothing landed: the slot is free, the key is new
                     self._notify()
+                else:  # asked again a little later, or once it is old enough to be freed
+                    self._doubt_next[key] = now + C.BATCH_DOUBT_LOOKUP_GAP
                 continue
             self._created[key] = None
             if task.is_terminal:

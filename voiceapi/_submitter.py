@@ -10,10 +10,13 @@ backs off by time; any other answer is the item's result.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from . import _constants as C
 from ._aio import within
@@ -25,6 +28,28 @@ from ._errors import RateLimitError, VoiceAPIError
 from ._models import VoiceTask
 
 OnCreated = Callable[[Entry, Created], Awaitable[None]]
+#: Keys being created right now, per coordinator (weakly: entries live only while a send
+#: runs): the batches sharing one coordinator never create the same key at once.
+_SENDING: weakref.WeakKeyDictionary[Any, dict[str, set[asyncio.Task[None]]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _sends_of(coord: Any) -> dict[str, set[asyncio.Task[None]]] | None:
+    try:
+        return _SENDING.get(coord)
+    except TypeError:  # a coordinator that cannot be weakly referenced: not tracked
+        return None
+
+
+#: Slot give-backs running in the background (see ``Submitter._give_back``): referenced here
+#: until they end, as the event loop keeps only weak references to tasks.
+_GIVE_BACKS: set[asyncio.Future[None]] = set()
+
+
+def _given_back(task: asyncio.Future[None]) -> None:
+    _GIVE_BACKS.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: a failed give-back lapses like any lease (no log noise)
 #: An item whose task another worker created: (item, task id, status from the journal).
 OnForeign = Callable[[Entry, str, str], Awaitable[None]]
 
@@ -91,6 +116,13 @@ class Submitter:
                 self.slot_blocked = True
                 return
             self._take(entry)
+            if grant is Grant.CREATE and self._sending_elsewhere(entry.key):
+                # Another batch on this coordinator is creating the key right now. A shared
+                # coordinator grants a slot its worker already holds to that worker again (a
+                # RedisCoordinator does: "asking again is harmless"), so two concurrent batches
+                # sharing an item both created it. Follow it instead, as for a key another
+                # worker holds (the slot is the other batch's, keyed by the same id).
+                grant = Grant.FOLLOW
             if grant is not Grant.CREATE:
                 # FOLLOW: another batch creates it. WAIT for this key alone: its earlier create
                 # is being settled. Either way look again a little later, and look it up
@@ -102,6 +134,8 @@ class Submitter:
                 continue
             task = asyncio.ensure_future(self._send(entry))
             self.sending[task] = entry
+            with contextlib.suppress(TypeError):  # see _sends_of
+                _SENDING.setdefault(self._coord, {}).setdefault(entry.key, set()).add(task)
             task.add_done_callback(self._sent)
 
     async def _acquire(self, key: str) -> Grant:
@@ -113,7 +147,20 @@ class Submitter:
         left = self._deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError
-        return await within(self._coord.acquire(key), left)
+        return await within(self._coord.acquire(key), left, undo=self._give_back(key))
+
+    def _give_back(self, key: str) -> Callable[[Grant], None]:
+        """For ``within(undo=)``: on Python 3.10 acquire() runs as a task of its own, and a
+        slot it was granted as the batch was cancelled reached nobody. Nothing was sent under
+        it: it goes back (in the background: we are being cancelled). Before, it stayed held
+        for the coordinator's lifetime, neither created nor in doubt."""
+        def undo(grant: Grant) -> None:
+            # Not a key another batch sends: its slot, re-granted to its worker, is that one's.
+            if grant is Grant.CREATE and not self._sending_elsewhere(key):
+                task = asyncio.ensure_future(self._coord.release(key))
+                _GIVE_BACKS.add(task)
+                task.add_done_callback(_given_back)
+        return undo
 
     def _key_waits(self, key: str) -> bool:
         key_waits = getattr(self._coord, "key_waits", None)
@@ -158,8 +205,22 @@ class Submitter:
             else:
                 self.pending.append(entry)
 
+    def _sending_elsewhere(self, key: str) -> bool:
+        """A batch on this coordinator (not this one: its keys are unique) sends ``key``. A
+        send whose loop was closed under it never ends: it sends nothing any more."""
+        sends = _sends_of(self._coord)
+        return sends is not None and any(
+            not t.done() and not t.get_loop().is_closed() for t in sends.get(key, ()))
+
     def _sent(self, task: asyncio.Task[None]) -> None:
-        self.sending.pop(task, None)
+        entry = self.sending.pop(task, None)
+        sends = _sends_of(self._coord)
+        if entry is not None and sends is not None:
+            tasks = sends.get(entry.key)
+            if tasks is not None:
+                tasks.discard(task)
+                if not tasks:
+                    del sends[entry.key]
         if not task.cancelled() and task.exception() is not None and self.failure is None:
             # A bug or a coordinator that failed (e.g. its server is gone): the batch stops
             # with it rather than leaving the item in limbo.

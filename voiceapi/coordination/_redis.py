@@ -76,7 +76,14 @@ def _redact(url: str) -> str:
 
 def _without_password(text: str, url: str) -> str:
     """``text`` (a parser's message about ``url``) with the URL's password masked."""
-    password = urllib.parse.urlsplit(url).password  # read without checking the port
+    try:
+        password = urllib.parse.urlsplit(url).password  # read without checking the port
+    except ValueError:
+        # A URL urllib cannot split either (a bad IPv6 host): this runs while reporting
+        # that, so it must not raise a bare ValueError in turn. Read the userinfo by hand.
+        netloc = url.partition("://")[2].partition("/")[0]
+        userinfo, at, _ = netloc.rpartition("@")
+        password = userinfo.partition(":")[2] if at else None
     return text.replace(password, "***") if password else text
 
 
@@ -262,6 +269,9 @@ class RedisCoordinator:
         self._wake_event = asyncio.Event()
         self._backoff_until = 0.0  # monotonic; a shared backoff seen by acquire
         self._lookup: LookupFunction | None = None
+        #: The last batch's poll function: the renew loop follows held tasks with it while no
+        #: batch observes (see ``_follow_while_idle``).
+        self._poll: PollFunction | None = None
         self._last_resolve = float("-inf")
         self._last_observe = float("-inf")
         self._observe_every: float | None = None  # this worker's observe interval (EMA)
@@ -421,6 +431,7 @@ class RedisCoordinator:
             await asyncio.sleep(self._lease / 3)
             try:
                 await self.renew()
+                await self._follow_while_idle()
             except CoordinationError as exc:
                 # The next protocol call raises; meanwhile keep trying (the outage may pass
                 # before our leases lapse).
@@ -440,6 +451,33 @@ class RedisCoordinator:
             self._held.discard(key)
             self._adopted.pop(key, None)
             self._task_of.pop(key, None)
+
+    def follow_with(self, poll: PollFunction, lookup: LookupFunction) -> None:
+        """How to look at tasks at Kling, given by each batch as it starts (an extra to the
+        Coordinator protocol): the renew loop follows held tasks no batch follows with it."""
+        self._poll = poll
+        self._lookup = lookup
+
+    async def _follow_while_idle(self) -> None:
+        """Follow this worker's held tasks while no batch observes: a worker whose batch
+        returned with tasks still running (``wait=False``) and that runs no other batch
+        renewed their leases for as long as it lived, so the other workers sharing the cap
+        never got those slots back. A failed poll is tried again at the next renewal."""
+        poll = self._poll
+        if poll is None or time.monotonic() - self._last_observe < self._lease:
+            return  # a batch observes (and follows them): nothing to do here
+        follow = {tid: key for key, tid in self._adopted.items()} | self._unfollowed(())
+        if not follow:
+            return
+        try:
+            seen = await poll(set(follow))
+        except Exception as exc:
+            log.debug("following held tasks failed (%s); will retry", type(exc).__name__)
+            return
+        for task_id, key in follow.items():
+            task = seen.get(task_id)
+            if task is not None and task.is_terminal and self._task_of.get(key) == task_id:
+                await self.finished(key, task_id, task.task_status.value)
 
     async def _listen(self) -> None:
         delay = 0.1
@@ -521,7 +559,7 @@ class RedisCoordinator:
                         "epoch"),
                 [key, self.worker_id, int(self._lease * 1000), self._ceiling,
                  self._fixed or C.BATCH_INITIAL_SLOTS, D.STATE_TTL_SECONDS * 1000,
-                 self._epoch])
+                 self._epoch, uuid.uuid4().hex])
         except asyncio.CancelledError:
             # Redis may have granted the slot before the answer was lost to the cancel. The
             # caller will not create under it, so give it back (in the background: we are
@@ -704,6 +742,7 @@ class RedisCoordinator:
     async def observe(self, mine: Collection[str], poll: PollFunction,
                       lookup: LookupFunction) -> Mapping[str, VoiceTask]:
         self._lookup = lookup
+        self._poll = poll
         unfollowed = self._unfollowed(mine)
         ids = set(mine) | set(self._adopted.values()) | set(unfollowed)
         leader_ms = int(self._lease * 1000)

@@ -37,10 +37,12 @@ return redis.call('GET', KEYS[1])
 """
 
 # KEYS: slots orphans owners journal cap backoff_create epoch
-# ARGV: key me lease_ms ceiling initial state_ttl_ms epoch_token
+# ARGV: key me lease_ms ceiling initial state_ttl_ms epoch_token fresh_token
 # -> {grant, cap, backoff_ms, state_lost(0/1), key_unresolved(0/1)}
 # state_lost: the epoch is not the caller's (the journal it relied on is gone): the grant stands,
-# but its key may exist at Kling, so the caller must look it up before creating.
+# but its key may exist at Kling, so the caller must look it up before creating. A missing
+# epoch gets a FRESH token, never the caller's: writing the caller's old token back made every
+# other worker of the old state find its own token in place and miss the loss.
 ACQUIRE = _PRELUDE + """
 local key, me, lease = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local ceiling, initial = tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -48,7 +50,7 @@ local lost = 0
 local epoch = redis.call('GET', KEYS[7])
 if epoch ~= ARGV[7] then
   lost = 1
-  if not epoch then redis.call('SET', KEYS[7], ARGV[7]) end
+  if not epoch then redis.call('SET', KEYS[7], ARGV[8]) end
 end
 redis.call('PEXPIRE', KEYS[7], ARGV[6])
 sweep(KEYS[1], KEYS[2])
