@@ -279,3 +279,31 @@ async def test_middlewares_none_means_no_middlewares(emu: KlingEmulator) -> None
     async with voiceapi.AsyncVoiceClient(api_key=emu.api_key, base_url=emu.base_url,
                                          middlewares=None) as client:  # type: ignore[arg-type]
         assert len(await client.preset_voices.list(page_size=1)) == 1
+
+
+async def test_a_credential_that_cannot_sign_leaves_a_failed_task_error_intact(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """wait() masks the client's credential in a TaskFailedError; a credential that fails to
+    sign at that moment must not replace the error being built."""
+    from voiceapi._auth import JWTCredentials
+
+    async with KlingEmulator(task_seconds=0.05) as emu, voiceapi.AsyncVoiceClient(
+            emu.access_key, emu.secret_key, base_url=emu.base_url,
+            retry_policy=FAST_RETRY) as client:
+        task = await client.custom_voices.create(
+            voice_name="x", voice_url=f"{emu.sample_url()}?kling_fail=bad-sample")
+        with pytest.raises(voiceapi.TaskFailedError):  # the task has failed by now
+            await client.custom_voices.wait(task, timeout=30, poll_interval=0.05)
+        real = JWTCredentials.authorization
+        calls: list[int] = []
+
+        def flaky(self: JWTCredentials) -> str:
+            calls.append(1)
+            if len(calls) > 1:  # the one poll signs; the mask right after it cannot
+                raise RuntimeError("signing is broken now")
+            return real(self)
+
+        monkeypatch.setattr(JWTCredentials, "authorization", flaky)
+        with pytest.raises(voiceapi.TaskFailedError, match="bad-sample"):
+            await client.custom_voices.wait(task, timeout=30, poll_interval=0.05)
+        assert len(calls) == 2

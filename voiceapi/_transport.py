@@ -273,8 +273,12 @@ class Transport:
 
     def credential_mask(self) -> SentCredential:
         """This client's credential, to mask in server text quoted outside an answer's own
-        decoding (a failed task's message in a TaskFailedError)."""
-        return SentCredential(self.config.credentials.authorization())
+        decoding (a failed task's message in a TaskFailedError). Never fails: a credentials
+        object of the user's own that cannot sign now must not replace the error being built."""
+        try:
+            return SentCredential(self.config.credentials.authorization())
+        except Exception:  # the JWT pattern still masks any token
+            return SentCredential(None)
 
     @staticmethod
     def _sent(request: Request) -> SentCredential:
