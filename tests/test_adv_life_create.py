@@ -60,6 +60,14 @@ async def test_a_lookup_that_keeps_failing_ends_in_an_unknown_outcome_not_a_rese
     assert "may exist" in str(info.value)
 
 
+def _answer_ok(writer: asyncio.StreamWriter, data: dict[str, object]) -> None:
+    """A 200 with a success envelope around ``data``."""
+    body = json.dumps({"code": 0, "message": "SUCCEED", "request_id": "r",
+                       "data": data}).encode()
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
 async def test_a_create_answered_about_another_task_is_never_adopted() -> None:
     # The POST itself is answered with someone else's task (a cache or a misrouting gateway):
     # before, create() returned it, and the caller went on to wait for a stranger's voice.
@@ -72,10 +80,7 @@ async def test_a_create_answered_about_another_task_is_never_adopted() -> None:
         else:  # the lookup by our own external id finds our task
             payload = {"task_id": "1", "task_status": "submitted",
                        "task_info": {"external_task_id": target.rsplit("/", 1)[1]}}
-        body = json.dumps({"code": 0, "message": "SUCCEED", "request_id": "r",
-                           "data": payload}).encode()
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        _answer_ok(writer, payload)
         return True
 
     async with raw_server(answer) as (base, seen), voiceapi.AsyncVoiceClient(
@@ -88,11 +93,8 @@ async def test_a_create_answered_about_another_task_is_never_adopted() -> None:
 
 async def test_a_create_answer_with_our_id_as_a_number_is_ours() -> None:
     async def answer(method: str, target: str, writer: asyncio.StreamWriter) -> bool:
-        body = json.dumps({"code": 0, "message": "SUCCEED", "request_id": "r", "data": {
-            "task_id": 7, "task_status": "submitted",
-            "task_info": {"external_task_id": 12345}}}).encode()
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        _answer_ok(writer, {"task_id": 7, "task_status": "submitted",
+                            "task_info": {"external_task_id": 12345}})
         return True
 
     async with raw_server(answer) as (base, seen), voiceapi.AsyncVoiceClient(
