@@ -472,7 +472,14 @@ async def test_a_create_cancelled_at_the_deadline_is_looked_up(lookup: str) -> N
     """The create never landed (the connection drops before any work; the SDK waits before
     resending): at the deadline it is cancelled and looked up. An answered not-found means
     "not submitted"; a lookup that cannot answer in time says the task may exist."""
-    slow_retry = voiceapi.RetryPolicy(initial_delay=5, max_delay=5, rate_limit_min_delay=0.01)
+    # What this guards: the batch ends at its deadline (plus the lookup grace), it does not sit
+    # out the retry delay. A retry delay of a minute (inside the default retry budget of
+    # 180 s, so the SDK does wait it out) and a batch that ends within half of it prove exactly
+    # that, and no load stretches 1.3 s of timers (timeout 0.5 + BATCH_DEADLINE_GRACE 0.8) to
+    # 30 s. The former bound of 1.5 s against a 5 s delay went red under load.
+    delay, bound = 60.0, 30.0
+    slow_retry = voiceapi.RetryPolicy(initial_delay=delay, max_delay=delay,
+                                      rate_limit_min_delay=0.01)
     async with KlingEmulator(concurrency=5, task_seconds=0.1) as emu:
         emu.inject("create", "reset", times=100)
         if lookup == "hangs":  # the first lookup (is this a rerun?) answers, later ones drop
@@ -480,8 +487,9 @@ async def test_a_create_cancelled_at_the_deadline_is_looked_up(lookup: str) -> N
             emu.inject("get", "reset", times=100)
         async with client_for(emu, retry_policy=slow_retry, timeout=1.2) as client:
             started = time.monotonic()
-            results = await client.custom_voices.create_many(items_for(emu, 1), timeout=0.5)
-            assert time.monotonic() - started <= 1.5
+            results = await asyncio.wait_for(
+                client.custom_voices.create_many(items_for(emu, 1), timeout=0.5), bound)
+            assert time.monotonic() - started < bound < delay
     [result] = results
     assert isinstance(result.error, NotSubmittedError) and result.task is None
     assert ("may exist" in str(result.error)) == (lookup == "hangs")

@@ -145,6 +145,7 @@ def test_no_coordinator_adds_no_middleware() -> None:
 
 #: Held handlers wait for this; the test sets it before its server stops.
 RELEASE = web.AppKey("release", asyncio.Event)
+SEEN = web.AppKey("seen", list[str])  # paths of the requests a test server answered
 
 
 # --- 12.1 close() while other threads (or tasks) are in calls --------------------------------
@@ -397,26 +398,24 @@ async def test_rate_limit_still_paces_after_cancellations() -> None:
 # --- 12.5 retry_budget is a hard cap ------------------------------------------------------------
 
 async def test_last_attempt_is_clipped_to_the_retry_budget() -> None:
-    seen = 0
-
-    async def never(request: web.Request) -> web.Response:
-        nonlocal seen
-        seen += 1
-        return await _never(request)
-
+    # The first attempt fails at once (503), the second is never answered. Its own timeout is
+    # 30 s, the call's budget 1 s: clipped, the call ends at about 1 s; unclipped, at 30 s. A
+    # bound of 15 s tells them apart however loaded the machine (0.7 s attempts against a
+    # 1.25 s bound, as before, could be hit by load).
     app = web.Application()
     app[RELEASE] = asyncio.Event()
-    app.router.add_route("*", "/{tail:.*}", never)
+    app[SEEN] = []
+    app.router.add_route("*", "/{tail:.*}", _fails_then_never)
     async with serve(app) as base:
-        async with voiceapi.AsyncVoiceClient(api_key="k", base_url=base, timeout=0.7,
+        async with voiceapi.AsyncVoiceClient(api_key="k", base_url=base, timeout=30,
                                              retry_budget=1.0, retry_policy=FAST_RETRY) as client:
             start = time.monotonic()
             with pytest.raises(voiceapi.APITimeoutError):
                 await client.preset_voices.list()
             took = time.monotonic() - start
         app[RELEASE].set()  # let the held handlers end, so the server stops at once
-    assert seen == 2
-    assert took < 1.0 + 0.25  # not 1.4 s: the second attempt got only what was left
+    assert len(app[SEEN]) == 2
+    assert took < 15  # not 30 s: the second attempt got only what was left of the budget
 
 
 def test_attempt_timeout_follows_the_deadline() -> None:
@@ -506,6 +505,14 @@ async def _redirect_loop(request: web.Request) -> web.Response:
 async def _never(request: web.Request) -> web.Response:
     await asyncio.wait_for(request.app[RELEASE].wait(), 30)
     return web.Response()
+
+
+async def _fails_then_never(request: web.Request) -> web.Response:
+    """The first request gets a 503 at once (retried); every later one waits for RELEASE."""
+    request.app[SEEN].append(request.path)
+    if len(request.app[SEEN]) == 1:
+        return web.Response(status=503)
+    return await _never(request)
 
 
 @pytest.mark.parametrize("fault", ["malformed", "redirect", "timeout", "refused"])
@@ -834,7 +841,8 @@ async def test_sync_client_errors_carry_no_secrets_and_keep_the_budget() -> None
     malformed = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     app = web.Application()
     app[RELEASE] = asyncio.Event()
-    app.router.add_route("*", "/{tail:.*}", _never)
+    app[SEEN] = []
+    app.router.add_route("*", "/{tail:.*}", _fails_then_never)
 
     def call(base: str, **kw: float) -> tuple[voiceapi.VoiceAPIError, str, float]:
         with voiceapi.VoiceClient("ak", SECRET, base_url=base, retry_policy=FAST_RETRY,
@@ -853,9 +861,11 @@ async def test_sync_client_errors_carry_no_secrets_and_keep_the_budget() -> None
             text = "\n".join(_everything(err))
             for secret in (SECRET, token, token.removeprefix("Bearer ")):
                 assert secret not in text
-            err, _, took = await asyncio.to_thread(call, hanging, timeout=0.7, retry_budget=1.0)
+            # As in test_last_attempt_is_clipped_to_the_retry_budget: a 503, then a 30 s
+            # attempt that the 1 s budget clips (15 s tells clipped from not, under any load).
+            err, _, took = await asyncio.to_thread(call, hanging, timeout=30, retry_budget=1.0)
             assert isinstance(err, voiceapi.APITimeoutError)
-            assert took < 1.0 + 0.25
+            assert took < 15 and len(app[SEEN]) == 2
             app[RELEASE].set()
     finally:
         server.close()

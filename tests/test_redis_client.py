@@ -190,22 +190,31 @@ async def test_redis_gone_mid_batch_stops_create_many_clearly() -> None:
             async with coord, voiceapi.AsyncVoiceClient(
                     emu.access_key, emu.secret_key, base_url=emu.base_url,
                     coordinator=coord, max_retries=1) as client:
+                # A batch timeout far from the time the outage takes to surface: "stopped on
+                # the outage" is then told from "ran to its timeout" under any load (8 s
+                # against a 6 s bound could be hit by a loaded machine).
                 batch = asyncio.ensure_future(client.custom_voices.create_many(
-                    items, poll_interval=0.1, timeout=8))
-                for _ in range(200):  # bounded: until the slots are taken
-                    if emu.count("create") >= 3:
+                    items, poll_interval=0.1, timeout=90))
+                # Until the three creates are accepted into the shared journal, not merely
+                # seen by the server: stopped in between, a create's answer found Redis gone
+                # and its item got the NotSubmittedError of a cancelled create, so no item
+                # carried the CoordinationError asserted below (seen under load). Bounded.
+                for _ in range(600):
+                    if (await coord.snapshot())["journal"] >= 3:
                         break
                     await asyncio.sleep(0.05)
+                assert (await coord.snapshot())["journal"] >= 3
                 srv.stop()
                 stopped = time.monotonic()
                 outcome = await asyncio.gather(batch, return_exceptions=True)
                 took = time.monotonic() - stopped
-    assert took < 6, took  # stopped on the outage, not at the batch timeout (8 s)
+    assert took < 45, took  # stopped on the outage, not at the batch timeout (90 s)
     # Either raised, or every item carries the outage: tasks that were running get the
     # CoordinationError, items never sent a NotSubmittedError that names it.
     if not isinstance(outcome[0], CoordinationError):
         results: list[voiceapi.BatchResult] = outcome[0]  # type: ignore[assignment]
-        shown = [(r.ok, type(r.error).__name__, str(r.error)[:90]) for r in results]
+        shown = [(r.ok, None if r.task is None else r.task.task_status.value,
+                  type(r.error).__name__, str(r.error)[:300]) for r in results]
         errors = [r.error for r in results]
         assert all(isinstance(e, CoordinationError) or (
             isinstance(e, voiceapi.NotSubmittedError) and "unreachable" in str(e))
@@ -224,12 +233,17 @@ async def test_workers_sharing_items_do_not_look_each_item_up_before_creating_it
                  for i in range(16)]
 
         async def worker(second: bool) -> list[voiceapi.BatchResult]:
-            # The second starts once the first has created some (a condition, not a delay:
-            # a loaded machine may take any time to get there). Bounded: 30 s.
-            for _ in range(3000 if second else 0):
-                if emu.task_count >= 2:
-                    break
-                await asyncio.sleep(0.01)
+            # The second starts once the first has created some and journaled its first
+            # item (conditions, not a delay: a loaded machine may take any time to get
+            # there). Seeing item 0 at Kling before the first worker had journaled it made
+            # the second's probe call it a rerun: a lookup per item (pinned as a product race
+            # by test_flakes_findings.py). Bounded: 30 s.
+            if second:
+                async with RedisCoordinator(server.url, namespace=ns) as peek:
+                    for _ in range(3000):
+                        if emu.task_count >= 2 and await peek.known([items[0]["external_task_id"]]):
+                            break
+                        await asyncio.sleep(0.01)
             async with RedisCoordinator(server.url, namespace=ns) as coord, \
                     voiceapi.AsyncVoiceClient(emu.access_key, emu.secret_key,
                                               base_url=emu.base_url, coordinator=coord) as c:
@@ -242,4 +256,6 @@ async def test_workers_sharing_items_do_not_look_each_item_up_before_creating_it
     assert emu.stats()["tasks_per_external_id"] == {"1": 16}
     # One probe per worker at most; each of the second worker's creates looked up first
     # would add one more.
-    assert emu.count("get", code=1201) <= 2, emu.count("get", code=1201)
+    assert emu.count("get", code=1201) <= 2, [
+        (r.method, r.path, r.external_task_id) for r in emu.requests
+        if r.route == "get" and r.code == 1201]
