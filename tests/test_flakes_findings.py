@@ -44,13 +44,6 @@ class _OutageDuringAPoll(LocalCoordinator):
         raise CoordinatorError("the store is unreachable (observe)")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product race (voiceapi/_submitter.py + _batch.py, not this helper's files): a create whose "
-    "coordinator.accepted() fails is dropped from Submitter.sending by its done-callback and "
-    "only recorded as Submitter.failure; when a poll fails fatally in the same loop turn, "
-    "_end_early() runs (cancel/follower.end/give_up) and never looks at that failure, so the "
-    "item is returned with task=None and error=None although its task exists at Kling. Seen "
-    "as test_redis_gone_mid_batch_stops_create_many_clearly flaking under load"))
 async def test_an_item_whose_accept_fails_during_a_fatal_poll_keeps_an_outcome() -> None:
     async with KlingEmulator(concurrency=5, task_seconds=30) as emu:
         url = emu.sample_url(10)
@@ -128,15 +121,6 @@ async def test_a_probe_that_finds_a_create_not_yet_journaled_is_not_a_rerun() ->
     assert emu.count("get", code=1201) == 0, emu.count("get", code=1201)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product race (voiceapi/coordination/_scripts.py ACQUIRE, not this helper's files): every "
-    "worker joins the same epoch token; after Redis loses the state, the first worker's ACQUIRE "
-    "sees no epoch, flags itself state_lost and SETs the epoch back to that same shared token, "
-    "so every other worker's ACQUIRE finds its own token and never learns the journal is gone: "
-    "it keeps vouches_for_creates and creates without a lookup. On a server that accepts "
-    "repeated external ids that is a second task: seen as "
-    "test_three_processes_on_a_server_that_accepts_repeated_ids[kill-one-and-restart] "
-    "flaking ({'1': 23, '2': 1}, Python 3.10, thorough, -n 2)"))
 async def test_every_worker_learns_that_redis_lost_the_shared_state() -> None:
     import uuid
 

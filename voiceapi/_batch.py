@@ -383,11 +383,10 @@ class _Run:
         submitter, follower = self.submitter, self.follower
         while True:
             now = time.monotonic()
+            self._raise_send_failure()
             if self.deadline is not None and now >= self.deadline:
                 await self._end_at_deadline()
                 return
-            if submitter.failure is not None:
-                raise submitter.failure
             next_expiry = follower.expire(now)
             await submitter.start(follower.own_slots)
             if submitter.want_poll:
@@ -439,6 +438,7 @@ class _Run:
         still waiting, and give every unsent item a NotSubmittedError."""
         assert self.timeout is not None
         unknown = await self.submitter.cancel()
+        self._raise_send_failure()
         await self._resolve_unknown(unknown)
         self.follower.time_out_all(self.timeout)
         for entry, jentry in self._unchecked.values():
@@ -450,10 +450,21 @@ class _Run:
                                                                   None))
         self.submitter.give_up(f"the batch timeout of {self.timeout:g}s was reached")
 
+    def _raise_send_failure(self) -> None:
+        """A send failed outside the API (a coordinator whose store is gone could not record
+        a create that reached Kling): its item was taken off every queue and has no outcome
+        to report, so the batch ends with that failure. Checked before any way of ending
+        the batch, as a send can fail in the same loop turn as a fatal poll or the deadline:
+        those ends only report the items they still hold."""
+        if self.submitter.failure is not None:
+            raise self.submitter.failure
+
     async def _end_early(self, error: VoiceAPIError) -> None:
         """An error no retry cures (closed client, credentials): stop sending, and report it
         for every item still open."""
-        for entry in await self.submitter.cancel():
+        cancelled = await self.submitter.cancel()
+        self._raise_send_failure()
+        for entry in cancelled:
             self.ledger.resolve(entry, error=NotSubmittedError(
                 f"the create of {entry.key} was cancelled ({error}); it may exist"))
         self.follower.end(error)
