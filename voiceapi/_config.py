@@ -152,8 +152,8 @@ def _proxy(value: object) -> str | None:
     return url
 
 
-def _number(value: object, name: str, *, minimum: float = 0.0, exclusive: bool = True,
-            integer: bool = False) -> float:
+def checked_number(value: object, name: str, *, minimum: float = 0.0,
+                   exclusive: bool = True, integer: bool = False) -> float:
     """A finite real number above (or at) ``minimum``. Strings from env/config files, bools,
     None, NaN and infinities are refused by name rather than failing later as TypeError."""
     # The numbers ABCs, so numpy scalars and Fractions pass; bool is an int but never meant.
@@ -193,11 +193,12 @@ def make_config(
     env = os.environ if env is None else env
     creds = resolve_credentials(access_key, secret_key, api_key, env)
     url = _base_url(base_url, env)
-    timeout = _number(timeout, "timeout")
-    _number(max_retries, "max_retries", exclusive=False, integer=True)
-    retry_budget = _number(retry_budget, "retry_budget")
+    timeout = checked_number(timeout, "timeout")
+    checked_number(max_retries, "max_retries", exclusive=False, integer=True)
+    retry_budget = checked_number(retry_budget, "retry_budget")
     if max_requests_per_second is not None:
-        max_requests_per_second = _number(max_requests_per_second, "max_requests_per_second")
+        max_requests_per_second = checked_number(max_requests_per_second,
+                                                 "max_requests_per_second")
     if max_concurrent_requests is None:
         max_concurrent_requests = C.DEFAULT_MAX_CONCURRENT_REQUESTS
     elif isinstance(max_concurrent_requests, bool) or not isinstance(

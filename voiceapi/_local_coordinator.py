@@ -19,6 +19,7 @@ from typing import IO
 from . import _constants as C
 from ._aio import within
 from ._batch_models import JournalError
+from ._config import checked_number
 from ._coordinator import Grant, JournalEntry, LookupFunction, PollFunction
 from ._errors import ValidationError
 from ._models import TaskStatus, VoiceTask
@@ -167,11 +168,8 @@ class LocalCoordinator:
                  journal: str | os.PathLike[str] | None = None,
                  rate_limit_delay: float = C.RATE_LIMIT_MIN_DELAY) -> None:
         self._cap = SlotCap(max_in_flight)
-        if isinstance(rate_limit_delay, bool) or not isinstance(rate_limit_delay, (int, float)) \
-                or not 0 <= rate_limit_delay < float("inf"):
-            # checked here: a bad value only failed (or hung for ever, for inf) at a 1303
-            raise ValidationError(f"rate_limit_delay must be a finite number >= 0, got "
-                                  f"{rate_limit_delay!r}")
+        # checked here: a bad value only failed (or hung for ever, for inf) at a 1303
+        checked_number(rate_limit_delay, "rate_limit_delay", exclusive=False)
         if journal is not None and not isinstance(journal, (str, os.PathLike)):
             raise ValidationError(f"journal must be a file path, got {type(journal).__name__}")
         # The journal's state is held here only (the file's own copy cost ≈ 80 bytes an item).

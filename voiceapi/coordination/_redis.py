@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import math
 import os
 import random
 import socket
@@ -46,6 +45,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .. import _constants as C
 from .._aio import within
+from .._config import checked_number
 from .._coordinator import Grant, JournalEntry, LookupFunction, PollFunction
 from .._errors import ValidationError
 from .._models import VoiceTask
@@ -136,30 +136,21 @@ def namespace_for(credentials: Any) -> str:
     return hashlib.sha256(_NAMESPACE_SALT + identity).hexdigest()[:16]
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value)
-
-
 def _check_settings(*, lease_seconds: Any, max_in_flight: Any, max_requests_per_second: Any,
                     orphan_grace: Any, stale_after: Any) -> None:
     """Bad settings are a ValidationError here, not a TypeError, an OverflowError at the first
     acquire (``lease_seconds=float("inf")``), or a cap of 3 for ``max_in_flight=2.5``."""
-    if not _finite(lease_seconds) or not lease_seconds >= D.MIN_LEASE_SECONDS:
-        # renewal runs every third of it
-        raise ValidationError(f"lease_seconds must be a finite number >= {D.MIN_LEASE_SECONDS}")
+    # renewal runs every third of the lease
+    checked_number(lease_seconds, "lease_seconds", minimum=D.MIN_LEASE_SECONDS, exclusive=False)
     if max_in_flight is not None and (
             isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int)
             or not 1 <= max_in_flight <= C.BATCH_MAX_SLOTS):
         raise ValidationError(f"max_in_flight must be an integer between 1 and "
                               f"{C.BATCH_MAX_SLOTS}")
-    if max_requests_per_second is not None and (
-            not _finite(max_requests_per_second) or not max_requests_per_second > 0):
-        raise ValidationError("max_requests_per_second must be a finite number > 0")
-    if not _finite(orphan_grace) or not orphan_grace >= 0 \
-            or not _finite(stale_after) or not stale_after > 0:
-        raise ValidationError("orphan_grace must be a finite number >= 0 and stale_after a "
-                              "finite number > 0")
+    if max_requests_per_second is not None:
+        checked_number(max_requests_per_second, "max_requests_per_second")
+    checked_number(orphan_grace, "orphan_grace", exclusive=False)
+    checked_number(stale_after, "stale_after")
 
 
 def _credentials_of(obj: Any) -> Any:
