@@ -37,7 +37,8 @@ def _expected(raw: dict[str, Any]) -> VoiceTask:
 
 
 def test_fast_constructors_equal_attrs_constructors_and_stay_frozen() -> None:
-    built = _new_task("1", TaskStatus.FAILED, "m", None, [], None, None, None, None, "failed")
+    built = _new_task("1", TaskStatus.FAILED, "m", None, [], None, None, None, None, "failed",
+                      None, None)
     assert type(built) is VoiceTask
     assert built == VoiceTask("1", TaskStatus.FAILED, "m", raw_status="failed")
     assert repr(built) == repr(VoiceTask("1", TaskStatus.FAILED, "m", raw_status="failed"))
@@ -60,6 +61,85 @@ def test_equal_stamps_share_one_datetime_and_keep_their_value() -> None:
     task = parse_task(raw)
     assert task.updated_at == task.created_at == \
         datetime.fromtimestamp(RECORD["created_at"] / 1000, timezone.utc)
+
+
+def _slots(task: VoiceTask) -> tuple[Any, Any]:
+    """What the two stamp slots hold right now, read past the lazy descriptors."""
+    return (type(task).__dict__["created_at"]._slot.__get__(task),
+            type(task).__dict__["updated_at"]._slot.__get__(task))
+
+
+def test_stamps_are_built_on_first_read_both_at_once() -> None:
+    from voiceapi._models import _PENDING
+
+    task = parse_task(RECORD)
+    assert _slots(task) == (_PENDING, _PENDING)  # the fast path built no datetime
+    assert task.updated_at == datetime.fromtimestamp(1790605869.999, timezone.utc)
+    created, updated = _slots(task)  # reading one built both, and stored them
+    assert created == datetime.fromtimestamp(1790605869.865, timezone.utc)
+    assert created is task.created_at and updated is task.updated_at  # built once
+    same = parse_task({**RECORD, "updated_at": RECORD["created_at"]})
+    assert same.created_at is same.updated_at  # equal stamps share one datetime
+
+
+@pytest.mark.parametrize("read", [
+    repr, attrs.asdict, attrs.astuple, copy.copy, copy.deepcopy,
+    lambda t: attrs.evolve(t, task_status_msg="x"),
+    lambda t: __import__("pickle").loads(__import__("pickle").dumps(t)),
+    lambda t: __import__("voiceapi._decode", fromlist=["converter"]).converter.unstructure(t),
+], ids=["repr", "asdict", "astuple", "copy", "deepcopy", "evolve", "pickle", "unstructure"])
+def test_every_way_of_reading_a_pending_task_sees_datetimes(read: Any) -> None:
+    from voiceapi._models import _PENDING
+
+    expected = _expected(RECORD)
+    out = read(parse_task(RECORD))
+    assert "pending" not in repr(out) and _PENDING not in _flatten(out)
+    assert out == read(expected) or (read is repr and out == repr(expected))
+
+
+def _flatten(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _flatten(v)]
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _flatten(v)]
+    if isinstance(value, VoiceTask):
+        return [value.created_at, value.updated_at]
+    return [value]
+
+
+def test_a_pending_task_equals_the_task_built_by_hand_both_ways() -> None:
+    assert parse_task(RECORD) == _expected(RECORD)
+    assert _expected(RECORD) == parse_task(RECORD)  # the other side's __eq__ reads too
+    assert parse_task(RECORD) != _expected({**RECORD, "updated_at": 1})
+
+
+def test_threads_reading_one_pending_task_all_see_the_same_values() -> None:
+    import threading
+
+    for _ in range(20):
+        task = parse_task(RECORD)
+        seen: list[tuple[Any, Any]] = []
+        start = threading.Barrier(8)
+
+        def read(task: VoiceTask = task) -> None:
+            start.wait(timeout=10)
+            seen.append((task.created_at, task.updated_at))
+
+        threads = [threading.Thread(target=read) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=10)
+        assert len(seen) == 8 and set(seen) == {(_expected(RECORD).created_at,
+                                                 _expected(RECORD).updated_at)}
+
+
+def test_models_built_by_hand_keep_whatever_stamps_they_were_given() -> None:
+    when = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    task = VoiceTask("1", TaskStatus.SUCCEED, created_at=when)
+    assert task.created_at is when and task.updated_at is None
+    odd = VoiceTask("1", TaskStatus.SUCCEED, created_at=5)  # type: ignore[arg-type]
+    assert odd.created_at == 5  # an int given by hand is not taken for milliseconds
 
 
 @pytest.mark.parametrize(("field", "value", "attr", "expected"), [

@@ -17,7 +17,7 @@ import operator
 import re
 import time
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 import attrs
@@ -37,7 +37,7 @@ from ._errors import (
     UnexpectedResponseError,
     printable,
 )
-from ._models import BalanceDeduction, TaskStatus, Voice, VoiceTask
+from ._models import _PENDING, BalanceDeduction, TaskStatus, Voice, VoiceTask, stamp_from_ms
 
 logger = logging.getLogger(C.LOGGER_NAME)
 
@@ -262,7 +262,7 @@ def decode_envelope(
 converter = cattrs.Converter(detailed_validation=False)
 
 
-def _fast_constructor(cls: type[Any]) -> Callable[..., Any]:
+def _fast_constructor(cls: type[Any], extra: tuple[str, ...] = ()) -> Callable[..., Any]:
     """A constructor for a frozen slotted attrs class taking every field positionally.
 
     attrs' own ``__init__`` of a frozen class sets each field through a bound
@@ -274,22 +274,29 @@ def _fast_constructor(cls: type[Any]) -> Callable[..., Any]:
     Where that is refused (another layout, another interpreter) the slot descriptors' own
     ``__set__`` are used. Only for classes without validators, converters or
     ``__attrs_post_init__``: the result is the object ``cls(*values)`` builds.
+
+    ``extra``: slots of a base class (not fields) to fill too, after the fields
+    (``VoiceTask``'s raw timestamps, ``_models._RawStamps``).
     """
     fields = attrs.fields(cls)
     assert not any(f.validator or f.converter for f in fields), cls
     assert not hasattr(cls, "__attrs_post_init__"), cls
-    names = tuple(f.name for f in fields)
+    own = tuple(f.name for f in fields)
+    names = own + extra
     params = ", ".join(f"v{i}" for i in range(len(names)))
-    twin: type[Any] = type(f"_{cls.__name__}Twin", (), {"__slots__": names})
+    # The twin derives from cls's own bases, so base slots (``extra``) lie where cls has them.
+    twin: type[Any] = type(f"_{cls.__name__}Twin", cls.__bases__, {"__slots__": own})
     try:
         probe = twin()
         for name in names:
             setattr(probe, name, None)
         probe.__class__ = cls
     except TypeError:
+        setters = [next(k.__dict__[name] for k in cls.__mro__ if name in k.__dict__).__set__
+                   for name in names]
         body = ["    obj = new(cls)"] + [f"    set{i}(obj, v{i})" for i in range(len(names))]
         scope: dict[str, Any] = {"new": object.__new__, "cls": cls, **{
-            f"set{i}": cls.__dict__[name].__set__ for i, name in enumerate(names)}}
+            f"set{i}": setter for i, setter in enumerate(setters)}}
     else:
         body = ["    obj = twin()"] + [f"    obj.{name} = v{i}" for i, name in enumerate(names)]
         body.append("    obj.__class__ = cls")
@@ -302,10 +309,10 @@ def _fast_constructor(cls: type[Any]) -> Callable[..., Any]:
 
 _new_voice: Callable[[str, str, str, str, str | None], Voice] = _fast_constructor(Voice)
 _new_balance: Callable[[str, str], BalanceDeduction] = _fast_constructor(BalanceDeduction)
-_new_task: Callable[..., VoiceTask] = _fast_constructor(VoiceTask)
+#: Every VoiceTask field, then the two raw millisecond stamps (None unless the fields are
+#: ``_PENDING``).
+_new_task: Callable[..., VoiceTask] = _fast_constructor(VoiceTask, ("_created_ms", "_updated_ms"))
 
-_UTC = timezone.utc
-_fromtimestamp = datetime.fromtimestamp
 #: A known status and its own text, kept as ``raw_status`` instead of the page's copy of it
 #: (equal, and shared: a tracked task holds no string of its own for it).
 _KNOWN_STATUS: dict[str, tuple[TaskStatus, str]] = {m.value: (m, m.value) for m in TaskStatus}
@@ -359,10 +366,7 @@ def _timestamp(value: Any) -> datetime | None:
             value = float(value)
         except ValueError:
             return None
-    try:
-        return _fromtimestamp(value / 1000, _UTC)
-    except (OverflowError, OSError, ValueError):  # out of range, NaN, inf
-        return None
+    return stamp_from_ms(value)  # None when out of range, NaN or infinite
 
 
 def _task_id(value: Any) -> str | None:
@@ -539,13 +543,9 @@ def _structure_task_record(raw: Any, _: Any = VoiceTask) -> VoiceTask:
         voices = []
     else:
         return _structure_task_lenient(raw)
-    try:
-        stamp = _fromtimestamp(created / 1000, _UTC)
-        changed = stamp if updated == created else _fromtimestamp(updated / 1000, _UTC)
-    except (OverflowError, OSError, ValueError):  # out of range
-        return _structure_task_lenient(raw)
-    return _new_task(tid, status, msg, ext or None, voices, stamp, changed, unit, balance,
-                     raw_status)
+    # The datetimes are built when first read (_models._RawStamps): most tasks never are.
+    return _new_task(tid, status, msg, ext or None, voices, _PENDING, _PENDING, unit, balance,
+                     raw_status, created, updated)
 
 
 def _structure_task_lenient(raw: Any) -> VoiceTask:
@@ -579,6 +579,7 @@ def _structure_task_lenient(raw: Any) -> VoiceTask:
         unit if type(unit) is str else (None if unit is None else _money(unit)),
         _balance(get("final_balance_deduction")),
         raw_status,
+        None, None,
     )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import attrs
@@ -69,8 +69,38 @@ class BalanceDeduction:
     list_price: str = ""
 
 
+#: The mark a task read from the API carries in ``created_at``/``updated_at`` until either is
+#: read (``_LazyStamp``); never seen outside this module.
+_PENDING: Any = type("_Pending", (), {"__slots__": (), "__repr__": lambda self: "<pending>"})()
+
+
+def stamp_from_ms(ms: int | float) -> datetime | None:
+    """An API timestamp (milliseconds since the epoch) as an aware UTC datetime; None when it
+    is out of the range a datetime can hold (or NaN)."""
+    try:
+        return datetime.fromtimestamp(ms / 1000, timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+class _RawStamps:
+    """Where the parser leaves a task's two timestamps as the API's milliseconds.
+
+    Turning milliseconds into an aware datetime is the costliest single step of reading a task
+    (the two are a quarter of it), and most tasks read from a page are never asked their times:
+    batch tracking, ``iter_all`` looking for a voice, polling a status. So the parser stores the
+    integers here and marks both fields ``_PENDING``; the first read of either field builds
+    both (``_LazyStamp``), once. Everything that reads a field (attribute access, ``==``,
+    ``repr``, ``attrs.asdict``/``evolve``, pickling, cattrs) sees the datetime, never the mark.
+    """
+
+    __slots__ = ("_created_ms", "_updated_ms")
+    _created_ms: int
+    _updated_ms: int
+
+
 @attrs.frozen(weakref_slot=False)
-class VoiceTask:
+class VoiceTask(_RawStamps):
     """A voice-creation task; ``voices`` holds the created voice once the task succeeded."""
 
     task_id: str
@@ -102,6 +132,42 @@ class VoiceTask:
     def voice_id(self) -> str | None:
         v = self.voice
         return v.voice_id if v is not None else None
+
+
+class _LazyStamp:
+    """``VoiceTask.created_at``/``updated_at``: the slot's own descriptor, plus building both
+    datetimes on the first read of a task the parser left pending (``_RawStamps``)."""
+
+    __slots__ = ("_slot",)
+
+    def __init__(self, slot: Any) -> None:
+        self._slot = slot
+
+    def __get__(self, task: VoiceTask | None, owner: type | None = None) -> Any:
+        if task is None:
+            return self
+        value = self._slot.__get__(task, owner)
+        if value is _PENDING:
+            # Both at once: equal stamps (a task that never changed) then share one object.
+            # Two threads racing here build equal values; either store is right.
+            created = stamp_from_ms(task._created_ms)
+            updated = created if task._updated_ms == task._created_ms else \
+                stamp_from_ms(task._updated_ms)
+            _CREATED.__set__(task, created)
+            _UPDATED.__set__(task, updated)
+            value = self._slot.__get__(task, owner)
+        return value
+
+    def __set__(self, task: VoiceTask, value: Any) -> None:
+        self._slot.__set__(task, value)
+
+    def __delete__(self, task: VoiceTask) -> None:
+        self._slot.__delete__(task)
+
+
+_CREATED, _UPDATED = VoiceTask.__dict__["created_at"], VoiceTask.__dict__["updated_at"]
+VoiceTask.created_at = _LazyStamp(_CREATED)  # type: ignore[assignment]
+VoiceTask.updated_at = _LazyStamp(_UPDATED)  # type: ignore[assignment]
 
 
 @attrs.frozen
