@@ -14,7 +14,10 @@ Groups (both sides send the same headers and the same cached HS256 JWT, and deco
   raw page request;
 - ``sync``: ``VoiceClient.custom_voices.get`` vs ``AsyncVoiceClient.custom_voices.get``;
 - ``parse`` (no HTTP; where a ``list`` call's extra cost goes): ``json.loads`` of the same
-  30-task page vs ``json.loads`` + ``parse_task_list`` into frozen ``VoiceTask`` models.
+  30-task page vs ``json.loads`` + ``parse_task_list`` into frozen ``VoiceTask`` models;
+- ``stamps``: ``list()`` and then every task's ``created_at`` and ``updated_at`` read, vs the
+  raw page request. The models build their datetimes on first read, so ``list`` alone does not
+  pay for them; this row shows what a caller who reads them all pays (no target).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "list": ("raw", "sdk"),
     "sync": ("async", "sync"),
     "parse": ("json", "models"),
+    "stamps": ("raw", "read"),
 }
 LIST_PAGE = 30
 CALLGRIND = shutil.which("valgrind")
@@ -121,6 +125,11 @@ class Child:
             raise RuntimeError(f"code {body.get('code')}")
         return body["data"]
 
+    async def _list_and_read_stamps(self) -> list[Any]:
+        assert self.client is not None
+        tasks = await self.client.custom_voices.list(page_size=LIST_PAGE)
+        return [(task.created_at, task.updated_at) for task in tasks]
+
     def variant(self, group: str, name: str) -> Callable[[int], None]:
         """A function making ``n`` calls of this variant."""
         client = self.client
@@ -134,6 +143,8 @@ class Child:
             ("list", "raw"): lambda: self._raw(page_url),
             ("list", "sdk"): lambda: client.custom_voices.list(page_size=LIST_PAGE),
             ("sync", "async"): lambda: client.custom_voices.get(task_id),
+            ("stamps", "raw"): lambda: self._raw(page_url),
+            ("stamps", "read"): lambda: self._list_and_read_stamps(),
         }
         if group == "parse":
             return self._parse_variant(name)

@@ -30,7 +30,9 @@ PERCALL_NAMES = {"get": "get() vs raw aiohttp",
                  "list": f"list() of {percall.LIST_PAGE} vs raw aiohttp",
                  "sync": "VoiceClient.get() vs AsyncVoiceClient.get()",
                  "parse": f"a {percall.LIST_PAGE}-task page into VoiceTask models vs its "
-                          "json.loads alone (no HTTP)"}
+                          "json.loads alone (no HTTP)",
+                 "stamps": f"list() of {percall.LIST_PAGE} then every created_at and "
+                           "updated_at read, vs raw aiohttp"}
 
 
 def _peak(values: Sequence[int | None]) -> str:
@@ -271,7 +273,8 @@ def _parse_share(pc: dict[str, Any], group: str, ins: dict[str, Any] | None) -> 
     extra = _median(parse[parse["measured"]]) - _median(parse[parse["baseline"]])
     return (f", of which {extra / 1000:,.0f}k is building the {percall.LIST_PAGE} frozen "
             f"VoiceTask models ({extra / percall.LIST_PAGE / 1000:,.1f}k per task: lenient "
-            "field checks, two datetimes, a task and a voice object)")
+            "field checks, a task and a voice object; the two datetimes are built on first "
+            "read, see the stamps row)")
 
 
 def render_targets(r: dict[str, Any]) -> str:

@@ -50,13 +50,13 @@ def run_percall(quick: bool) -> dict[str, Any]:
     with emulator(1000, 0.05) as emu:
         if percall.CALLGRIND:
             log("per-call instructions (callgrind)")
-            calls = ({"get": 20, "list": 3, "sync": 20, "parse": 3} if quick else
-                     {"get": 100, "list": 10, "sync": 100, "parse": 10})
+            calls = ({"get": 20, "list": 3, "sync": 20, "parse": 3, "stamps": 3} if quick else
+                     {"get": 100, "list": 10, "sync": 100, "parse": 10, "stamps": 10})
             phases = percall.run_child(emu, groups, calls, 3 if quick else 7, callgrind=True)
             out["instructions"] = percall.summarise(phases, "instructions")
         log("per-call CPU time")
-        calls = ({"get": 200, "list": 30, "sync": 200, "parse": 30} if quick else
-                 {"get": 2000, "list": 300, "sync": 2000, "parse": 300})
+        calls = ({"get": 200, "list": 30, "sync": 200, "parse": 30, "stamps": 30} if quick else
+                 {"get": 2000, "list": 300, "sync": 2000, "parse": 300, "stamps": 300})
         phases = percall.run_child(emu, groups, calls, 7, callgrind=False)
         out["cpu"] = percall.summarise(phases, "cpu_s")
     return out

@@ -65,8 +65,8 @@ def test_equal_stamps_share_one_datetime_and_keep_their_value() -> None:
 
 def _slots(task: VoiceTask) -> tuple[Any, Any]:
     """What the two stamp slots hold right now, read past the lazy descriptors."""
-    return (type(task).__dict__["created_at"]._slot.__get__(task),
-            type(task).__dict__["updated_at"]._slot.__get__(task))
+    from voiceapi import _models
+    return _models._get_created(task), _models._get_updated(task)
 
 
 def test_stamps_are_built_on_first_read_both_at_once() -> None:
@@ -116,16 +116,16 @@ def test_a_pending_task_equals_the_task_built_by_hand_both_ways() -> None:
 def test_threads_reading_one_pending_task_all_see_the_same_values() -> None:
     import threading
 
+    def read(task: VoiceTask, start: threading.Barrier, seen: list[tuple[Any, Any]]) -> None:
+        start.wait(timeout=10)
+        seen.append((task.created_at, task.updated_at))
+
     for _ in range(20):
         task = parse_task(RECORD)
         seen: list[tuple[Any, Any]] = []
         start = threading.Barrier(8)
 
-        def read(task: VoiceTask = task) -> None:
-            start.wait(timeout=10)
-            seen.append((task.created_at, task.updated_at))
-
-        threads = [threading.Thread(target=read) for _ in range(8)]
+        threads = [threading.Thread(target=read, args=(task, start, seen)) for _ in range(8)]
         for t in threads:
             t.start()
         for t in threads:

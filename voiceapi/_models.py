@@ -70,15 +70,18 @@ class BalanceDeduction:
 
 
 #: The mark a task read from the API carries in ``created_at``/``updated_at`` until either is
-#: read (``_LazyStamp``); never seen outside this module.
+#: read (``_created_at``); never seen outside this module.
 _PENDING: Any = type("_Pending", (), {"__slots__": (), "__repr__": lambda self: "<pending>"})()
+
+
+_fromtimestamp, _UTC = datetime.fromtimestamp, timezone.utc
 
 
 def stamp_from_ms(ms: int | float) -> datetime | None:
     """An API timestamp (milliseconds since the epoch) as an aware UTC datetime; None when it
     is out of the range a datetime can hold (or NaN)."""
     try:
-        return datetime.fromtimestamp(ms / 1000, timezone.utc)
+        return _fromtimestamp(ms / 1000, _UTC)
     except (OverflowError, OSError, ValueError):
         return None
 
@@ -90,7 +93,7 @@ class _RawStamps:
     (the two are a quarter of it), and most tasks read from a page are never asked their times:
     batch tracking, ``iter_all`` looking for a voice, polling a status. So the parser stores the
     integers here and marks both fields ``_PENDING``; the first read of either field builds
-    both (``_LazyStamp``), once. Everything that reads a field (attribute access, ``==``,
+    both (``_created_at``), once. Everything that reads a field (attribute access, ``==``,
     ``repr``, ``attrs.asdict``/``evolve``, pickling, cattrs) sees the datetime, never the mark.
     """
 
@@ -134,40 +137,40 @@ class VoiceTask(_RawStamps):
         return v.voice_id if v is not None else None
 
 
-class _LazyStamp:
-    """``VoiceTask.created_at``/``updated_at``: the slot's own descriptor, plus building both
-    datetimes on the first read of a task the parser left pending (``_RawStamps``)."""
-
-    __slots__ = ("_slot",)
-
-    def __init__(self, slot: Any) -> None:
-        self._slot = slot
-
-    def __get__(self, task: VoiceTask | None, owner: type | None = None) -> Any:
-        if task is None:
-            return self
-        value = self._slot.__get__(task, owner)
-        if value is _PENDING:
-            # Both at once: equal stamps (a task that never changed) then share one object.
-            # Two threads racing here build equal values; either store is right.
-            created = stamp_from_ms(task._created_ms)
-            updated = created if task._updated_ms == task._created_ms else \
-                stamp_from_ms(task._updated_ms)
-            _CREATED.__set__(task, created)
-            _UPDATED.__set__(task, updated)
-            value = self._slot.__get__(task, owner)
-        return value
-
-    def __set__(self, task: VoiceTask, value: Any) -> None:
-        self._slot.__set__(task, value)
-
-    def __delete__(self, task: VoiceTask) -> None:
-        self._slot.__delete__(task)
-
-
+# VoiceTask.created_at/updated_at: properties over the attrs slots (the same storage, so attrs'
+# __init__, __eq__, __repr__, pickling and cattrs go through them), which build both datetimes
+# on the first read of a task the parser left pending (``_RawStamps``). The getters and
+# setters are the slots' own, bound once: a read of a built stamp is one Python call.
 _CREATED, _UPDATED = VoiceTask.__dict__["created_at"], VoiceTask.__dict__["updated_at"]
-VoiceTask.created_at = _LazyStamp(_CREATED)  # type: ignore[assignment]
-VoiceTask.updated_at = _LazyStamp(_UPDATED)  # type: ignore[assignment]
+_get_created, _get_updated = _CREATED.__get__, _UPDATED.__get__
+_set_created, _set_updated = _CREATED.__set__, _UPDATED.__set__
+
+
+def _build_stamps(task: VoiceTask) -> tuple[datetime | None, datetime | None]:
+    """Both datetimes of a pending task, stored. Equal stamps (a task that never changed)
+    share one object. Two threads racing here build equal values; either store is right."""
+    created_ms, updated_ms = task._created_ms, task._updated_ms
+    created = stamp_from_ms(created_ms)
+    updated = created if updated_ms == created_ms else stamp_from_ms(updated_ms)
+    _set_created(task, created)
+    _set_updated(task, updated)
+    return created, updated
+
+
+def _created_at(task: VoiceTask) -> datetime | None:
+    value = _get_created(task)
+    return _build_stamps(task)[0] if value is _PENDING else value
+
+
+def _updated_at(task: VoiceTask) -> datetime | None:
+    value = _get_updated(task)
+    return _build_stamps(task)[1] if value is _PENDING else value
+
+
+VoiceTask.created_at = property(  # type: ignore[assignment]
+    _created_at, _set_created, _CREATED.__delete__, "When the task was created (UTC).")
+VoiceTask.updated_at = property(  # type: ignore[assignment]
+    _updated_at, _set_updated, _UPDATED.__delete__, "When the task last changed (UTC).")
 
 
 @attrs.frozen
