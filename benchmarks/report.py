@@ -302,6 +302,9 @@ phase, so start-up and warm-up are left out; repeatable to a fraction of a perce
 machine) and in CPU time of the whole client process, over 7 rounds with the order rotated.
 Baselines: raw aiohttp sending the same headers and cached JWT and decoding the JSON; for
 batches, a semaphore at the real cap with `create()`, 1303 retried and each task polled.
+A `VoiceTask` read from the API builds its `created_at`/`updated_at` datetimes when one of
+them is first read, so `list()` alone does not pay for them; RESULTS.md's "stamps" row shows
+a `list()` whose every timestamp is then read.
 `python -m benchmarks.profile get|list|sync|import` shows where a call's cost goes.
 """
 
