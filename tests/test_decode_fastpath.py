@@ -292,3 +292,19 @@ def test_a_known_status_keeps_the_shared_text_not_the_pages_copy() -> None:
     for raw in json.loads(json.dumps([RECORD, {**RECORD, "task_status_msg": 5}])):
         task = parse_task(raw)
         assert task.raw_status == "succeed" and task.raw_status is TaskStatus.SUCCEED.value
+
+
+def test_subclasses_and_match_statements_see_the_stamps() -> None:
+    @attrs.frozen
+    class Mine(VoiceTask):
+        extra: int = 0
+
+    when = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    mine = Mine("1", TaskStatus.SUCCEED, created_at=when, extra=3)
+    assert mine.created_at is when and mine.updated_at is None and mine.extra == 3
+    match parse_task(RECORD):
+        case VoiceTask(created_at=created, updated_at=updated):
+            assert (created, updated) == (_expected(RECORD).created_at,
+                                          _expected(RECORD).updated_at)
+        case _:
+            raise AssertionError("no match")
