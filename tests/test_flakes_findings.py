@@ -8,8 +8,6 @@ import asyncio
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-import pytest
-
 import voiceapi
 from tests.conftest import FAST_RETRY
 from voiceapi._coordinator import CoordinatorError, LookupFunction, PollFunction
@@ -61,14 +59,6 @@ async def test_an_item_whose_accept_fails_during_a_fatal_poll_keeps_an_outcome()
     assert all(r.task is not None or r.error is not None for r in results), results
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product race (voiceapi/_batch.py _probe_rerun, not this helper's files): a worker sharing "
-    "a RedisCoordinator probes its first item while another worker's create of it has landed "
-    "at Kling but is not journaled yet (its slot is held, accepted() not run). The probe "
-    "finds a task the journal does not know, calls it a rerun, and the batch then looks "
-    "every item up before creating it (one 1201 GET per voice). Seen as "
-    "test_workers_sharing_items_do_not_look_each_item_up_before_creating_it flaking "
-    "(3 GET 1201 > 2, Python 3.10 -n 4 under load)"))
 async def test_a_probe_that_finds_a_create_not_yet_journaled_is_not_a_rerun() -> None:
     import uuid
 

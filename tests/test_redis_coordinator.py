@@ -691,3 +691,23 @@ async def test_a_1303_while_slots_are_held_is_left_to_the_slots(make: Make) -> N
     await b.rate_limited(1303, 0.6)  # nothing held: the only remedy is to wait
     await b.before_request(create=True)
     assert time.monotonic() - started >= 0.5
+
+
+async def test_held_names_the_keys_whose_create_may_not_be_journaled_yet(make: Make) -> None:
+    """A slot held by any worker, or an orphan, may hide a create that has landed at Kling
+    without its ``accepted`` yet; a freed key (or one never asked) does not."""
+    first, second = make(), make()
+    assert await first.acquire("k-held") is Grant.CREATE
+    assert await first.acquire("k-done") is Grant.CREATE
+    await first.finished("k-done", "t-done", "succeed")
+    assert await first.acquire("k-gone") is Grant.CREATE
+    await first.release("k-gone")
+    keys = ["k-held", "k-done", "k-gone", "k-never"]
+    assert await second.held(keys) == {"k-held"}  # another worker's slot counts
+    assert await first.held(keys) == {"k-held"}
+    await first.accepted("k-held", "t-held", "submitted")
+    assert await second.held(keys) == {"k-held"}  # journaled now, and still running
+    live = await _orphan(make, "k-orphan", max_in_flight=5)
+    assert await live.held(["k-orphan", "k-never"]) == {"k-orphan"}
+    many = [f"k{i}" for i in range(2500)]  # more than one command's worth of keys
+    assert await second.held([*many, "k-held"]) == {"k-held"}

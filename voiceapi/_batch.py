@@ -341,9 +341,19 @@ class _Run:
             found = None  # unknown: the create flow still never resends without a not-found
             self.submitter.look_first = True
         if found is not None:
-            if self._vouched() and first.key in await self.coord.known([first.key]):
+            if self._vouched() and await self._shared_create(first.key):
                 return  # created by a worker sharing our coordinator: its journal covers it
             self.submitter.look_first = True
+
+    async def _shared_create(self, key: str) -> bool:
+        """Did a worker sharing our coordinator create ``key``? Journaled, or not yet: a worker
+        holds its slot (the create's answer is on its way, ``accepted`` comes after it) or
+        left it an orphan (a lookup settles it). Either way that worker's slot or journal
+        covers it; calling it a rerun would look every item up before creating it."""
+        if key in await self.coord.known([key]):
+            return True
+        held = getattr(self.coord, "held", None)
+        return callable(held) and key in await held([key])
 
     def _vouched(self) -> bool:
         """A shared coordinator (``vouches_for_creates``) never grants a create under a key

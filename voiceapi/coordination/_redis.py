@@ -517,6 +517,27 @@ class RedisCoordinator:
                 found[key] = entry
         return found
 
+    async def held(self, keys: Sequence[str]) -> set[str]:
+        """Those of ``keys`` whose slot a worker holds now, or a dead worker left as an orphan.
+
+        Their creates may have landed at Kling before ``accepted`` journals them (the answer
+        is on its way, or its worker died): finding such a task is no sign of a rerun. The
+        batch's rerun probe asks it (with getattr; an extra to the Coordinator protocol).
+        """
+        await self._ensure_started()
+        slots, orphans = self._k("slots", "orphans")
+        found: set[str] = set()
+        for start in range(0, len(keys), _MAX_ARGS):
+            chunk = list(keys[start:start + _MAX_ARGS])
+            async with self._guard(), self._redis.pipeline(transaction=False) as pipe:
+                for key in chunk:
+                    pipe.zscore(slots, key)
+                    pipe.zscore(orphans, key)
+                scores = await pipe.execute()
+            found.update(key for i, key in enumerate(chunk)
+                         if scores[2 * i] is not None or scores[2 * i + 1] is not None)
+        return found
+
     async def _hmget(self, name: str, fields: list[str]) -> AsyncIterator[tuple[str, Any]]:
         """(field, raw value) for each field of hash ``name``, read in bounded chunks (a
         command's argument count is limited, and a huge one would block the server)."""
