@@ -10,9 +10,12 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+import pytest
+
 import voiceapi
 from tests.conftest import FAST_RETRY
 from voiceapi._decode import parse_task
+from voiceapi.coordination._codec import dump_task, load_task
 from voiceapi.testing import KlingEmulator
 
 
@@ -42,6 +45,36 @@ def test_a_stamp_set_by_hand_stays_when_the_other_one_is_read_first() -> None:
     object.__setattr__(task, "updated_at", mine)
     assert task.created_at == datetime.fromtimestamp(1700000000.123, timezone.utc)
     assert task.updated_at is mine
+
+
+def _eager(ms: int) -> datetime | None:
+    """What the parser built before stamps were lazy (the same call, caught the same way)."""
+    try:
+        return datetime.fromtimestamp(ms / 1000, timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+_EDGES = [0, -1, 1, -86_400_000, 1700000000123, 253402300799999, 253402300800000,
+          -62135596800000, -62135596800001, 2**63, -(2**63), 10**400]
+
+
+@pytest.mark.parametrize("created", _EDGES)
+@pytest.mark.parametrize("updated", [0, 1700000000123, 253402300800000, 10**400, None])
+def test_pending_stamps_are_the_eager_values_at_the_edges(created: int,
+                                                          updated: int | None) -> None:
+    """Zero, negative, the first and last representable millisecond and one past each, and
+    integers no float holds; equal stamps, and stamps of which only one overflows. The lazy
+    task equals the field-by-field parse of the same record (both ways), and the Redis
+    codec's copy of it, and holds the eager values."""
+    updated = created if updated is None else updated
+    task = parse_task(_record(created, updated))
+    lenient = parse_task({**_record(created, updated), "task_status_msg": None})
+    assert task == lenient and lenient == task
+    assert load_task(dump_task(task)) == task
+    assert (task.created_at, task.updated_at) == (_eager(created), _eager(updated))
+    if created == updated and task.created_at is not None:
+        assert task.updated_at is task.created_at  # one datetime, as before
 
 
 # --- the batch's start-up probe -----------------------------------------------------------
