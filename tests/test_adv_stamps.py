@@ -133,3 +133,34 @@ async def test_a_rerun_joined_while_another_worker_holds_its_first_item_creates_
             results = await asyncio.wait_for(batch, 60)
     assert [r.ok for r in results] == [True] * 8, [repr(r.error) for r in results]
     assert emu.stats()["tasks_per_external_id"] == {"1": 8}
+
+
+async def test_redis_gone_when_the_probe_asks_held_stops_the_batch_with_a_typed_error() -> None:
+    """Redis dies between the probe's two questions (journal, then held slots): the batch
+    stops with the coordinator's typed error before it creates anything, as for any other
+    coordinator call; never a bare redis-py error, never a batch carrying on uncoordinated."""
+    from tests._redis_server import running_redis
+    from voiceapi._coordinator import CoordinatorError
+    from voiceapi.coordination import RedisCoordinator
+
+    ns = f"t-{uuid.uuid4().hex[:8]}"
+    with running_redis() as srv:
+        async with KlingEmulator(concurrency=10, task_seconds=0.2) as emu, \
+                RedisCoordinator(srv.url, namespace=ns) as mine, \
+                voiceapi.AsyncVoiceClient(api_key=emu.api_key, base_url=emu.base_url,
+                                          retry_policy=FAST_RETRY) as client:
+            url = emu.sample_url(10)
+            items = [{"voice_name": f"v{i}", "voice_url": url, "external_task_id": f"{ns}-{i}"}
+                     for i in range(3)]
+            await client.custom_voices.create(**items[0])  # found by the probe
+            held = mine.held
+
+            async def held_after_a_crash(keys: Sequence[str]) -> set[str]:
+                srv.stop()
+                return await held(keys)
+
+            mine.held = held_after_a_crash  # type: ignore[method-assign]
+            with pytest.raises(CoordinatorError, match="unreachable"):
+                await asyncio.wait_for(client.custom_voices.create_many(
+                    items, coordinator=mine, poll_interval=0.05, timeout=30), 60)
+            assert emu.task_count == 1
