@@ -164,3 +164,35 @@ async def test_redis_gone_when_the_probe_asks_held_stops_the_batch_with_a_typed_
                 await asyncio.wait_for(client.custom_voices.create_many(
                     items, coordinator=mine, poll_interval=0.05, timeout=30), 60)
             assert emu.task_count == 1
+
+
+async def test_a_rerun_restarted_after_a_worker_died_mid_lookup_creates_nothing_twice() -> None:
+    """The same rerun (an earlier run this coordinator never journaled, a server that accepts
+    a repeated ``external_task_id``), but the worker that held item 0's slot for its lookup
+    died: the slot is an orphan. Its worker died looking the item up, not creating it, and
+    the task found is an hour old: the batch is still a rerun."""
+    from tests._redis_server import running_redis
+    from voiceapi._coordinator import Grant
+    from voiceapi.coordination import RedisCoordinator
+
+    ns = f"t-{uuid.uuid4().hex[:8]}"
+    with running_redis() as srv:
+        async with KlingEmulator(concurrency=10, task_seconds=0.2,
+                                 unique_external_ids=False) as emu, \
+                RedisCoordinator(srv.url, namespace=ns, lease_seconds=0.3) as mine, \
+                voiceapi.AsyncVoiceClient(api_key=emu.api_key, base_url=emu.base_url,
+                                          retry_policy=FAST_RETRY) as client:
+            url = emu.sample_url(10)
+            items = [{"voice_name": f"v{i}", "voice_url": url, "external_task_id": f"{ns}-{i}"}
+                     for i in range(8)]
+            emu.advance(-3600)  # the earlier run, an hour ago: every item created, and ended
+            for item in items:
+                await client.custom_voices.create(**item)
+            emu.advance(3600)
+            dead = RedisCoordinator(srv.url, namespace=ns, lease_seconds=0.3)
+            assert await dead.acquire(items[0]["external_task_id"]) is Grant.CREATE
+            await dead.aclose()  # died during its lookup: the slot is never freed
+            results = await asyncio.wait_for(client.custom_voices.create_many(
+                items, coordinator=mine, poll_interval=0.05, timeout=30), 60)
+    assert [r.ok for r in results] == [True] * 8, [repr(r.error) for r in results]
+    assert emu.stats()["tasks_per_external_id"] == {"1": 8}

@@ -354,10 +354,11 @@ class _Run:
 
         The key was not journaled when the re-attach asked, so a create of this coordinator's
         under it is one just made. A slot or a fresh journal line alone proves less: a worker
-        of a rerun holds the key while it looks it up, and journals the task it finds, which
-        an earlier run not journaled here (no coordinator, another namespace, a state that
-        expired) may have made long ago. Only a task created within one request's timeout
-        is taken for such a create; an older one means a rerun."""
+        of a rerun holds the key while it looks it up (and leaves it an orphan if it dies
+        then), and journals the task it finds, which an earlier run not journaled here (no
+        coordinator, another namespace, a state that expired) may have made long ago. Only a
+        task created within one request's timeout is taken for such a create; an older one
+        means a rerun (a lookup per item: the safe side, as a restart long after a crash)."""
         shared = key in await self.coord.known([key])
         if not shared:
             held = getattr(self.coord, "held", None)
