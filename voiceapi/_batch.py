@@ -341,19 +341,31 @@ class _Run:
             found = None  # unknown: the create flow still never resends without a not-found
             self.submitter.look_first = True
         if found is not None:
-            if self._vouched() and await self._shared_create(first.key):
+            if self._vouched() and await self._shared_create(first.key, found):
                 return  # created by a worker sharing our coordinator: its journal covers it
             self.submitter.look_first = True
 
-    async def _shared_create(self, key: str) -> bool:
-        """Did a worker sharing our coordinator create ``key``? Journaled, or not yet: a worker
-        holds its slot (the create's answer is on its way, ``accepted`` comes after it) or
-        left it an orphan (a lookup settles it). Either way that worker's slot or journal
-        covers it; calling it a rerun would look every item up before creating it."""
-        if key in await self.coord.known([key]):
-            return True
-        held = getattr(self.coord, "held", None)
-        return callable(held) and key in await held([key])
+    async def _shared_create(self, key: str, found: VoiceTask) -> bool:
+        """Did a worker sharing our coordinator create ``key`` (the task ``found``)? Journaled,
+        or not yet: a worker holds its slot (the create's answer is on its way, ``accepted``
+        comes after it) or left it an orphan (a lookup settles it). Either way that worker's
+        slot or journal covers it; calling it a rerun would look every item up before
+        creating it.
+
+        The key was not journaled when the re-attach asked, so a create of this coordinator's
+        under it is one just made. A slot or a fresh journal line alone proves less: a worker
+        of a rerun holds the key while it looks it up (and leaves it an orphan if it dies
+        then), and journals the task it finds, which an earlier run not journaled here (no
+        coordinator, another namespace, a state that expired) may have made long ago. Only a
+        task created within one request's timeout is taken for such a create; an older one
+        means a rerun (a lookup per item: the safe side, as a restart long after a crash)."""
+        shared = key in await self.coord.known([key])
+        if not shared:
+            held = getattr(self.coord, "held", None)
+            shared = callable(held) and key in await held([key])
+        created = found.created_at
+        return shared and created is not None and \
+            created.timestamp() >= time.time() - C.DEFAULT_TIMEOUT
 
     def _vouched(self) -> bool:
         """A shared coordinator (``vouches_for_creates``) never grants a create under a key

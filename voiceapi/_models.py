@@ -148,13 +148,18 @@ _set_created, _set_updated = _CREATED.__set__, _UPDATED.__set__
 
 def _build_stamps(task: VoiceTask) -> tuple[datetime | None, datetime | None]:
     """Both datetimes of a pending task, stored. Equal stamps (a task that never changed)
-    share one object. Two threads racing here build equal values; either store is right."""
+    share one object. Two threads racing here build equal values; either store is right.
+
+    Only a field still pending is stored: one set by hand meanwhile (``object.__setattr__``,
+    attrs' way to set a field of a frozen instance) stays, as on a task parsed eagerly."""
     created_ms, updated_ms = task._created_ms, task._updated_ms
     created = stamp_from_ms(created_ms)
     updated = created if updated_ms == created_ms else stamp_from_ms(updated_ms)
-    _set_created(task, created)
-    _set_updated(task, updated)
-    return created, updated
+    if _get_created(task) is _PENDING:
+        _set_created(task, created)
+    if _get_updated(task) is _PENDING:
+        _set_updated(task, updated)
+    return _get_created(task), _get_updated(task)
 
 
 def _created_at(task: VoiceTask) -> datetime | None:
