@@ -38,6 +38,16 @@ Optional extension: ``follow_with(poll, lookup)`` (a plain method). Each batch c
 starts, so that a shared coordinator can follow the tasks it holds slots for after every batch
 following them has returned (``wait=False``), even while no batch runs.
 
+Optional extension: ``vouches_for_creates: bool``. True when the coordinator never grants a
+create under a key that may already exist (every create made through it is journaled, or holds
+a slot a lookup settles if its worker dies): the scheduler then does not look each item up
+before creating it when its start-up check finds the first item created by a sharing worker.
+
+Optional extension: ``async def held(keys) -> set[str]``. Those keys whose slot a worker holds
+now (or a dead worker left): a create under them may have landed at Kling before ``accepted``
+journals it. The start-up check asks it so that a sharing worker's create still on its way is
+not taken for a rerun.
+
 Layering: this module depends only on the models; the scheduler and the client depend on it.
 """
 

@@ -77,9 +77,11 @@ _PENDING: Any = type("_Pending", (), {"__slots__": (), "__repr__": lambda self: 
 _fromtimestamp, _UTC = datetime.fromtimestamp, timezone.utc
 
 
-def stamp_from_ms(ms: int | float) -> datetime | None:
-    """An API timestamp (milliseconds since the epoch) as an aware UTC datetime; None when it
-    is out of the range a datetime can hold (or NaN)."""
+def stamp_from_ms(ms: int | float | None) -> datetime | None:
+    """An API timestamp (milliseconds since the epoch) as an aware UTC datetime; None when
+    there is none or it is out of the range a datetime can hold (or NaN)."""
+    if ms is None:
+        return None
     try:
         return _fromtimestamp(ms / 1000, _UTC)
     except (OverflowError, OSError, ValueError):
@@ -98,8 +100,10 @@ class _RawStamps:
     """
 
     __slots__ = ("_created_ms", "_updated_ms")
-    _created_ms: int
-    _updated_ms: int
+    # Read only while the fields are _PENDING (then the parser set both to ints); None from the
+    # field-by-field parser, unset on a task built by hand.
+    _created_ms: int | None
+    _updated_ms: int | None
 
 
 @attrs.frozen(weakref_slot=False)
