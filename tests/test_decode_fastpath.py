@@ -69,17 +69,18 @@ def _slots(task: VoiceTask) -> tuple[Any, Any]:
     return _models._get_created(task), _models._get_updated(task)
 
 
-def test_stamps_are_built_on_first_read_both_at_once() -> None:
+def test_each_stamp_is_built_on_its_first_read_and_stored() -> None:
     from voiceapi._models import _PENDING
 
     task = parse_task(RECORD)
     assert _slots(task) == (_PENDING, _PENDING)  # the fast path built no datetime
     assert task.updated_at == datetime.fromtimestamp(1790605869.999, timezone.utc)
-    created, updated = _slots(task)  # reading one built both, and stored them
-    assert created == datetime.fromtimestamp(1790605869.865, timezone.utc)
-    assert created is task.created_at and updated is task.updated_at  # built once
+    assert _slots(task)[0] is _PENDING  # the other one waits for its own first read
+    assert task.created_at == datetime.fromtimestamp(1790605869.865, timezone.utc)
+    created, updated = _slots(task)
+    assert created is task.created_at and updated is task.updated_at  # built once, stored
     same = parse_task({**RECORD, "updated_at": RECORD["created_at"]})
-    assert same.created_at is same.updated_at  # equal stamps share one datetime
+    assert same.created_at == same.updated_at
 
 
 @pytest.mark.parametrize("read", [

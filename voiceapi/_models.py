@@ -94,8 +94,8 @@ class _RawStamps:
     Turning milliseconds into an aware datetime is the costliest single step of reading a task
     (the two are a quarter of it), and most tasks read from a page are never asked their times:
     batch tracking, ``iter_all`` looking for a voice, polling a status. So the parser stores the
-    integers here and marks both fields ``_PENDING``; the first read of either field builds
-    both (``_created_at``), once. Everything that reads a field (attribute access, ``==``,
+    integers here and marks both fields ``_PENDING``; the first read of a field builds its
+    datetime (``_created_at``), once. Everything that reads a field (attribute access, ``==``,
     ``repr``, ``attrs.asdict``/``evolve``, pickling, cattrs) sees the datetime, never the mark.
     """
 
@@ -142,38 +142,31 @@ class VoiceTask(_RawStamps):
 
 
 # VoiceTask.created_at/updated_at: properties over the attrs slots (the same storage, so attrs'
-# __init__, __eq__, __repr__, pickling and cattrs go through them), which build both datetimes
-# on the first read of a task the parser left pending (``_RawStamps``). The getters and
+# __init__, __eq__, __repr__, pickling and cattrs go through them), which build the datetime on
+# the first read of a field the parser left pending (``_RawStamps``). The getters and
 # setters are the slots' own, bound once: a read of a built stamp is one Python call.
 _CREATED, _UPDATED = VoiceTask.__dict__["created_at"], VoiceTask.__dict__["updated_at"]
 _get_created, _get_updated = _CREATED.__get__, _UPDATED.__get__
 _set_created, _set_updated = _CREATED.__set__, _UPDATED.__set__
 
 
-def _build_stamps(task: VoiceTask) -> tuple[datetime | None, datetime | None]:
-    """Both datetimes of a pending task, stored. Equal stamps (a task that never changed)
-    share one object. Two threads racing here build equal values; either store is right.
-
-    Only a field still pending is stored: one set by hand meanwhile (``object.__setattr__``,
-    attrs' way to set a field of a frozen instance) stays, as on a task parsed eagerly."""
-    created_ms, updated_ms = task._created_ms, task._updated_ms
-    created = stamp_from_ms(created_ms)
-    updated = created if updated_ms == created_ms else stamp_from_ms(updated_ms)
-    if _get_created(task) is _PENDING:
-        _set_created(task, created)
-    if _get_updated(task) is _PENDING:
-        _set_updated(task, updated)
-    return _get_created(task), _get_updated(task)
-
-
 def _created_at(task: VoiceTask) -> datetime | None:
     value = _get_created(task)
-    return _build_stamps(task)[0] if value is _PENDING else value
+    if value is _PENDING:
+        # Each field on its own first read, so a field set by hand meanwhile
+        # (object.__setattr__) stays, as on a task parsed eagerly. Two threads racing here
+        # build equal values; either store is right.
+        value = stamp_from_ms(task._created_ms)
+        _set_created(task, value)
+    return value  # type: ignore[no-any-return]
 
 
 def _updated_at(task: VoiceTask) -> datetime | None:
     value = _get_updated(task)
-    return _build_stamps(task)[1] if value is _PENDING else value
+    if value is _PENDING:
+        value = stamp_from_ms(task._updated_ms)
+        _set_updated(task, value)
+    return value  # type: ignore[no-any-return]
 
 
 VoiceTask.created_at = property(  # type: ignore[assignment]
