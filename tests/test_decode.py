@@ -224,7 +224,9 @@ def test_skipped_voice_entries_are_logged(caplog: pytest.LogCaptureFixture) -> N
     with caplog.at_level(logging.WARNING, logger="voiceapi"):
         task = parse_task(_with("task_result.voices", [5, {"voice_name": "no id"}]))
     assert task.voices == []
-    assert len([r for r in caplog.records if "voice_id" in r.getMessage()]) == 2
+    # One line per record, with the count (many junk entries must not flood the log).
+    lines = [r.getMessage() for r in caplog.records if "voice_id" in r.getMessage()]
+    assert len(lines) == 1 and "skipped 2 voice entries" in lines[0] and "(first: 5)" in lines[0]
 
 
 @pytest.mark.parametrize(("status", "raw"), [
@@ -581,3 +583,16 @@ async def test_get_and_list_read_every_emulator_reading(readings: dict[str, Any]
         else:
             assert [v.voice_id for v in deleted] == [gone.voice_id]
             assert deleted[0].is_deleted is emu.voice_status
+
+
+def test_many_unusable_voice_entries_make_one_warning_with_their_count(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from voiceapi._decode import parse_task
+
+    raw = {"task_id": "1", "task_status": "succeed",
+           "task_result": {"voices": [{}] * 1000 + [{"voice_id": "v1"}, 7]}}
+    with caplog.at_level("WARNING", logger="voiceapi"):
+        task = parse_task(raw)
+    assert [v.voice_id for v in task.voices] == ["v1"]
+    assert len(caplog.records) == 1
+    assert "skipped 1001 voice entries" in caplog.text and "(first: {})" in caplog.text

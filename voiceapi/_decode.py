@@ -428,13 +428,21 @@ def _voices(result: Any) -> list[Voice]:
             return []
         raw = [raw]  # one voice object instead of an array still names a real voice
     out = []
+    skipped = 0
+    first_skipped: Any = None
     for entry in raw:
         voice = _voice_or_none(entry)
         if voice is not None:
             out.append(voice)
         else:
-            logger.warning("skipped a voice entry without a usable voice_id: %s",
-                           _preview(entry))
+            if not skipped:
+                first_skipped = entry
+            skipped += 1
+    if skipped:
+        # One line per record, not per entry: a record (or an unsigned callback) of many
+        # junk entries must not flood the log, nor hold the loop writing it.
+        logger.warning("skipped %d voice entr%s without a usable voice_id (first: %s)",
+                       skipped, "y" if skipped == 1 else "ies", _preview(first_skipped))
     return out
 
 
