@@ -8,6 +8,7 @@ confirm each one with ``get()`` before your code acts on it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import collections
@@ -35,6 +36,12 @@ if TYPE_CHECKING:  # aiohttp.web is only needed by receivers; keep `import voice
 
 DEFAULT_TOLERANCE = 300  # seconds either side, as the Standard Webhooks spec recommends
 MAX_CALLBACK_BYTES = 1024 * 1024
+#: Longest wait for a callback's body: Kling sends a few hundred bytes at once, while a sender
+#: that trickles (or stalls) would otherwise hold a connection and a handler open for ever.
+CALLBACK_READ_TIMEOUT = 30.0
+#: How long ``CallbackServer.stop()`` lets callbacks being handled finish before cancelling
+#: them (aiohttp's own default, 60 s, let one stalled sender hold every shutdown for a minute).
+CALLBACK_SHUTDOWN_GRACE = 1.0
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -50,10 +57,15 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
 
 def _secret_bytes(secret: str) -> bytes:
     try:
-        return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
     except (binascii.Error, ValueError):
         raise WebhookVerificationError(
             "the webhook secret is not a valid whsec_ (base64) value") from None
+    if not key:
+        # An HMAC keyed with nothing is one anybody can compute: an empty secret (an unset
+        # environment variable, say) must not turn verification into a formality.
+        raise WebhookVerificationError("the webhook secret is empty")
+    return key
 
 
 def verify_signature(body: bytes, headers: Mapping[str, str], webhook_secret: str, *,
@@ -69,12 +81,17 @@ def verify_signature(body: bytes, headers: Mapping[str, str], webhook_secret: st
     if not wid or not ts or not sigs:
         raise WebhookVerificationError("missing webhook-id, webhook-timestamp or "
                                        "webhook-signature header")
+    # aiohttp hands undecodable header bytes over as lone surrogates, which encode() refuses;
+    # the scheme's ids, timestamps and signatures are ASCII, so anything else is a forgery.
+    if not (wid.isascii() and ts.isascii() and sigs.isascii()):
+        raise WebhookVerificationError("webhook headers are not ASCII")
     try:
         stamp = int(ts)
     except ValueError:
         raise WebhookVerificationError("webhook-timestamp is not an integer") from None
     current = time.time() if now is None else now
-    if abs(current - stamp) > tolerance:
+    # Compared, not subtracted: ``current - stamp`` overflows a float for a huge timestamp.
+    if not current - tolerance <= stamp <= current + tolerance:
         raise WebhookVerificationError("webhook-timestamp is outside the allowed window")
     key = _secret_bytes(webhook_secret)
     expected = base64.b64encode(hmac.new(key, f"{wid}.{stamp}.".encode() + body,
@@ -165,6 +182,13 @@ class CallbackReceiver:
 
     def __init__(self, *listeners: Listener, webhook_secret: str | None = None,
                  confirm: Confirm | None = None, remember: int = 10_000) -> None:
+        if webhook_secret is not None:
+            # Checked now: a mistyped or empty secret otherwise surfaces only as every
+            # callback answered 400 (Kling gives up on them) while the code looks fine.
+            try:
+                _secret_bytes(webhook_secret)
+            except WebhookVerificationError as exc:
+                raise ValidationError(str(exc)) from None
         self._listeners = list(listeners)
         self._secret = webhook_secret
         self._confirm = _confirm_function(confirm)
@@ -187,7 +211,12 @@ class CallbackReceiver:
     async def handle(self, request: web.Request) -> web.Response:
         from aiohttp import web
 
-        body = await request.read()
+        try:
+            body = await asyncio.wait_for(request.read(), CALLBACK_READ_TIMEOUT)
+        except asyncio.TimeoutError:
+            self.rejected += 1
+            return web.json_response({"error": "the callback body did not arrive in time"},
+                                     status=408)
         try:
             task = parse_callback(body, request.headers, webhook_secret=self._secret)
         except WebhookVerificationError as exc:
@@ -257,7 +286,8 @@ class CallbackServer:
 
         app = web.Application(client_max_size=MAX_CALLBACK_BYTES)
         app.router.add_post(self._path, self.receiver.handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                     shutdown_timeout=CALLBACK_SHUTDOWN_GRACE)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
         await site.start()

@@ -1,0 +1,167 @@
+"""Callbacks under attack: hostile senders and odd headers, secrets, stalled senders, shutdown.
+
+tests/test_webhooks.py covers the happy paths and ordinary malformed bodies; each test here
+failed on the code before its fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import time
+
+import aiohttp
+import pytest
+
+import voiceapi
+from voiceapi import _webhooks
+
+SECRET = "whsec_dGVzdHNlY3JldHRlc3RzZWNyZXR0ZXN0c2VjcmV0MTI="
+BODY = b'{"task_id":"1","task_status":"succeed"}'
+
+
+def _sign(body: bytes, *, secret: str = SECRET, wid: str = "msg_1",
+          ts: str | None = None) -> dict[str, str]:
+    """Standard Webhooks headers for ``body``, computed independently of the SDK."""
+    stamp = str(int(time.time())) if ts is None else ts
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    digest = hmac.new(key, f"{wid}.{stamp}.".encode() + body, hashlib.sha256).digest()
+    return {"webhook-id": wid, "webhook-timestamp": stamp,
+            "webhook-signature": "v1," + base64.b64encode(digest).decode()}
+
+
+def _port(cb: voiceapi.CallbackServer) -> int:
+    return int(cb.url.rsplit(":", 1)[1].split("/", 1)[0])
+
+
+# --- verification: what a forger controls ------------------------------------------------------
+
+@pytest.mark.parametrize("stamp", ["1" + "0" * 400, "-" + "9" * 400])
+def test_a_huge_timestamp_is_a_typed_error(stamp: str) -> None:
+    """``time() - 10**400`` overflowed a float: an OverflowError (a 500) instead of a 400."""
+    headers = {**_sign(BODY), "webhook-timestamp": stamp}
+    with pytest.raises(voiceapi.WebhookVerificationError, match="window"):
+        voiceapi.verify_signature(BODY, headers, SECRET)
+
+
+@pytest.mark.parametrize("name", ["webhook-id", "webhook-signature"])
+def test_undecodable_header_bytes_are_a_typed_error(name: str) -> None:
+    """aiohttp decodes header bytes that are not UTF-8 to lone surrogates; ``encode()`` of
+    them raised UnicodeEncodeError (a 500) instead of a refusal."""
+    headers = {**_sign(BODY), name: "v1,\udcff\udcfe"}
+    with pytest.raises(voiceapi.WebhookVerificationError, match="ASCII"):
+        voiceapi.verify_signature(BODY, headers, SECRET)
+
+
+async def test_a_receiver_answers_400_to_header_bytes_that_are_not_utf8() -> None:
+    """End to end over a socket: raw non-UTF-8 bytes in webhook-id get a 400, not a 500."""
+    async with voiceapi.CallbackServer(webhook_secret=SECRET) as cb:
+        headers = _sign(BODY)
+        reader, writer = await asyncio.open_connection("127.0.0.1", _port(cb))
+        try:
+            writer.write(b"POST /kling-callback HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"webhook-id: msg_\xff\xfe\r\n"
+                         + f"webhook-timestamp: {headers['webhook-timestamp']}\r\n"
+                           f"webhook-signature: {headers['webhook-signature']}\r\n"
+                           f"Content-Length: {len(BODY)}\r\nConnection: close\r\n\r\n".encode()
+                         + BODY)
+            await writer.drain()
+            status_line = await asyncio.wait_for(reader.readline(), 10)
+        finally:
+            writer.close()
+        assert status_line.split()[1] == b"400"
+        assert cb.receiver.rejected == 1 and cb.receiver.received == 0
+
+
+@pytest.mark.parametrize("secret", ["", "whsec_"])
+def test_an_empty_secret_verifies_nothing(secret: str) -> None:
+    """An HMAC keyed with nothing is one anybody computes: a forger's callback passed when
+    the secret was empty (an unset environment variable read as "")."""
+    forged = _sign(BODY, secret=secret)
+    with pytest.raises(voiceapi.WebhookVerificationError, match="empty") as info:
+        voiceapi.parse_callback(BODY, forged, webhook_secret=secret)
+    assert forged["webhook-signature"][3:] not in str(info.value)
+
+
+@pytest.mark.parametrize("secret", ["", "whsec_", "whsec_not base64!", "whsec_abc"])
+def test_a_receiver_refuses_an_unusable_secret_when_it_is_built(secret: str) -> None:
+    """It used to start fine and answer 400 to every callback Kling sent (which then gives
+    up on them): the misconfiguration surfaced nowhere but in ``receiver.rejected``."""
+    with pytest.raises(voiceapi.ValidationError) as info:
+        voiceapi.CallbackReceiver(webhook_secret=secret)
+    assert "whsec_abc" not in str(info.value) and "base64!" not in str(info.value)
+    with pytest.raises(voiceapi.ValidationError):
+        voiceapi.CallbackServer(webhook_secret=secret)
+
+
+# --- senders that stall, servers that stop ---------------------------------------------------
+
+async def _stalled_sender(cb: voiceapi.CallbackServer) -> tuple[asyncio.StreamReader,
+                                                                 asyncio.StreamWriter]:
+    """A connection that announces a body and sends only its first byte (a slow-loris)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", _port(cb))
+    writer.write(b"POST /kling-callback HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 + f"Content-Length: {len(BODY)}\r\n\r\n".encode() + BODY[:1])
+    await writer.drain()
+    return reader, writer
+
+
+async def test_a_stalled_sender_is_answered_408(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sender that never finishes its body held a handler (and a connection) for ever."""
+    monkeypatch.setattr(_webhooks, "CALLBACK_READ_TIMEOUT", 0.2)
+    seen: list[voiceapi.VoiceTask] = []
+    async with voiceapi.CallbackServer() as cb:
+        cb.subscribe(seen.append)
+        reader, writer = await _stalled_sender(cb)
+        try:
+            status_line = await asyncio.wait_for(reader.readline(), 10)
+        finally:
+            writer.close()
+        assert status_line.split()[1] == b"408"
+        assert cb.receiver.rejected == 1 and seen == []
+        # The receiver still serves everybody else.
+        async with aiohttp.ClientSession() as http, http.post(cb.url, data=BODY) as resp:
+            assert resp.status == 200
+    assert [t.task_id for t in seen] == ["1"]
+
+
+async def test_stop_does_not_wait_a_minute_for_a_stalled_sender() -> None:
+    """aiohttp's default shutdown timeout (60 s) let one stalled sender hold stop() and so
+    every ``async with CallbackServer()`` exit for a minute."""
+    cb = voiceapi.CallbackServer()
+    await cb.start()
+    _, writer = await _stalled_sender(cb)
+    try:
+        await asyncio.sleep(0)  # the request is read by the server's own task meanwhile
+        await asyncio.wait_for(cb.stop(), 20)
+    finally:
+        writer.close()
+
+
+async def test_stop_cancels_a_listener_that_hangs_and_forgets_its_delivery() -> None:
+    """A listener that never returns: stop() ends it (it used to wait 2 x 60 s) and the
+    delivery is not marked done, so the sender's retry is handled afresh."""
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def hang(task: voiceapi.VoiceTask) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    cb = voiceapi.CallbackServer(webhook_secret=SECRET)
+    await cb.start()
+    cb.subscribe(hang)
+    async with aiohttp.ClientSession() as http:
+        posting = asyncio.create_task(http.post(cb.url, data=BODY, headers=_sign(BODY)))
+        await asyncio.wait_for(started.wait(), 10)
+        await asyncio.wait_for(cb.stop(), 20)
+        with pytest.raises(aiohttp.ClientError):
+            await posting
+    assert cancelled.is_set()
+    assert cb.receiver._in_progress == set() and "msg_1" not in cb.receiver._delivered
