@@ -10,6 +10,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import socket
 import time
 
 import aiohttp
@@ -165,3 +166,60 @@ async def test_stop_cancels_a_listener_that_hangs_and_forgets_its_delivery() -> 
             await posting
     assert cancelled.is_set()
     assert cb.receiver._in_progress == set() and "msg_1" not in cb.receiver._delivered
+
+
+# --- the standalone server's own life -------------------------------------------------------
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+async def test_an_ipv6_host_gives_a_usable_url() -> None:
+    """``host="::1"`` gave "http://::1:PORT/…", which no HTTP client (nor Kling) accepts."""
+    async with voiceapi.CallbackServer(host="::1") as cb:
+        assert cb.url.startswith("http://[::1]:")
+        async with aiohttp.ClientSession() as http, http.post(cb.url, data=BODY) as resp:
+            assert resp.status == 200
+    assert cb.receiver.received == 1
+
+
+async def test_a_second_start_is_refused_and_stop_closes_everything() -> None:
+    """A second start() bound a second socket and forgot the first: after stop() the first
+    port still answered callbacks (and its socket leaked)."""
+    cb = voiceapi.CallbackServer()
+    await cb.start()
+    first = cb.url
+    try:
+        with pytest.raises(RuntimeError, match="already running"):
+            await cb.start()
+        assert cb.url == first
+    finally:
+        await cb.stop()
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with http.post(first, data=BODY):
+                pass
+    assert cb.receiver.received == 0
+
+
+async def test_a_failed_start_leaves_nothing_running_and_can_be_retried() -> None:
+    """The port is taken: start() raises, and a later start() (on a free port) works; the
+    runner of the failed one used to stay behind (``async with`` never calls stop() then)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cb = voiceapi.CallbackServer(port=taken.getsockname()[1])
+        with pytest.raises(OSError):
+            async with cb:
+                pass
+        assert cb._runner is None
+    cb._port = 0
+    async with cb:
+        async with aiohttp.ClientSession() as http, http.post(cb.url, data=BODY) as resp:
+            assert resp.status == 200

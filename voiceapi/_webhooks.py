@@ -276,7 +276,9 @@ class CallbackServer:
             return self._public_url
         if self._bound_port is None:
             raise RuntimeError("the callback server is not running")
-        return f"http://{self._host}:{self._bound_port}{self._path}"
+        # An IPv6 literal needs brackets in a URL ("http://::1:8080/" is not one).
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self._bound_port}{self._path}"
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         return self.receiver.subscribe(listener)
@@ -284,14 +286,23 @@ class CallbackServer:
     async def start(self) -> None:
         from aiohttp import web
 
+        if self._runner is not None:
+            # A second runner would replace the first, whose socket stop() then never closes:
+            # it kept serving (and leaked) after the server was "stopped".
+            raise RuntimeError("the callback server is already running")
         app = web.Application(client_max_size=MAX_CALLBACK_BYTES)
         app.router.add_post(self._path, self.receiver.handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                     shutdown_timeout=CALLBACK_SHUTDOWN_GRACE)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
-        await site.start()
-        self._bound_port = self._runner.addresses[0][1]
+        runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                               shutdown_timeout=CALLBACK_SHUTDOWN_GRACE)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self._host, self._port).start()
+        except BaseException:
+            # e.g. the port is taken: ``async with`` calls no __aexit__ after a failed enter.
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._bound_port = runner.addresses[0][1]
 
     async def stop(self) -> None:
         if self._runner is not None:
