@@ -223,3 +223,18 @@ async def test_a_failed_start_leaves_nothing_running_and_can_be_retried() -> Non
     async with cb:
         async with aiohttp.ClientSession() as http, http.post(cb.url, data=BODY) as resp:
             assert resp.status == 200
+
+
+# --- found here, fixed elsewhere (files this helper does not own) -----------------------------
+
+@pytest.mark.xfail(strict=True, reason="voiceapi/_decode.py logs one warning per voice entry "
+                   "without a usable voice_id: one unsigned 1 MiB callback of `{}` entries "
+                   "wrote 340 000 log lines (and held the event loop ~2 s); the fix belongs "
+                   "there (one warning per record, with a count)")
+def test_one_callback_cannot_flood_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    body = (b'{"task_id":"1","task_status":"succeed","task_result":{"voices":['
+            + b",".join([b"{}"] * 1000) + b"]}}")
+    with caplog.at_level("WARNING", logger="voiceapi"):
+        task = voiceapi.parse_callback(body, {})
+    assert task.voices == []
+    assert len(caplog.records) <= 10
