@@ -225,6 +225,19 @@ async def test_a_failed_start_leaves_nothing_running_and_can_be_retried() -> Non
             assert resp.status == 200
 
 
+
+async def test_two_stops_at_once_both_return() -> None:
+    """A second stop() while the first was cleaning up failed inside aiohttp
+    (AttributeError: 'NoneType' object has no attribute 'pre_shutdown')."""
+    cb = voiceapi.CallbackServer()
+    await cb.start()
+    url = cb.url
+    await asyncio.wait_for(asyncio.gather(cb.stop(), cb.stop()), 20)
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with http.post(url, data=BODY):
+                pass
+
 # --- found here, fixed elsewhere (files this helper does not own) -----------------------------
 
 @pytest.mark.xfail(strict=True, reason="voiceapi/_decode.py logs one warning per voice entry "

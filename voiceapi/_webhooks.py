@@ -305,9 +305,11 @@ class CallbackServer:
         self._bound_port = runner.addresses[0][1]
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        # Taken before the await: a second stop() meanwhile (a signal handler and an
+        # ``async with`` exit) cleaned the same runner again, failing inside aiohttp.
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
 
     async def __aenter__(self) -> CallbackServer:
         await self.start()
