@@ -11,7 +11,9 @@ import base64
 import hashlib
 import hmac
 import socket
+import threading
 import time
+from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -237,6 +239,93 @@ async def test_two_stops_at_once_both_return() -> None:
         with pytest.raises(aiohttp.ClientConnectionError):
             async with http.post(url, data=BODY):
                 pass
+
+
+# --- listeners on another event loop (the sync client's) ---------------------------------------
+
+class _LoopThread:
+    """An event loop running in its own thread, as the sync client's runner has."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> _LoopThread:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+async def _handle(receiver: voiceapi.CallbackReceiver, wid: str) -> int:
+    from aiohttp.test_utils import make_mocked_request
+
+    request = make_mocked_request("POST", "/", headers={"webhook-id": wid})
+    request._read_bytes = BODY
+    return (await receiver.handle(request)).status
+
+
+async def test_a_listener_runs_on_the_loop_it_subscribed_from() -> None:
+    """create_many(callbacks=cb) on the sync client subscribes from its runner's loop while
+    the server serves on another: the listener ran on the server's thread and set an
+    asyncio.Event of the other loop from there (asyncio's "Non-thread-safe operation" in
+    debug mode; otherwise the batch slept through the callback until its safety-net poll)."""
+    receiver = voiceapi.CallbackReceiver()
+    ran_on: list[asyncio.AbstractEventLoop] = []
+
+    async def listen(task: voiceapi.VoiceTask) -> None:
+        await asyncio.sleep(0)
+        ran_on.append(asyncio.get_running_loop())
+
+    with _LoopThread() as other:
+        async def subscribe() -> Callable[[], None]:
+            return receiver.subscribe(listen)
+
+        unsubscribe = await asyncio.wrap_future(
+            asyncio.run_coroutine_threadsafe(subscribe(), other.loop))
+        assert await asyncio.wait_for(_handle(receiver, "a"), 10) == 200
+        assert ran_on == [other.loop]  # it ran there, and the answer waited for it
+        unsubscribe()
+        assert await _handle(receiver, "b") == 200
+        assert ran_on == [other.loop]
+
+
+async def test_a_listener_whose_loop_ended_is_still_called() -> None:
+    """Subscribed inside an ``asyncio.run()`` that has ended: called here, as before."""
+    receiver = voiceapi.CallbackReceiver()
+    seen: list[str] = []
+
+    def subscribe_elsewhere() -> None:
+        async def subscribe() -> None:
+            receiver.subscribe(lambda t: seen.append(t.task_id))
+
+        asyncio.run(subscribe())
+
+    await asyncio.to_thread(subscribe_elsewhere)
+    assert await _handle(receiver, "a") == 200
+    assert seen == ["1"]
+
+
+def test_sync_create_many_wakes_on_callbacks_from_a_server_on_another_loop() -> None:
+    """End to end with the sync client: three short tasks, polls every 10 minutes, so only
+    the callbacks can end the batch within its timeout."""
+    from voiceapi.testing import KlingEmulator
+
+    with _LoopThread() as other, KlingEmulator(concurrency=3, task_seconds=0.05) as emu:
+        cb = voiceapi.CallbackServer()
+        asyncio.run_coroutine_threadsafe(cb.start(), other.loop).result(10)
+        try:
+            with voiceapi.VoiceClient(emu.access_key, emu.secret_key,
+                                      base_url=emu.base_url) as client:
+                results = client.custom_voices.create_many(
+                    [{"voice_name": f"v{i}", "voice_url": emu.sample_url(10)} for i in range(3)],
+                    callbacks=cb, poll_interval=600, timeout=10)
+        finally:
+            asyncio.run_coroutine_threadsafe(cb.stop(), other.loop).result(10)
+    assert [r.ok for r in results] == [True] * 3, [r.error for r in results]
 
 # --- found here, fixed elsewhere (files this helper does not own) -----------------------------
 

@@ -189,7 +189,8 @@ class CallbackReceiver:
                 _secret_bytes(webhook_secret)
             except WebhookVerificationError as exc:
                 raise ValidationError(str(exc)) from None
-        self._listeners = list(listeners)
+        self._listeners: list[tuple[Listener, asyncio.AbstractEventLoop | None]] = [
+            (listener, None) for listener in listeners]
         self._secret = webhook_secret
         self._confirm = _confirm_function(confirm)
         self._delivered: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -199,9 +200,23 @@ class CallbackReceiver:
         self.rejected = 0
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
-        """Add a listener; returns a function that removes it."""
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+        """Add a listener; returns a function that removes it.
+
+        Subscribed from inside an event loop, the listener is called on that loop even when
+        the receiver serves on another (the sync client's ``create_many(callbacks=cb)`` runs
+        on its own thread's loop: its listener poked that loop from the server's thread,
+        which asyncio does not allow, and the batch slept through the callback).
+        """
+        entry = (listener, _running_loop())
+        self._listeners.append(entry)
+
+        def remove() -> None:
+            for index, each in enumerate(self._listeners):
+                if each is entry:
+                    del self._listeners[index]
+                    return
+
+        return remove
 
     def _mark_delivered(self, wid: str) -> None:
         self._delivered[wid] = None
@@ -247,10 +262,28 @@ class CallbackReceiver:
         return web.json_response({"ok": True})
 
     async def dispatch(self, task: VoiceTask) -> None:
-        for listener in list(self._listeners):
-            result = listener(task)
-            if inspect.isawaitable(result):
-                await result
+        here = _running_loop()
+        for listener, loop in list(self._listeners):
+            if loop is not None and loop is not here and loop.is_running():
+                # Run on the listener's own loop, and wait for it: a delivery counts as done
+                # only once every listener returned.
+                await asyncio.wrap_future(
+                    asyncio.run_coroutine_threadsafe(_call(listener, task), loop))
+            else:  # this loop, or one that is gone (subscribed in an asyncio.run() that ended)
+                await _call(listener, task)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+async def _call(listener: Listener, task: VoiceTask) -> None:
+    result = listener(task)
+    if inspect.isawaitable(result):
+        await result
 
 
 class CallbackServer:
