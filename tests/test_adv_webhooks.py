@@ -130,6 +130,16 @@ async def test_a_stalled_sender_is_answered_408(monkeypatch: pytest.MonkeyPatch)
     assert [t.task_id for t in seen] == ["1"]
 
 
+async def _until_a_request_is_in_progress(cb: voiceapi.CallbackServer) -> None:
+    assert cb._runner is not None and cb._runner.server is not None
+    server = cb._runner.server
+    for _ in range(1000):  # bounded: until the server's handler has the stalled request
+        if any(c._current_request is not None for c in server.connections):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the stalled request never reached the server")
+
+
 async def test_stop_does_not_wait_a_minute_for_a_stalled_sender() -> None:
     """aiohttp's default shutdown timeout (60 s) let one stalled sender hold stop() and so
     every ``async with CallbackServer()`` exit for a minute."""
@@ -137,7 +147,7 @@ async def test_stop_does_not_wait_a_minute_for_a_stalled_sender() -> None:
     await cb.start()
     _, writer = await _stalled_sender(cb)
     try:
-        await asyncio.sleep(0)  # the request is read by the server's own task meanwhile
+        await _until_a_request_is_in_progress(cb)
         await asyncio.wait_for(cb.stop(), 20)
     finally:
         writer.close()
