@@ -337,6 +337,43 @@ def test_sync_create_many_wakes_on_callbacks_from_a_server_on_another_loop() -> 
             asyncio.run_coroutine_threadsafe(cb.stop(), other.loop).result(10)
     assert [r.ok for r in results] == [True] * 3, [r.error for r in results]
 
+
+def test_the_sync_clients_get_works_as_confirm() -> None:
+    """``confirm=sync_client.custom_voices.get`` was accepted, then every callback was a 500
+    (TypeError: a VoiceTask cannot be awaited), so no update ever reached the listeners."""
+    from voiceapi.testing import KlingEmulator
+
+    seen: list[voiceapi.VoiceTask] = []
+    with KlingEmulator(task_seconds=60) as emu, voiceapi.VoiceClient(
+            emu.access_key, emu.secret_key, base_url=emu.base_url) as client:
+        task = client.custom_voices.create(voice_name="c", voice_url=emu.sample_url(10))
+
+        async def post_a_forged_end() -> int:
+            async with voiceapi.CallbackServer(confirm=client.custom_voices.get) as cb:
+                cb.subscribe(seen.append)
+                lie = {"task_id": task.task_id, "task_status": "failed"}
+                async with aiohttp.ClientSession() as http, http.post(cb.url, json=lie) as resp:
+                    return resp.status
+
+        assert asyncio.run(post_a_forged_end()) == 200
+    assert [t.task_id for t in seen] == [task.task_id]
+    assert seen[0].task_status is not voiceapi.TaskStatus.FAILED  # the API's answer won
+
+
+async def test_a_lambda_returning_a_coroutine_still_confirms() -> None:
+    """The adapter for plain functions still awaits what they return."""
+    confirmed: list[str] = []
+
+    async def get(task_id: str) -> voiceapi.VoiceTask:
+        confirmed.append(task_id)
+        return voiceapi.parse_callback(b'{"task_id":"%s","task_status":"processing"}'
+                                       % task_id.encode(), {})
+
+    seen: list[voiceapi.VoiceTask] = []
+    receiver = voiceapi.CallbackReceiver(seen.append, confirm=lambda i: get(i))
+    assert await _handle(receiver, "a") == 200
+    assert confirmed == ["1"] and seen[0].task_status is voiceapi.TaskStatus.PROCESSING
+
 # --- found here, fixed elsewhere (files this helper does not own) -----------------------------
 
 @pytest.mark.xfail(strict=True, reason="voiceapi/_decode.py logs one warning per voice entry "

@@ -153,6 +153,8 @@ def parse_callback(body: bytes, headers: Mapping[str, str], *,
 Listener = Callable[[VoiceTask], Awaitable[None] | None]
 #: Re-reads a task by id from the API, e.g. ``client.custom_voices.get``.
 Confirm = Callable[[str], Awaitable[VoiceTask]]
+#: What ``confirm=`` takes: an async ``get``, or the sync client's (run in a worker thread).
+ConfirmArg = Callable[[str], Awaitable[VoiceTask]] | Callable[[str], VoiceTask]
 
 
 def _confirm_function(confirm: Any) -> Confirm | None:
@@ -165,9 +167,24 @@ def _confirm_function(confirm: Any) -> Confirm | None:
                       "confirm=client.custom_voices.get", DeprecationWarning, stacklevel=3)
         return cast("Confirm", voices.get)
     if callable(confirm):
-        return cast("Confirm", confirm)
+        return _off_the_loop(confirm)
     raise ValidationError("confirm must be a coroutine function taking a task id, "
                     "e.g. client.custom_voices.get")
+
+
+def _off_the_loop(confirm: Callable[[str], Any]) -> Confirm:
+    """A plain function as ``confirm`` (the sync client's ``custom_voices.get``) runs in a
+    worker thread: awaiting the VoiceTask it returns raised TypeError, a 500 for every
+    callback, and calling it on the loop would stall every other callback for a request.
+    One that returns an awaitable (a lambda around an async ``get``) is awaited, as before."""
+
+    async def call(task_id: str) -> VoiceTask:
+        result = await asyncio.to_thread(confirm, task_id)
+        if inspect.isawaitable(result):
+            result = await result
+        return cast("VoiceTask", result)
+
+    return call
 
 
 class CallbackReceiver:
@@ -181,7 +198,7 @@ class CallbackReceiver:
     """
 
     def __init__(self, *listeners: Listener, webhook_secret: str | None = None,
-                 confirm: Confirm | None = None, remember: int = 10_000) -> None:
+                 confirm: ConfirmArg | None = None, remember: int = 10_000) -> None:
         if webhook_secret is not None:
             # Checked now: a mistyped or empty secret otherwise surfaces only as every
             # callback answered 400 (Kling gives up on them) while the code looks fine.
@@ -295,7 +312,7 @@ class CallbackServer:
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, path: str = "/kling-callback",
                  public_url: str | None = None, webhook_secret: str | None = None,
-                 confirm: Confirm | None = None) -> None:
+                 confirm: ConfirmArg | None = None) -> None:
         self.receiver = CallbackReceiver(webhook_secret=webhook_secret, confirm=confirm)
         self._host, self._port, self._path = host, port, path
         self._public_url = public_url
