@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import hashlib
 import hmac
 import socket
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable
 
 import aiohttp
@@ -177,7 +179,7 @@ async def test_stop_cancels_a_listener_that_hangs_and_forgets_its_delivery() -> 
         with pytest.raises(aiohttp.ClientError):
             await posting
     assert cancelled.is_set()
-    assert cb.receiver._in_progress == set() and "msg_1" not in cb.receiver._delivered
+    assert cb.receiver._in_progress == set() and not cb.receiver._delivered
 
 
 # --- the standalone server's own life -------------------------------------------------------
@@ -373,6 +375,25 @@ async def test_a_lambda_returning_a_coroutine_still_confirms() -> None:
     receiver = voiceapi.CallbackReceiver(seen.append, confirm=lambda i: get(i))
     assert await _handle(receiver, "a") == 200
     assert confirmed == ["1"] and seen[0].task_status is voiceapi.TaskStatus.PROCESSING
+
+
+async def test_long_webhook_ids_do_not_pile_up_in_memory() -> None:
+    """Delivered ``webhook-id``s are remembered (10 000 by default) to drop repeats; kept as
+    sent, an unsigned sender's 8 kB ids made that 80 MB. 300 of them must not keep 2.4 MB."""
+    receiver = voiceapi.CallbackReceiver()
+    assert await _handle(receiver, "warm-up") == 200
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(300):
+            assert await _handle(receiver, f"{i:08d}" + "x" * 8000) == 200
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 1_000_000, kept
+    assert await _handle(receiver, "00000007" + "x" * 8000) == 200  # a repeat: not added
+    assert len(receiver._delivered) == 301
 
 # --- found here, fixed elsewhere (files this helper does not own) -----------------------------
 

@@ -210,8 +210,8 @@ class CallbackReceiver:
             (listener, None) for listener in listeners]
         self._secret = webhook_secret
         self._confirm = _confirm_function(confirm)
-        self._delivered: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._in_progress: set[str] = set()
+        self._delivered: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._in_progress: set[bytes] = set()
         self._remember = remember
         self.received = 0
         self.rejected = 0
@@ -235,7 +235,7 @@ class CallbackReceiver:
 
         return remove
 
-    def _mark_delivered(self, wid: str) -> None:
+    def _mark_delivered(self, wid: bytes) -> None:
         self._delivered[wid] = None
         if len(self._delivered) > self._remember:
             self._delivered.popitem(last=False)
@@ -255,7 +255,7 @@ class CallbackReceiver:
             self.rejected += 1
             return web.json_response({"error": str(exc)}, status=400)
         self.received += 1
-        wid = _header(request.headers, "webhook-id") or None
+        wid = _delivery_key(_header(request.headers, "webhook-id"))
         if wid is not None:
             if wid in self._delivered:
                 return web.json_response({"ok": True, "duplicate": True})
@@ -288,6 +288,14 @@ class CallbackReceiver:
                     asyncio.run_coroutine_threadsafe(_call(listener, task), loop))
             else:  # this loop, or one that is gone (subscribed in an asyncio.run() that ended)
                 await _call(listener, task)
+
+
+def _delivery_key(wid: str | None) -> bytes | None:
+    """A ``webhook-id`` as remembered: its digest, so that an unsigned sender's 8 kB ids
+    cannot make the ``remember`` memory hold 80 MB (32 bytes each, whatever they send)."""
+    if not wid:
+        return None
+    return hashlib.sha256(wid.encode("utf-8", "surrogatepass")).digest()
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
