@@ -8,6 +8,7 @@ confirm each one with ``get()`` before your code acts on it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import collections
@@ -35,6 +36,12 @@ if TYPE_CHECKING:  # aiohttp.web is only needed by receivers; keep `import voice
 
 DEFAULT_TOLERANCE = 300  # seconds either side, as the Standard Webhooks spec recommends
 MAX_CALLBACK_BYTES = 1024 * 1024
+#: Longest wait for a callback's body: Kling sends a few hundred bytes at once, while a sender
+#: that trickles (or stalls) would otherwise hold a connection and a handler open for ever.
+CALLBACK_READ_TIMEOUT = 30.0
+#: How long ``CallbackServer.stop()`` lets callbacks being handled finish before cancelling
+#: them (aiohttp's own default, 60 s, let one stalled sender hold every shutdown for a minute).
+CALLBACK_SHUTDOWN_GRACE = 1.0
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -50,10 +57,15 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
 
 def _secret_bytes(secret: str) -> bytes:
     try:
-        return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
     except (binascii.Error, ValueError):
         raise WebhookVerificationError(
             "the webhook secret is not a valid whsec_ (base64) value") from None
+    if not key:
+        # An HMAC keyed with nothing is one anybody can compute: an empty secret (an unset
+        # environment variable, say) must not turn verification into a formality.
+        raise WebhookVerificationError("the webhook secret is empty")
+    return key
 
 
 def verify_signature(body: bytes, headers: Mapping[str, str], webhook_secret: str, *,
@@ -69,12 +81,17 @@ def verify_signature(body: bytes, headers: Mapping[str, str], webhook_secret: st
     if not wid or not ts or not sigs:
         raise WebhookVerificationError("missing webhook-id, webhook-timestamp or "
                                        "webhook-signature header")
+    # aiohttp hands undecodable header bytes over as lone surrogates, which encode() refuses;
+    # the scheme's ids, timestamps and signatures are ASCII, so anything else is a forgery.
+    if not (wid.isascii() and ts.isascii() and sigs.isascii()):
+        raise WebhookVerificationError("webhook headers are not ASCII")
     try:
         stamp = int(ts)
     except ValueError:
         raise WebhookVerificationError("webhook-timestamp is not an integer") from None
     current = time.time() if now is None else now
-    if abs(current - stamp) > tolerance:
+    # Compared, not subtracted: ``current - stamp`` overflows a float for a huge timestamp.
+    if not current - tolerance <= stamp <= current + tolerance:
         raise WebhookVerificationError("webhook-timestamp is outside the allowed window")
     key = _secret_bytes(webhook_secret)
     expected = base64.b64encode(hmac.new(key, f"{wid}.{stamp}.".encode() + body,
@@ -136,6 +153,8 @@ def parse_callback(body: bytes, headers: Mapping[str, str], *,
 Listener = Callable[[VoiceTask], Awaitable[None] | None]
 #: Re-reads a task by id from the API, e.g. ``client.custom_voices.get``.
 Confirm = Callable[[str], Awaitable[VoiceTask]]
+#: What ``confirm=`` takes: an async ``get``, or the sync client's (run in a worker thread).
+ConfirmArg = Callable[[str], Awaitable[VoiceTask]] | Callable[[str], VoiceTask]
 
 
 def _confirm_function(confirm: Any) -> Confirm | None:
@@ -148,9 +167,24 @@ def _confirm_function(confirm: Any) -> Confirm | None:
                       "confirm=client.custom_voices.get", DeprecationWarning, stacklevel=3)
         return cast("Confirm", voices.get)
     if callable(confirm):
-        return cast("Confirm", confirm)
+        return _off_the_loop(confirm)
     raise ValidationError("confirm must be a coroutine function taking a task id, "
                     "e.g. client.custom_voices.get")
+
+
+def _off_the_loop(confirm: Callable[[str], Any]) -> Confirm:
+    """A plain function as ``confirm`` (the sync client's ``custom_voices.get``) runs in a
+    worker thread: awaiting the VoiceTask it returns raised TypeError, a 500 for every
+    callback, and calling it on the loop would stall every other callback for a request.
+    One that returns an awaitable (a lambda around an async ``get``) is awaited, as before."""
+
+    async def call(task_id: str) -> VoiceTask:
+        result = await asyncio.to_thread(confirm, task_id)
+        if inspect.isawaitable(result):
+            result = await result
+        return cast("VoiceTask", result)
+
+    return call
 
 
 class CallbackReceiver:
@@ -164,22 +198,44 @@ class CallbackReceiver:
     """
 
     def __init__(self, *listeners: Listener, webhook_secret: str | None = None,
-                 confirm: Confirm | None = None, remember: int = 10_000) -> None:
-        self._listeners = list(listeners)
+                 confirm: ConfirmArg | None = None, remember: int = 10_000) -> None:
+        if webhook_secret is not None:
+            # Checked now: a mistyped or empty secret otherwise surfaces only as every
+            # callback answered 400 (Kling gives up on them) while the code looks fine.
+            try:
+                _secret_bytes(webhook_secret)
+            except WebhookVerificationError as exc:
+                raise ValidationError(str(exc)) from None
+        self._listeners: list[tuple[Listener, asyncio.AbstractEventLoop | None]] = [
+            (listener, None) for listener in listeners]
         self._secret = webhook_secret
         self._confirm = _confirm_function(confirm)
-        self._delivered: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._in_progress: set[str] = set()
+        self._delivered: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._in_progress: set[bytes] = set()
         self._remember = remember
         self.received = 0
         self.rejected = 0
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
-        """Add a listener; returns a function that removes it."""
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+        """Add a listener; returns a function that removes it.
 
-    def _mark_delivered(self, wid: str) -> None:
+        Subscribed from inside an event loop, the listener is called on that loop even when
+        the receiver serves on another (the sync client's ``create_many(callbacks=cb)`` runs
+        on its own thread's loop: its listener poked that loop from the server's thread,
+        which asyncio does not allow, and the batch slept through the callback).
+        """
+        entry = (listener, _running_loop())
+        self._listeners.append(entry)
+
+        def remove() -> None:
+            for index, each in enumerate(self._listeners):
+                if each is entry:
+                    del self._listeners[index]
+                    return
+
+        return remove
+
+    def _mark_delivered(self, wid: bytes) -> None:
         self._delivered[wid] = None
         if len(self._delivered) > self._remember:
             self._delivered.popitem(last=False)
@@ -187,14 +243,19 @@ class CallbackReceiver:
     async def handle(self, request: web.Request) -> web.Response:
         from aiohttp import web
 
-        body = await request.read()
+        try:
+            body = await asyncio.wait_for(request.read(), CALLBACK_READ_TIMEOUT)
+        except asyncio.TimeoutError:
+            self.rejected += 1
+            return web.json_response({"error": "the callback body did not arrive in time"},
+                                     status=408)
         try:
             task = parse_callback(body, request.headers, webhook_secret=self._secret)
         except WebhookVerificationError as exc:
             self.rejected += 1
             return web.json_response({"error": str(exc)}, status=400)
         self.received += 1
-        wid = _header(request.headers, "webhook-id") or None
+        wid = _delivery_key(_header(request.headers, "webhook-id"))
         if wid is not None:
             if wid in self._delivered:
                 return web.json_response({"ok": True, "duplicate": True})
@@ -218,10 +279,36 @@ class CallbackReceiver:
         return web.json_response({"ok": True})
 
     async def dispatch(self, task: VoiceTask) -> None:
-        for listener in list(self._listeners):
-            result = listener(task)
-            if inspect.isawaitable(result):
-                await result
+        here = _running_loop()
+        for listener, loop in list(self._listeners):
+            if loop is not None and loop is not here and loop.is_running():
+                # Run on the listener's own loop, and wait for it: a delivery counts as done
+                # only once every listener returned.
+                await asyncio.wrap_future(
+                    asyncio.run_coroutine_threadsafe(_call(listener, task), loop))
+            else:  # this loop, or one that is gone (subscribed in an asyncio.run() that ended)
+                await _call(listener, task)
+
+
+def _delivery_key(wid: str | None) -> bytes | None:
+    """A ``webhook-id`` as remembered: its digest, so that an unsigned sender's 8 kB ids
+    cannot make the ``remember`` memory hold 80 MB (32 bytes each, whatever they send)."""
+    if not wid:
+        return None
+    return hashlib.sha256(wid.encode("utf-8", "surrogatepass")).digest()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+async def _call(listener: Listener, task: VoiceTask) -> None:
+    result = listener(task)
+    if inspect.isawaitable(result):
+        await result
 
 
 class CallbackServer:
@@ -233,7 +320,7 @@ class CallbackServer:
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, path: str = "/kling-callback",
                  public_url: str | None = None, webhook_secret: str | None = None,
-                 confirm: Confirm | None = None) -> None:
+                 confirm: ConfirmArg | None = None) -> None:
         self.receiver = CallbackReceiver(webhook_secret=webhook_secret, confirm=confirm)
         self._host, self._port, self._path = host, port, path
         self._public_url = public_url
@@ -247,7 +334,9 @@ class CallbackServer:
             return self._public_url
         if self._bound_port is None:
             raise RuntimeError("the callback server is not running")
-        return f"http://{self._host}:{self._bound_port}{self._path}"
+        # An IPv6 literal needs brackets in a URL ("http://::1:8080/" is not one).
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self._bound_port}{self._path}"
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         return self.receiver.subscribe(listener)
@@ -255,18 +344,30 @@ class CallbackServer:
     async def start(self) -> None:
         from aiohttp import web
 
+        if self._runner is not None:
+            # A second runner would replace the first, whose socket stop() then never closes:
+            # it kept serving (and leaked) after the server was "stopped".
+            raise RuntimeError("the callback server is already running")
         app = web.Application(client_max_size=MAX_CALLBACK_BYTES)
         app.router.add_post(self._path, self.receiver.handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
-        await site.start()
-        self._bound_port = self._runner.addresses[0][1]
+        runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                               shutdown_timeout=CALLBACK_SHUTDOWN_GRACE)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self._host, self._port).start()
+        except BaseException:
+            # e.g. the port is taken: ``async with`` calls no __aexit__ after a failed enter.
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._bound_port = runner.addresses[0][1]
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        # Taken before the await: a second stop() meanwhile (a signal handler and an
+        # ``async with`` exit) cleaned the same runner again, failing inside aiohttp.
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
 
     async def __aenter__(self) -> CallbackServer:
         await self.start()
