@@ -671,7 +671,7 @@ async def test_confirm_takes_a_coroutine_function_and_a_client_is_deprecated(
 
 
 async def test_oversized_callbacks_are_refused() -> None:
-    from voiceapi._webhooks import MAX_CALLBACK_BYTES
+    from voiceapi._constants import MAX_CALLBACK_BYTES
 
     big = b'{"task_id":"1","task_status":"succeed","x":"' + b"a" * MAX_CALLBACK_BYTES + b'"}'
     with pytest.raises(voiceapi.WebhookVerificationError, match="too large"):

@@ -112,6 +112,16 @@ BATCH_DOUBT_LOOKUP_GAP = 1.0
 # Retries of a failed item under a fresh id (retry_failed=True) per rerun chain.
 BATCH_MAX_RETRY_GENERATIONS = 8
 
+# --- callbacks (webhooks) ---------------------------------------------------------------------
+DEFAULT_TOLERANCE = 300  # seconds either side, as the Standard Webhooks spec recommends
+MAX_CALLBACK_BYTES = 1024 * 1024
+# Longest wait for a callback's body: Kling sends a few hundred bytes at once, while a sender
+# that trickles (or stalls) would otherwise hold a connection and a handler open for ever.
+CALLBACK_READ_TIMEOUT = 30.0
+# How long ``CallbackServer.stop()`` lets callbacks being handled finish before cancelling
+# them (aiohttp's own default, 60 s, let one stalled sender hold every shutdown for a minute).
+CALLBACK_SHUTDOWN_GRACE = 1.0
+
 # An answer larger than this (by Content-Length) is refused unread: a list page of 1000 tasks
 # is under 1 MB, so anything near this is a misbehaving proxy, not Kling.
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024

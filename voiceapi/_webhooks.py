@@ -22,6 +22,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
 
+from ._constants import (
+    CALLBACK_READ_TIMEOUT,
+    CALLBACK_SHUTDOWN_GRACE,
+    DEFAULT_TOLERANCE,
+    MAX_CALLBACK_BYTES,
+)
 from ._decode import parse_task
 from ._errors import (
     UnexpectedResponseError,
@@ -33,15 +39,6 @@ from ._models import VoiceTask
 
 if TYPE_CHECKING:  # aiohttp.web is only needed by receivers; keep `import voiceapi` light
     from aiohttp import web
-
-DEFAULT_TOLERANCE = 300  # seconds either side, as the Standard Webhooks spec recommends
-MAX_CALLBACK_BYTES = 1024 * 1024
-#: Longest wait for a callback's body: Kling sends a few hundred bytes at once, while a sender
-#: that trickles (or stalls) would otherwise hold a connection and a handler open for ever.
-CALLBACK_READ_TIMEOUT = 30.0
-#: How long ``CallbackServer.stop()`` lets callbacks being handled finish before cancelling
-#: them (aiohttp's own default, 60 s, let one stalled sender hold every shutdown for a minute).
-CALLBACK_SHUTDOWN_GRACE = 1.0
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
