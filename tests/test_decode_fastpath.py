@@ -66,7 +66,8 @@ def test_equal_stamps_share_one_datetime_and_keep_their_value() -> None:
 def _slots(task: VoiceTask) -> tuple[Any, Any]:
     """What the two stamp slots hold right now, read past the lazy descriptors."""
     from voiceapi import _models
-    return _models._get_created(task), _models._get_updated(task)
+    return (_models.SLOTS["created_at"].__get__(task),
+            _models.SLOTS["updated_at"].__get__(task))
 
 
 def test_each_stamp_is_built_on_its_first_read_and_stored() -> None:

@@ -70,7 +70,7 @@ class BalanceDeduction:
 
 
 #: The mark a task read from the API carries in ``created_at``/``updated_at`` until either is
-#: read (``_created_at``); never seen outside this module.
+#: read (``_lazy_stamp``); never seen outside this module.
 _PENDING: Any = type("_Pending", (), {"__slots__": (), "__repr__": lambda self: "<pending>"})()
 
 
@@ -95,7 +95,7 @@ class _RawStamps:
     (the two are a quarter of it), and most tasks read from a page are never asked their times:
     batch tracking, ``iter_all`` looking for a voice, polling a status. So the parser stores the
     integers here and marks both fields ``_PENDING``; the first read of a field builds its
-    datetime (``_created_at``), once. Everything that reads a field (attribute access, ``==``,
+    datetime (``_lazy_stamp``), once. Everything that reads a field (attribute access, ``==``,
     ``repr``, ``attrs.asdict``/``evolve``, pickling, cattrs) sees the datetime, never the mark.
     """
 
@@ -145,34 +145,32 @@ class VoiceTask(_RawStamps):
 # __init__, __eq__, __repr__, pickling and cattrs go through them), which build the datetime on
 # the first read of a field the parser left pending (``_RawStamps``). The getters and
 # setters are the slots' own, bound once: a read of a built stamp is one Python call.
-_CREATED, _UPDATED = VoiceTask.__dict__["created_at"], VoiceTask.__dict__["updated_at"]
-_get_created, _get_updated = _CREATED.__get__, _UPDATED.__get__
-_set_created, _set_updated = _CREATED.__set__, _UPDATED.__set__
+#: The attrs slots themselves (``created_at``, ``updated_at``), under their properties.
+SLOTS = {name: VoiceTask.__dict__[name] for name in ("created_at", "updated_at")}
 
 
-def _created_at(task: VoiceTask) -> datetime | None:
-    value = _get_created(task)
-    if value is _PENDING:
-        # Each field on its own first read, so a field set by hand meanwhile
-        # (object.__setattr__) stays, as on a task parsed eagerly. Two threads racing here
-        # build equal values; either store is right.
-        value = stamp_from_ms(task._created_ms)
-        _set_created(task, value)
-    return value  # type: ignore[no-any-return]
+def _lazy_stamp(name: str, raw: str, doc: str) -> property:
+    slot = SLOTS[name]
+    get, store = slot.__get__, slot.__set__
+    read_raw = _RawStamps.__dict__[raw].__get__
+
+    def read(task: VoiceTask) -> datetime | None:
+        value = get(task)
+        if value is _PENDING:
+            # Each field on its own first read, so a field set by hand meanwhile
+            # (object.__setattr__) stays, as on a task parsed eagerly. Two threads racing
+            # here build equal values; either store is right.
+            value = stamp_from_ms(read_raw(task))
+            store(task, value)
+        return value  # type: ignore[no-any-return]
+
+    return property(read, store, slot.__delete__, doc)
 
 
-def _updated_at(task: VoiceTask) -> datetime | None:
-    value = _get_updated(task)
-    if value is _PENDING:
-        value = stamp_from_ms(task._updated_ms)
-        _set_updated(task, value)
-    return value  # type: ignore[no-any-return]
-
-
-VoiceTask.created_at = property(  # type: ignore[assignment]
-    _created_at, _set_created, _CREATED.__delete__, "When the task was created (UTC).")
-VoiceTask.updated_at = property(  # type: ignore[assignment]
-    _updated_at, _set_updated, _UPDATED.__delete__, "When the task last changed (UTC).")
+VoiceTask.created_at = _lazy_stamp(  # type: ignore[assignment]
+    "created_at", "_created_ms", "When the task was created (UTC).")
+VoiceTask.updated_at = _lazy_stamp(  # type: ignore[assignment]
+    "updated_at", "_updated_ms", "When the task last changed (UTC).")
 
 
 @attrs.frozen
