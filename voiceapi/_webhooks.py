@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
 
+from ._aio import within
 from ._constants import (
     CALLBACK_READ_TIMEOUT,
     CALLBACK_SHUTDOWN_GRACE,
@@ -241,8 +242,8 @@ class CallbackReceiver:
         from aiohttp import web
 
         try:
-            body = await asyncio.wait_for(request.read(), CALLBACK_READ_TIMEOUT)
-        except asyncio.TimeoutError:
+            body = await within(request.read(), CALLBACK_READ_TIMEOUT)
+        except TimeoutError:
             self.rejected += 1
             return web.json_response({"error": "the callback body did not arrive in time"},
                                      status=408)
